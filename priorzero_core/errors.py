@@ -1,0 +1,28 @@
+"""User-facing errors: one line that says what is wrong and what to do about it."""
+
+
+class PriorZeroError(Exception):
+    """An error caused by user input (config, files, games); printed as one line, no traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(PriorZeroError):
+    """The configuration is invalid."""
+
+
+class GameError(PriorZeroError):
+    """A game or ROM cannot be used."""
+
+
+class ModelError(PriorZeroError):
+    """A model path or file cannot be used."""
+
+
+class CheckpointError(PriorZeroError):
+    """A checkpoint is missing, corrupt or belongs to another configuration."""
+
+
+class BackendUnavailable(PriorZeroError):
+    """A required optional backend (vLLM, DeepSpeed, CUDA) could not be started."""

@@ -1,0 +1,82 @@
+"""Evaluator: greedy episodes with the world model alone, world model + LLM prior, or the LLM prior alone."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .agent import Agent, EnvView
+
+MODE_NAMES = {"wm": "world model only", "wm_llm": "world model + LLM prior", "llm": "LLM prior only"}
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    transcript: str
+
+
+def evaluate(pool, agent: Agent, modes: list[str], num_episodes: int, max_steps: int, progress: bool = False) -> EvalResult:
+    """Plays `num_episodes` episodes per mode (envs of `pool` in parallel, episodes in rounds).
+
+    `evals/reward_mean` is the mean final score of the first mode that runs (the agent's main mode: "wm_llm"
+    when an LLM is present, else "wm"); every mode also gets its own `evals/<mode>/...` metrics.
+    """
+    metrics: dict[str, float] = {}
+    lines: list[str] = []
+    t0 = time.perf_counter()
+    for mode in modes:
+        scores, lengths, wins = [], [], []
+        remaining = num_episodes
+        episode_no = 0
+        while remaining > 0:
+            n = min(remaining, pool.size)
+            remaining -= n
+            views = [EnvView(history=[], timestep=ts) for ts in pool.reset(list(range(n)))]
+            active = list(range(n))
+            bar = tqdm(total=max_steps, desc=f"eval {mode}", unit="step", disable=not progress, leave=False)
+            for _ in range(max_steps):
+                if not active:
+                    break
+                decisions = agent.act([views[i] for i in active], mode=mode)
+                steps = pool.step([d.action for d in decisions], indices=active)
+                still = []
+                for i, d, ts in zip(active, decisions, steps):
+                    views[i].history.append((views[i].timestep.observation, d.action, float(ts.reward)))
+                    views[i].timestep = ts
+                    if not ts.done:
+                        still.append(i)
+                active = still
+                bar.update(1)
+            bar.close()
+            for i in range(n):
+                ts = views[i].timestep
+                scores.append(ts.score)
+                lengths.append(len(views[i].history))
+                wins.append(float(ts.won))
+                lines.append(_transcript(mode, episode_no, views[i]))
+                episode_no += 1
+        prefix = f"evals/{mode}"
+        metrics[f"{prefix}/reward_mean"] = float(np.mean(scores))
+        metrics[f"{prefix}/reward_max"] = float(np.max(scores))
+        metrics[f"{prefix}/episode_length"] = float(np.mean(lengths))
+        metrics[f"{prefix}/win_rate"] = float(np.mean(wins))
+    main = modes[0]
+    for key in ("reward_mean", "reward_max", "episode_length", "win_rate"):
+        metrics[f"evals/{key}"] = metrics[f"evals/{main}/{key}"]
+    metrics["evals/seconds"] = time.perf_counter() - t0
+    return EvalResult(metrics=metrics, transcript="\n".join(lines))
+
+
+def _transcript(mode: str, episode: int, view: EnvView) -> str:
+    out = [f"=== {MODE_NAMES.get(mode, mode)} — episode {episode} ==="]
+    for step, (obs, action, reward) in enumerate(view.history):
+        out.append(f"[{step}] {obs.strip()}")
+        out.append(f"> {action}" + (f"   (reward {reward:+g})" if reward else ""))
+    ts = view.timestep
+    out.append(f"[end] {ts.observation.strip()}")
+    out.append(f"score {ts.score}, steps {len(view.history)}, won {ts.won}\n")
+    return "\n".join(out)

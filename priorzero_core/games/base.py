@@ -1,0 +1,52 @@
+"""One interface for every game backend (Jericho ROMs, the embedded TextWorld game)."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class TimeStep:
+    """What the agent sees after reset or step."""
+
+    observation: str  # agent view: last response + look + inventory
+    raw: str  # the game's own response to the last command
+    score: int
+    reward: float
+    done: bool
+    moves: int
+    valid_actions: list[str]
+    state_hash: str
+    won: bool = False
+    truncated: bool = False  # done because of a step limit or a stuck interpreter, not the game's end
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class GameEnv(abc.ABC):
+    """A text game. `step` returns valid actions for the new state (computed lazily by `EnvPool`)."""
+
+    name: str
+    max_score: int
+    max_episode_steps: int
+
+    @abc.abstractmethod
+    def reset(self, seed: Optional[int] = None) -> TimeStep: ...
+
+    @abc.abstractmethod
+    def step(self, action: str) -> TimeStep: ...
+
+    @abc.abstractmethod
+    def get_state(self) -> Any:
+        """An opaque, picklable snapshot that `set_state` restores (also in another process)."""
+
+    @abc.abstractmethod
+    def set_state(self, state: Any) -> None: ...
+
+    def walkthrough(self) -> Optional[list[str]]:
+        """A known winning command sequence, when the game has one."""
+        return None
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,223 @@
+"""Game segments and the replay buffer: what search saw and did, sampled for unrolled training."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .errors import CheckpointError
+
+
+@dataclass
+class StepRecord:
+    """One env step as collected: inputs to search, its outputs, and what happened."""
+
+    observation: str
+    valid_actions: list[str]
+    action_index: int
+    action: str
+    reward: float
+    score: int
+    visit_dist: list[float]  # MCTS root visit distribution over valid_actions
+    root_value: float
+    llm_prior: Optional[list[float]] = None  # log-prior over valid_actions, when an LLM was used
+    prompt: Optional[str] = None  # rendered LLM prompt, so the LLM trains on exactly what it saw
+    terminal: bool = False  # game over or won after this step (no bootstrap beyond it)
+    truncated: bool = False  # episode cut (step limit, stuck valid-action worker)
+
+
+@dataclass
+class GameSegment:
+    """Up to `segment_length` consecutive steps of one episode; segments of an episode chain by index."""
+
+    episode_id: str
+    index: int  # position of this segment within its episode
+    start_step: int
+    steps: list[StepRecord] = field(default_factory=list)
+    iteration: int = 0
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.steps) and (self.steps[-1].terminal or self.steps[-1].truncated)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "GameSegment":
+        data = json.loads(text)
+        steps = [StepRecord(**s) for s in data.pop("steps")]
+        return cls(steps=steps, **data)
+
+
+@dataclass
+class SampledSequence:
+    """`length` consecutive steps from position t of an episode, padded past its end."""
+
+    steps: list[Optional[StepRecord]]
+    context: list[StepRecord]  # up to `context` real steps before the first one
+    value_targets: np.ndarray  # n-step targets, [length]
+
+
+class ReplayBuffer:
+    """Segments in memory (bounded by total steps), persisted as one gzip JSON-lines file per iteration."""
+
+    def __init__(self, capacity_steps: int, discount: float, n_step: int, seed: int = 0):
+        self.capacity_steps = capacity_steps
+        self.discount = discount
+        self.n_step = n_step
+        self.segments: deque[GameSegment] = deque()
+        self.num_steps = 0
+        self._episodes: dict[str, dict[int, GameSegment]] = {}
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def add(self, segments: Iterable[GameSegment]) -> None:
+        for seg in segments:
+            if not seg.steps:
+                continue
+            self.segments.append(seg)
+            self._episodes.setdefault(seg.episode_id, {})[seg.index] = seg
+            self.num_steps += len(seg.steps)
+        while self.num_steps > self.capacity_steps and len(self.segments) > 1:
+            old = self.segments.popleft()
+            self.num_steps -= len(old.steps)
+            chain = self._episodes.get(old.episode_id, {})
+            chain.pop(old.index, None)
+            if not chain:
+                self._episodes.pop(old.episode_id, None)
+
+    def recent(self, max_steps: int) -> list[tuple[GameSegment, int]]:
+        """The most recent (segment, position) pairs, newest last."""
+        out: list[tuple[GameSegment, int]] = []
+        for seg in reversed(self.segments):
+            for t in range(len(seg.steps) - 1, -1, -1):
+                out.append((seg, t))
+                if len(out) >= max_steps:
+                    return out[::-1]
+        return out[::-1]
+
+    # --- episode navigation across chained segments ---
+    def _step_at(self, seg: GameSegment, t: int) -> Optional[StepRecord]:
+        """The step `t` positions from the start of `seg`, following the episode chain either way."""
+        chain = self._episodes.get(seg.episode_id, {})
+        idx = seg.index
+        while True:
+            cur = chain.get(idx)
+            if cur is None:
+                return None
+            if t < 0:
+                idx -= 1
+                prev = chain.get(idx)
+                if prev is None:
+                    return None
+                t += len(prev.steps)
+                continue
+            if t < len(cur.steps):
+                return cur.steps[t]
+            t -= len(cur.steps)
+            idx += 1
+
+    def value_target(self, seg: GameSegment, t: int) -> float:
+        """n-step return bootstrapped from stored root values.
+
+        Where the data stops early (episode still running, or cut by a step limit) the last
+        available step's root value stands in for its own reward plus everything after it.
+        """
+        target, gamma = 0.0, 1.0
+        for i in range(self.n_step):
+            step = self._step_at(seg, t + i)
+            if step.terminal:
+                return target + gamma * step.reward
+            if step.truncated or self._step_at(seg, t + i + 1) is None:
+                return target + gamma * step.root_value
+            target += gamma * step.reward
+            gamma *= self.discount
+        return target + gamma * self._step_at(seg, t + self.n_step).root_value
+
+    def sequence(self, seg: GameSegment, t: int, length: int, context: int) -> SampledSequence:
+        steps: list[Optional[StepRecord]] = []
+        ended = False
+        for i in range(length):
+            step = None if ended else self._step_at(seg, t + i)
+            steps.append(step)
+            if step is None or step.terminal or step.truncated:
+                ended = True
+        ctx = []
+        for i in range(1, context + 1):
+            prev = self._step_at(seg, t - i)
+            if prev is None or prev.terminal or prev.truncated:
+                break
+            ctx.append(prev)
+        targets = np.array([self.value_target(seg, t + i) if s is not None else 0.0 for i, s in enumerate(steps)])
+        return SampledSequence(steps=steps, context=ctx[::-1], value_targets=targets.astype(np.float32))
+
+    def sample(self, batch_size: int, length: int, context: int) -> list[SampledSequence]:
+        """Uniform over stored steps."""
+        if not self.segments:
+            raise ValueError("replay buffer is empty")
+        sizes = np.array([len(s.steps) for s in self.segments], dtype=np.int64)
+        flat = self._rng.integers(0, int(sizes.sum()), size=batch_size)
+        bounds = np.cumsum(sizes)
+        seg_idx = np.searchsorted(bounds, flat, side="right")
+        out = []
+        for k, i in zip(flat, seg_idx):
+            seg = self.segments[int(i)]
+            t = int(k - (bounds[i] - sizes[i]))
+            out.append(self.sequence(seg, t, length, context))
+        return out
+
+    # --- persistence ---
+    @staticmethod
+    def write_segments(path: Path, segments: list[GameSegment]) -> None:
+        """Atomic: a reader sees the whole file or none of it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as raw:
+            with gzip.GzipFile(fileobj=raw, mode="wb") as gz:
+                for seg in segments:
+                    gz.write(seg.to_json().encode() + b"\n")
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+    @staticmethod
+    def read_segments(path: Path) -> list[GameSegment]:
+        try:
+            with gzip.open(path, "rt") as fh:
+                return [GameSegment.from_json(line) for line in fh if line.strip()]
+        except (OSError, EOFError, ValueError, TypeError, KeyError) as err:
+            raise CheckpointError(f"replay file {path} is corrupt ({type(err).__name__}: {err})") from None
+
+    @staticmethod
+    def segment_file(replay_dir: Path, iteration: int, tag: str) -> Path:
+        """A fresh name per collect stage: a re-run iteration never overwrites earlier data."""
+        return replay_dir / f"iter-{iteration:06d}-{tag}.jsonl.gz"
+
+    def load_dir(self, replay_dir: Path) -> int:
+        """Load every complete per-iteration file in collection order; returns segments loaded."""
+        count = 0
+        files = sorted(Path(replay_dir).glob("iter-*.jsonl.gz"), key=lambda p: (p.name.split("-")[1], p.stat().st_mtime))
+        for path in files:
+            segs = self.read_segments(path)
+            self.add(segs)
+            count += len(segs)
+        return count
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

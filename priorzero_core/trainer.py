@@ -1,0 +1,341 @@
+"""One PriorZero run: every long-lived piece, and one method per pipeline stage.
+
+An iteration is: evaluate (when due) → collect → train world model → train LLM → checkpoint.
+`run_plain` drives it with a plain loop; the Prefect flow calls the same methods as tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .agent import Agent, sequences_to_wm_batch
+from .collector import Collector
+from .config import PriorZeroConfig, dump_config
+from .errors import CheckpointError, ConfigError
+from .evaluator import evaluate
+from .games import EnvPool, game_spec
+from .replay import ReplayBuffer
+
+log = logging.getLogger("priorzero")
+
+STAGES = ("evaluate", "collect", "train_world_model", "train_llm", "adapt", "ppo_train", "checkpoint")
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    skipped: bool = False
+
+
+def setup_run_logging(run_dir: Path) -> None:
+    """Readable logs on the console and in run_dir/logs/train.log (added once per run dir)."""
+    logs = Path(run_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    target = str((logs / "train.log").resolve())
+    root = logging.getLogger("priorzero")
+    root.setLevel(logging.INFO)
+    if not any(getattr(h, "baseFilename", None) == target for h in root.handlers):
+        fh = logging.FileHandler(target)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+    for name in ("priorzero_core",):
+        logging.getLogger(name).parent = root  # core modules log under the run's handler too
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("run.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Trainer:
+    """Holds envs, models, replay and counters for one run directory."""
+
+    def __init__(self, cfg: PriorZeroConfig, run_dir: Path | str, *, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self._check_run_dir()
+        setup_run_logging(self.run_dir)
+        if cfg.run.torch_threads:
+            torch.set_num_threads(cfg.run.torch_threads)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.rng = seed_everything(cfg.run.seed)
+        self.device = pick_device(cfg.run.device)
+        self.spec = game_spec(cfg.game)
+        log.info("run %s: game %s (max score %s, %d actions kept, %d steps/episode), device %s",
+                 self.run_dir, self.spec.name, self.spec.max_score, self.spec.action_space_size,
+                 self.spec.max_episode_steps, self.device)
+        self.iteration = 0
+        self.env_steps = 0
+        self._steps_since_wm = 0
+        self._lock = threading.Lock()  # parallel mode: WM and LLM training share the replay buffer
+
+        from .text_encoder import TextEncoder
+        from .world_model import WorldModelLearner
+
+        self.encoder = TextEncoder(cfg.world_model.encoder, device=self.device)
+        self.wm = WorldModelLearner(cfg.world_model, self.spec.action_space_size, device=self.device)
+        self.llm_prior, self.llm_trainer = self._build_llm()
+        self.agent = Agent(cfg, self.spec, self.encoder, self.wm.model, self.llm_prior, self.rng, self.device)
+        wmc = cfg.world_model
+        self.replay = ReplayBuffer(cfg.replay.capacity_steps, wmc.discount, wmc.n_step, seed=cfg.run.seed)
+        self.collect_pool = EnvPool(cfg.game, cfg.collect.num_envs, seed=cfg.run.seed)
+        self.collector = Collector(self.collect_pool, self.agent, cfg.collect.segment_length, cfg.collect.epsilon, self.rng)
+        self._eval_pool: Optional[EnvPool] = None
+        if resume:
+            self._resume()
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+
+    # ------------------------------------------------------------------ setup
+    def _check_run_dir(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"run directory {self.run_dir} is not writable ({err.strerror}); pick another run.run_dir") from None
+
+    def _build_llm(self):
+        if not self.cfg.llm.enabled:
+            log.info("LLM prior disabled: search runs on the world model alone")
+            return None, None
+        from .llm_prior import make_llm_prior
+
+        prior = make_llm_prior(self.cfg.llm, device=self.device)
+        trainer = None
+        if self.cfg.llm.train:
+            from .llm_train import LLMTrainer
+
+            trainer = LLMTrainer(prior, self.cfg.llm)
+        return prior, trainer
+
+    @property
+    def eval_pool(self) -> EnvPool:
+        if self._eval_pool is None:
+            n = min(self.cfg.eval.num_episodes, max(1, self.cfg.collect.num_envs))
+            self._eval_pool = EnvPool(self.cfg.game, n, seed=self.cfg.run.seed + 10_000)
+        return self._eval_pool
+
+    @property
+    def ppo_enabled(self) -> bool:
+        return False if self.cfg.ppo.use_orz_trainer is None else bool(self.cfg.ppo.use_orz_trainer)
+
+    # ------------------------------------------------------------------ schedule
+    def due(self, stage: str, iteration: int) -> bool:
+        """Whether `stage` runs in `iteration` (1-based), from the schedule in the config."""
+        sch, last = self.cfg.schedule, iteration == self.cfg.schedule.iterations
+        llm_turn = self.llm_trainer is not None and iteration % sch.llm_train_freq == 0
+        if stage == "evaluate":
+            return (iteration - 1) % self.cfg.eval.eval_freq == 0 or last
+        if stage == "collect":
+            return True
+        if stage == "train_world_model":
+            if sch.mode == "alternating" and llm_turn:
+                return False
+            return iteration % sch.wm_train_freq == 0
+        if stage == "train_llm":
+            return llm_turn and not self.ppo_enabled
+        if stage in ("adapt", "ppo_train"):
+            return llm_turn and self.ppo_enabled
+        if stage == "checkpoint":
+            return iteration % self.cfg.run.checkpoint_freq == 0 or last
+        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+
+    # ------------------------------------------------------------------ stages
+    def evaluate(self, iteration: int) -> StageResult:
+        modes = [m for m in self.cfg.eval.modes if self.llm_prior is not None or m == "wm"]
+        if self.llm_prior is not None and "wm_llm" in modes:
+            modes.remove("wm_llm")
+            modes.insert(0, "wm_llm")
+        max_steps = self.cfg.eval.max_episode_steps or self.spec.max_episode_steps
+        with torch.inference_mode():
+            result = evaluate(self.eval_pool, self.agent, modes, self.cfg.eval.num_episodes, max_steps, progress=self.progress)
+        path = self.run_dir / "transcripts" / f"eval-{iteration:06d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(result.transcript)
+        log.info("iteration %d eval: reward_mean %.2f (%s)", iteration, result.metrics["evals/reward_mean"],
+                 ", ".join(f"{m} {result.metrics[f'evals/{m}/reward_mean']:.1f}" for m in modes))
+        return StageResult(metrics=result.metrics, artifacts={"transcript": path})
+
+    def collect(self, iteration: int) -> StageResult:
+        with torch.inference_mode():
+            segments, stats = self.collector.collect(self.cfg.collect.steps_per_iteration, iteration, progress=self.progress)
+        path = ReplayBuffer.segment_file(self.run_dir / "replay", iteration, uuid.uuid4().hex[:8])
+        ReplayBuffer.write_segments(path, segments)
+        with self._lock:
+            self.replay.add(segments)
+        self.env_steps += stats.env_steps
+        self._steps_since_wm += stats.env_steps
+        metrics = stats.metrics()
+        metrics["collect/total_env_steps"] = float(self.env_steps)
+        metrics["replay/steps"] = float(len(self.replay))
+        log.info("iteration %d collect: %d steps (%.1f/s), %d episodes ended", iteration, stats.env_steps,
+                 metrics["collect/steps_per_s"], stats.episodes)
+        return StageResult(metrics=metrics, artifacts={"replay": path})
+
+    def train_world_model(self, iteration: int) -> StageResult:
+        wmc, sch = self.cfg.world_model, self.cfg.schedule
+        if len(self.replay) == 0 or self.env_steps < sch.warmup_steps:
+            return StageResult(skipped=True)
+        updates = max(sch.min_wm_updates, round(sch.replay_ratio * self._steps_since_wm))
+        self._steps_since_wm = 0
+        sums: dict[str, float] = {}
+        for _ in tqdm(range(updates), desc=f"world model {iteration}", disable=not self.progress, leave=False):
+            with self._lock:
+                seqs = self.replay.sample(wmc.batch_size, wmc.unroll_steps + 1, wmc.context_length - 1)
+            batch = sequences_to_wm_batch(seqs, self.encoder, self.spec.action_space_size, self.device)
+            for k, v in self.wm.train_step(batch).items():
+                sums[k] = sums.get(k, 0.0) + v
+        metrics = {k: v / updates for k, v in sums.items()}
+        metrics["train/wm_updates"] = float(updates)
+        log.info("iteration %d world model: %d updates, loss %.4f", iteration, updates, metrics["train/wm_total_loss"])
+        return StageResult(metrics=metrics)
+
+    def train_llm(self, iteration: int) -> StageResult:
+        if self.llm_trainer is None:
+            return StageResult(skipped=True)
+        n = self.cfg.llm.batch_size * self.cfg.llm.updates_per_train
+        with self._lock:
+            recent = [(seg, t) for seg, t in self.replay.recent(4 * n) if seg.steps[t].prompt is not None]
+            picks = [recent[i] for i in self.rng.permutation(len(recent))[:n]] if recent else []
+            targets = [self.replay.value_target(seg, t) for seg, t in picks]
+            contexts = [self.replay.sequence(seg, t, 1, self.cfg.world_model.context_length - 1) for seg, t in picks]
+        if not picks:
+            return StageResult(skipped=True)
+        samples = self.agent.llm_samples(picks, targets, contexts)
+        metrics = self.llm_trainer.train(samples)
+        log.info("iteration %d LLM: sft %.4f rft %.4f on %d samples", iteration, metrics.get("train/llm_sft_loss", 0.0),
+                 metrics.get("train/llm_rft_loss", 0.0), len(samples))
+        return StageResult(metrics=metrics)
+
+    def adapt(self, iteration: int) -> StageResult:
+        raise ConfigError("ppo.use_orz_trainer is on, but this version has no PPO trainer yet; set it to false")
+
+    def ppo_train(self, iteration: int, prompts: Path) -> StageResult:
+        raise ConfigError("ppo.use_orz_trainer is on, but this version has no PPO trainer yet; set it to false")
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self, iteration: int) -> StageResult:
+        writer = ckpt.CheckpointWriter(self.run_dir / "checkpoints", iteration)
+        try:
+            model_state, target_state, optim_state = self.wm.state()
+            writer.tensors("world_model", model_state)
+            writer.tensors("world_model_target", target_state)
+            writer.torch_state("world_model_optim", optim_state)
+            if self.llm_trainer is not None:
+                writer.directory("llm", self.llm_trainer.save)
+            writer.torch_state("rng", {"torch": torch.get_rng_state()})
+            meta = {
+                "iteration": iteration,
+                "env_steps": self.env_steps,
+                "config_hash": self.cfg.config_hash(),
+                "numpy_rng": self.rng.bit_generator.state,
+                "python_rng": repr(random.getstate()),
+                "replay_steps": len(self.replay),
+            }
+            path = writer.commit(meta)
+        except BaseException:
+            writer.abort()
+            raise
+        ckpt.prune(self.run_dir / "checkpoints", self.cfg.run.keep_checkpoints)
+        self.iteration = iteration
+        log.info("iteration %d checkpoint: %s", iteration, path)
+        return StageResult(metrics={}, artifacts={"checkpoint": path})
+
+    def finish_iteration(self, iteration: int) -> None:
+        self.iteration = max(self.iteration, iteration)
+
+    def _resume(self) -> None:
+        root = self.run_dir / "checkpoints"
+        found = ckpt.latest_valid(root)
+        if found is None:
+            if ckpt.list_checkpoints(root):
+                raise CheckpointError(f"no checkpoint in {root} verifies (all are incomplete or corrupt); start a new run dir")
+            log.info("resume: no checkpoint in %s yet, starting fresh", root)
+            self._load_replay()
+            return
+        path, manifest = found
+        meta = manifest["meta"]
+        if meta.get("config_hash") != self.cfg.config_hash():
+            raise CheckpointError(
+                f"checkpoint {path} was made with another config (hash {meta.get('config_hash')} ≠ {self.cfg.config_hash()}: "
+                "game, LLM or world-model shape changed); resume with the run's own config.yaml or use a new run dir"
+            )
+        ckpt.set_aside_newer(root, meta["iteration"])
+        self.wm.load(ckpt.load_tensors(path, "world_model"), ckpt.load_tensors(path, "world_model_target"),
+                     ckpt.load_torch_state(path, "world_model_optim"))
+        if self.llm_trainer is not None and (path / "llm").is_dir():
+            self.llm_trainer.load(path / "llm")
+        torch.set_rng_state(ckpt.load_torch_state(path, "rng")["torch"])
+        self.rng.bit_generator.state = meta["numpy_rng"]
+        self.iteration = int(meta["iteration"])
+        self.env_steps = int(meta["env_steps"])
+        self._load_replay()
+        log.info("resumed from %s: iteration %d, %d env steps, %d replay steps", path.name, self.iteration,
+                 self.env_steps, len(self.replay))
+
+    def _load_replay(self) -> None:
+        """Every complete replay file counts, also those collected after the checkpoint (nothing is dropped)."""
+        self.replay.load_dir(self.run_dir / "replay")
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        """Shut envs and workers down; each part independently."""
+        errors = []
+        for pool in (self.collect_pool, self._eval_pool):
+            if pool is None:
+                continue
+            try:
+                pool.close()
+            except Exception as err:  # keep closing the rest
+                errors.append(err)
+        for err in errors:
+            log.warning("while closing: %s", err)
+
+
+def run_plain(cfg: PriorZeroConfig, run_dir: Path | str, iterations: Optional[int] = None, resume: bool = False,
+              progress: bool = True) -> list[dict[str, float]]:
+    """The training loop without orchestration: used by tests, benchmarks and as the reference behaviour."""
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
+    history: list[dict[str, float]] = []
+    try:
+        last = iterations or cfg.schedule.iterations
+        for it in range(trainer.iteration + 1, last + 1):
+            row: dict[str, float] = {"iteration": float(it)}
+            for stage in ("evaluate", "collect", "train_world_model", "train_llm", "checkpoint"):
+                if trainer.due(stage, it):
+                    t0 = time.perf_counter()
+                    row.update(getattr(trainer, stage)(it).metrics)
+                    row[f"timing/{stage}_s"] = time.perf_counter() - t0
+            trainer.finish_iteration(it)
+            history.append(row)
+            with open(trainer.run_dir / "logs" / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    finally:
+        trainer.close()
+    return history

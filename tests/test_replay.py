@@ -1,0 +1,65 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from priorzero_core.errors import CheckpointError
+from priorzero_core.replay import GameSegment, ReplayBuffer, StepRecord
+
+
+def step(reward, value, terminal=False, truncated=False):
+    return StepRecord("obs", ["a", "b"], 0, "a", reward, 0, [1.0, 0.0], value, terminal=terminal, truncated=truncated)
+
+
+def test_value_targets_follow_the_episode_across_segments_and_stop_at_terminal():
+    buf = ReplayBuffer(100, discount=0.5, n_step=2)
+    first = GameSegment("e", 0, 0, [step(1, 10), step(2, 20)])
+    second = GameSegment("e", 1, 2, [step(4, 40), step(8, 80, terminal=True)])
+    buf.add([first, second])
+    assert buf.value_target(first, 0) == pytest.approx(1 + 0.5 * 2 + 0.25 * 40)
+    assert buf.value_target(first, 1) == pytest.approx(2 + 0.5 * 4 + 0.25 * 80)
+    assert buf.value_target(second, 0) == pytest.approx(4 + 0.5 * 8)  # no bootstrap past the end
+    assert buf.value_target(second, 1) == pytest.approx(8)
+
+
+def test_value_target_bootstraps_where_collected_data_stops():
+    buf = ReplayBuffer(100, discount=0.5, n_step=3)
+    seg = GameSegment("f", 0, 0, [step(1, 10), step(2, 20)])
+    buf.add([seg])
+    assert buf.value_target(seg, 0) == pytest.approx(1 + 0.5 * 20)
+    cut = GameSegment("g", 0, 0, [step(1, 10, truncated=True)])
+    buf.add([cut])
+    assert buf.value_target(cut, 0) == pytest.approx(10)
+
+
+def test_sequences_pad_after_episode_end_and_carry_context():
+    buf = ReplayBuffer(100, discount=0.9, n_step=1)
+    a = GameSegment("e", 0, 0, [step(0, 0), step(1, 0)])
+    b = GameSegment("e", 1, 2, [step(2, 0), step(3, 0, terminal=True)])
+    buf.add([a, b])
+    seq = buf.sequence(b, 0, length=4, context=3)
+    assert [s and s.reward for s in seq.steps] == [2, 3, None, None]
+    assert [s.reward for s in seq.context] == [0, 1]
+    assert seq.value_targets.shape == (4,)
+    assert len(buf.sample(7, 3, 1)) == 7
+
+
+def test_capacity_evicts_oldest_segments():
+    buf = ReplayBuffer(5, discount=0.9, n_step=1)
+    for i in range(4):
+        buf.add([GameSegment(f"e{i}", 0, 0, [step(i, 0), step(i, 0)])])
+    assert len(buf) <= 5 and buf.segments[0].episode_id == "e2"
+
+
+def test_segments_round_trip_on_disk_and_corrupt_files_are_reported(tmp_path):
+    segs = [GameSegment("e", 0, 0, [step(1.5, 2.0), step(0, 1.0, terminal=True)], iteration=3)]
+    path = ReplayBuffer.segment_file(tmp_path, 3, "abc")
+    ReplayBuffer.write_segments(path, segs)
+    loaded = ReplayBuffer.read_segments(path)
+    assert loaded[0] == segs[0]
+    buf = ReplayBuffer(100, 0.9, 1)
+    assert buf.load_dir(tmp_path) == 1 and len(buf) == 2
+    bad = ReplayBuffer.segment_file(tmp_path, 4, "bad")
+    bad.write_bytes(gzip.compress(b'{"episode_id": "x"')[:-4])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        ReplayBuffer.read_segments(bad)
