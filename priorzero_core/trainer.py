@@ -97,8 +97,8 @@ class Trainer:
         from .text_encoder import TextEncoder
         from .world_model import WorldModelLearner
 
-        self.encoder = TextEncoder(cfg.world_model.encoder, device=self.device)
-        self.wm = WorldModelLearner(cfg.world_model, self.spec.action_space_size, device=self.device)
+        self.encoder = TextEncoder.from_config(cfg.world_model, device=self.device)
+        self.wm = WorldModelLearner(cfg.world_model, input_dim=self.encoder.dim, device=self.device)
         self.llm_prior, self.llm_trainer = self._build_llm()
         self.agent = Agent(cfg, self.spec, self.encoder, self.wm.model, self.llm_prior, self.rng, self.device)
         wmc = cfg.world_model
@@ -131,7 +131,7 @@ class Trainer:
         if self.cfg.llm.train:
             from .llm_train import LLMTrainer
 
-            trainer = LLMTrainer(prior, self.cfg.llm)
+            trainer = LLMTrainer(prior, self.cfg.llm, seed=self.cfg.run.seed)
         return prior, trainer
 
     @property
@@ -243,12 +243,12 @@ class Trainer:
     def checkpoint(self, iteration: int) -> StageResult:
         writer = ckpt.CheckpointWriter(self.run_dir / "checkpoints", iteration)
         try:
-            model_state, target_state, optim_state = self.wm.state()
-            writer.tensors("world_model", model_state)
-            writer.tensors("world_model_target", target_state)
-            writer.torch_state("world_model_optim", optim_state)
+            wm_state = self.wm.state_dict()
+            writer.tensors("world_model", wm_state["model"])
+            writer.tensors("world_model_target", wm_state["target"])
+            writer.torch_state("world_model_optim", {"optimizer": wm_state["optimizer"], "steps": wm_state["steps"]})
             if self.llm_trainer is not None:
-                writer.directory("llm", self.llm_trainer.save)
+                writer.directory("llm", self.llm_trainer.save_state)
             writer.torch_state("rng", {"torch": torch.get_rng_state()})
             meta = {
                 "iteration": iteration,
@@ -287,10 +287,12 @@ class Trainer:
                 "game, LLM or world-model shape changed); resume with the run's own config.yaml or use a new run dir"
             )
         ckpt.set_aside_newer(root, meta["iteration"])
-        self.wm.load(ckpt.load_tensors(path, "world_model"), ckpt.load_tensors(path, "world_model_target"),
-                     ckpt.load_torch_state(path, "world_model_optim"))
+        optim = ckpt.load_torch_state(path, "world_model_optim")
+        self.wm.load_state_dict({"model": ckpt.load_tensors(path, "world_model"),
+                                 "target": ckpt.load_tensors(path, "world_model_target"),
+                                 "optimizer": optim["optimizer"], "steps": optim["steps"]})
         if self.llm_trainer is not None and (path / "llm").is_dir():
-            self.llm_trainer.load(path / "llm")
+            self.llm_trainer.load_state(path / "llm")
         torch.set_rng_state(ckpt.load_torch_state(path, "rng")["torch"])
         self.rng.bit_generator.state = meta["numpy_rng"]
         self.iteration = int(meta["iteration"])

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+
+@dataclass(frozen=True)
+class GameSpec:
+    """A resolved game: what to load and the sizes an episode uses."""
+
+    name: str
+    backend: Literal["jericho", "textworld"]
+    path: Path  # the Jericho ROM, or the generated TextWorld game file
+    max_score: int
+    action_space_size: int  # valid actions kept per step, in the game's order
+    max_episode_steps: int
 
 
 @dataclass
@@ -24,12 +37,18 @@ class TimeStep:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def agent_view(response: str, look: str, inventory: str) -> str:
+    """The observation every backend shows the agent: response + look + inventory (as LightZero does)."""
+    return "\n\n".join(part.strip() for part in (response, look, inventory) if part.strip())
+
+
 class GameEnv(abc.ABC):
     """A text game. `step` returns valid actions for the new state (computed lazily by `EnvPool`)."""
 
     name: str
     max_score: int
     max_episode_steps: int
+    last: Optional[TimeStep] = None  # the latest TimeStep, after reset, step or set_state
 
     @abc.abstractmethod
     def reset(self, seed: Optional[int] = None) -> TimeStep: ...

@@ -1,0 +1,222 @@
+"""The `priorzero` flow: every training iteration is a small DAG of retried stage tasks.
+
+evaluate (when due) → collect → train_world_model (when due) → LLM (adapt + ppo_train with PPO on,
+else train_llm; when due) → checkpoint (when due). A stage that still fails after its retries marks the
+stages that need it as Skipped for that iteration and training goes on; only a run of
+`run.max_consecutive_failed_iterations` failed iterations fails the flow.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from prefect import Task, flow, get_run_logger
+from prefect.futures import PrefectFuture
+from prefect.logging.formatters import PrefectFormatter
+from prefect.runtime import flow_run
+from prefect.states import State
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from priorzero.tasks import Tracker, close_trainer, configured_stages, open_trainer, skipped
+from priorzero_core.config import PriorZeroConfig, load_config, resolve_config_path
+from priorzero_core.errors import ConfigError
+from priorzero_core.trainer import Trainer
+
+# A stage runs only if each stage it needs, when that one ran this iteration, completed.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "train_world_model": ("collect",),
+    "train_llm": ("collect",),
+    "adapt": ("collect",),
+    "ppo_train": ("adapt",),
+    "checkpoint": ("collect", "train_world_model", "train_llm", "adapt", "ppo_train"),
+}
+LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "priorzero")
+
+
+class TrainingFailed(RuntimeError):
+    """Too many iterations in a row had a stage that failed after its retries."""
+
+
+@dataclass
+class Iteration:
+    """One iteration's stage states, and the metrics and artifacts of the stages that completed."""
+
+    number: int
+    states: dict[str, State] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+    def record(self, stage: str, state: State) -> None:
+        self.states[stage] = state
+        if state.is_completed():
+            result = state.result()
+            self.metrics.update(result.metrics)
+            self.artifacts.update(result.artifacts)
+
+    def skip_reason(self, stage: str) -> Optional[str]:
+        for need in NEEDS.get(stage, ()):
+            state = self.states.get(need)
+            if state is not None and not state.is_completed():
+                return state.message if state.name == "Skipped" else f"{need}-{self.number} failed"
+        return None
+
+    def failure(self) -> Optional[str]:
+        """'stage-N: error' for the first stage that failed, else None."""
+        for stage, state in self.states.items():
+            if state.is_failed() or state.is_crashed():
+                err = state.result(raise_on_failure=False)
+                return f"{stage}-{self.number}: {type(err).__name__}: {err}"
+        return None
+
+
+def run_iteration(stages: dict[str, Task], trainer: Trainer, run_dir: str, n: int, mode: str) -> Iteration:
+    it = Iteration(n)
+
+    def start(stage: str, *args: Any) -> PrefectFuture:
+        reason = it.skip_reason(stage)
+        if reason is not None:
+            return skipped.submit(stage, n, reason)
+        return stages[stage].submit(run_dir, n, *args)
+
+    def finish(stage: str, future: PrefectFuture) -> None:
+        future.wait()
+        it.record(stage, future.state)
+
+    def run(stage: str, *args: Any) -> None:
+        finish(stage, start(stage, *args))
+
+    if trainer.due("evaluate", n):
+        run("evaluate")
+    run("collect")
+    wm = start("train_world_model") if trainer.due("train_world_model", n) else None
+    if wm is not None and mode != "parallel":
+        finish("train_world_model", wm)
+    if trainer.due("adapt", n):
+        run("adapt")
+        run("ppo_train", it.artifacts.get("prompts"))
+    elif trainer.due("train_llm", n):
+        run("train_llm")
+    if wm is not None and mode == "parallel":  # WM training overlapped the LLM stages above
+        finish("train_world_model", wm)
+    if trainer.due("checkpoint", n):
+        run("checkpoint")
+    return it
+
+
+@dataclass
+class Progress:
+    last_ok: int = 0  # last iteration where every stage completed
+    last_checkpoint: int = 0
+    failed: list[int] = field(default_factory=list)
+
+
+def train(cfg: PriorZeroConfig, trainer: Trainer, run_dir: Path, tracker: Tracker, progress: Progress,
+          logger: logging.LoggerAdapter) -> None:
+    stages = configured_stages(cfg.run)
+    failed_in_row = 0
+    progress.last_ok = progress.last_checkpoint = trainer.iteration
+    for n in range(trainer.iteration + 1, cfg.schedule.iterations + 1):
+        started = time.perf_counter()
+        it = run_iteration(stages, trainer, str(run_dir), n, cfg.schedule.mode)
+        trainer.finish_iteration(n)
+        it.metrics["timing/iteration_s"] = time.perf_counter() - started
+        tracker.log_iteration(n, it.metrics, it.artifacts)
+        failure = it.failure()
+        if failure is None:
+            failed_in_row = 0
+            progress.last_ok = n
+            progress.last_checkpoint = n if "checkpoint" in it.states else progress.last_checkpoint
+            logger.info("iteration %d done in %.1f s", n, it.metrics["timing/iteration_s"])
+            continue
+        failed_in_row += 1
+        progress.failed.append(n)
+        logger.warning("iteration %d failed at %s; the stages that need it were skipped", n, failure)
+        if failed_in_row >= cfg.run.max_consecutive_failed_iterations:
+            raise TrainingFailed(f"{failed_in_row} iterations in a row failed (run.max_consecutive_failed_iterations); "
+                                 f"last: {failure}")
+
+
+def resolve_run(config: str, overrides: list[str], iterations: Optional[int], resume: bool,
+                run_name: Optional[str]) -> tuple[PriorZeroConfig, Path]:
+    """The validated config and run directory; a resumed run reloads its own config.yaml."""
+    if iterations is not None:
+        overrides = [*overrides, f"schedule.iterations={iterations}"]
+    cfg = load_config(config, overrides)
+    if resume and not (run_name or cfg.run.name):
+        raise ConfigError("resume needs run_name: the run directory's name under run.run_dir")
+    name = run_name or cfg.run.name or f"{resolve_config_path(config).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(cfg.run.run_dir).resolve() / name
+    if resume:
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"cannot resume {run_dir}: it has no config.yaml")
+        return load_config(saved, overrides), run_dir
+    if (run_dir / "checkpoints").exists():
+        raise ConfigError(f"run directory {run_dir} already has checkpoints: resume it or pick another run name")
+    return cfg, run_dir
+
+
+def attach_log_file(path: Path) -> Callable[[], None]:
+    """Copy flow, task and trainer log lines to `path`; returns the step that detaches it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(PrefectFormatter(
+        format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s",
+        flow_run_fmt="%(asctime)s | %(levelname)-7s | Flow run %(flow_run_name)r - %(message)s",
+        task_run_fmt="%(asctime)s | %(levelname)-7s | Task run %(task_run_name)r - %(message)s",
+    ))
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+
+    def detach() -> None:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
+
+    return detach
+
+
+@flow(name="priorzero", task_runner=ThreadPoolTaskRunner(max_workers=2), persist_result=False)
+def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iterations: Optional[int] = None,
+              resume: bool = False, run_name: Optional[str] = None) -> dict[str, Any]:
+    """Train PriorZero. config: a name in configs/ or a YAML path; overrides: section.key=value items;
+    iterations: last iteration to train (default schedule.iterations); resume: continue run_name's run dir."""
+    logger = get_run_logger()
+    cfg, run_dir = resolve_run(config, overrides or [], iterations, resume, run_name)
+    detach_log = attach_log_file(run_dir / "logs" / "flow.log")
+    logger.info("run dir %s, %s mode, iterations up to %d", run_dir, cfg.schedule.mode, cfg.schedule.iterations)
+    tracker = Tracker(cfg, run_dir, logger)
+    progress = Progress()
+    trainer: Optional[Trainer] = None
+    status = "FAILED"
+    try:
+        trainer = open_trainer(cfg, run_dir, resume=resume)
+        tracker.start(run_name=run_dir.name, tags={
+            "prefect.flow_run_id": str(flow_run.id),
+            "prefect.flow_run_url": flow_run.ui_url or "",
+            "priorzero.config": config,
+            "priorzero.run_dir": str(run_dir),
+        })
+        train(cfg, trainer, run_dir, tracker, progress, logger)
+        status = "FINISHED"
+    finally:
+        def final_checkpoint() -> None:
+            if trainer is not None and progress.last_ok > progress.last_checkpoint:
+                state = configured_stages(cfg.run)["checkpoint"](str(run_dir), progress.last_ok, return_state=True)
+                state.result()
+
+        # Independent steps: one failing is logged and the others still run.
+        for what, step in (("final checkpoint", final_checkpoint), ("trainer close", lambda: close_trainer(run_dir)),
+                           ("tracking end", lambda: tracker.end(status)), ("flow log", detach_log)):
+            try:
+                step()
+            except Exception as err:
+                logger.warning("cleanup: %s failed: %s: %s", what, type(err).__name__, err)
+    return {"run_dir": str(run_dir), "last_iteration": progress.last_ok, "failed_iterations": progress.failed,
+            "mlflow_run_id": tracker.run_id}

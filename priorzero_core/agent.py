@@ -1,0 +1,212 @@
+"""The acting policy: text → embeddings → world model + LLM prior → batched MCTS → an action per env."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .config import PriorZeroConfig
+from .games.base import GameSpec, TimeStep
+from .llm_prior import LLMPrior
+from .llm_train import LLMSample
+from .mcts import RootOutput, root_prior, search
+from .replay import GameSegment, SampledSequence, StepRecord
+from .text_encoder import TextEncoder
+from .world_model import RootContext, WMBatch, WorldModel
+
+Mode = Literal["collect", "wm", "wm_llm", "llm"]
+FALLBACK_ACTION = "look"  # a state without valid actions still needs one command to move on
+
+
+@dataclass
+class EnvView:
+    """What the agent knows of one running episode."""
+
+    history: list[tuple[str, str, float]]  # (observation, action, reward) so far
+    timestep: TimeStep
+
+
+@dataclass
+class Decision:
+    valid_actions: list[str]
+    action_index: int
+    action: str
+    visit_dist: np.ndarray  # over valid_actions
+    root_value: float
+    llm_prior: Optional[np.ndarray]  # log-prior over valid_actions
+    prompt: Optional[str]
+
+
+def kept_actions(ts: TimeStep, limit: int) -> list[str]:
+    return list(ts.valid_actions[:limit]) or [FALLBACK_ACTION]
+
+
+class Agent:
+    """Shared by collector and evaluator; holds no episode state of its own."""
+
+    def __init__(self, cfg: PriorZeroConfig, spec: GameSpec, encoder: TextEncoder, model: WorldModel,
+                 llm: Optional[LLMPrior], rng: np.random.Generator, device: torch.device):
+        self.cfg = cfg
+        self.spec = spec
+        self.encoder = encoder
+        self.model = model
+        self.llm = llm
+        self.rng = rng
+        self.device = device
+
+    # ------------------------------------------------------------------ inputs
+    def _root_context(self, pasts: Sequence[Sequence[tuple[str, str]]], observations: Sequence[str],
+                      valid: Sequence[Sequence[str]]) -> RootContext:
+        """Embeds history (right-aligned, ≤ context_length−1 pairs), current observations and valid actions."""
+        C1 = self.cfg.world_model.context_length - 1
+        A = max(len(v) for v in valid)
+        B = len(observations)
+        texts: dict[str, int] = {}
+        for past, obs, acts in zip(pasts, observations, valid):
+            for o, a in past[-C1:] if C1 else []:
+                texts.setdefault(o, len(texts)), texts.setdefault(a, len(texts))
+            texts.setdefault(obs, len(texts))
+            for a in acts:
+                texts.setdefault(a, len(texts))
+        emb = self.encoder.encode(list(texts)).to(self.device)
+        E = emb.shape[-1]
+        past_obs = torch.zeros(B, C1, E, device=self.device)
+        past_act = torch.zeros(B, C1, E, device=self.device)
+        past_len = torch.zeros(B, dtype=torch.long, device=self.device)
+        valid_emb = torch.zeros(B, A, E, device=self.device)
+        valid_mask = torch.zeros(B, A, dtype=torch.bool, device=self.device)
+        for b, (past, acts) in enumerate(zip(pasts, valid)):
+            recent = list(past[-C1:]) if C1 else []
+            n = len(recent)
+            if n:
+                past_obs[b, C1 - n:] = emb[[texts[o] for o, _ in recent]]
+                past_act[b, C1 - n:] = emb[[texts[a] for _, a in recent]]
+            past_len[b] = n
+            valid_emb[b, : len(acts)] = emb[[texts[a] for a in acts]]
+            valid_mask[b, : len(acts)] = True
+        obs = emb[[texts[o] for o in observations]]
+        return RootContext(past_obs, past_act, past_len, obs, valid_emb, valid_mask)
+
+    def _llm_log_prior(self, prompts: list[str], valid: list[list[str]], A: int) -> torch.Tensor:
+        scores = self.llm.score(list(zip(prompts, valid)))
+        out = torch.full((len(valid), A), -1e9, device=self.device)
+        for b, s in enumerate(scores):
+            out[b, : len(s)] = torch.as_tensor(s, dtype=torch.float32, device=self.device)
+        return out
+
+    # ------------------------------------------------------------------ acting
+    @torch.inference_mode()
+    def act(self, views: Sequence[EnvView], mode: Mode) -> list[Decision]:
+        """One decision per view. `collect` explores (root noise, collect temperature); eval modes act greedily."""
+        A = self.spec.action_space_size
+        valid = [kept_actions(v.timestep, A) for v in views]
+        use_llm = self.llm is not None and (mode in ("wm_llm", "llm") or (mode == "collect" and self.cfg.mcts.prior_mode != "wm"))
+        prompts: list[Optional[str]] = [None] * len(views)
+        llm_lp = None
+        width = max(len(v) for v in valid)
+        if use_llm:
+            prompts = [self.llm.build_prompt(v.history, v.timestep.observation, acts) for v, acts in zip(views, valid)]
+            llm_lp = self._llm_log_prior(prompts, valid, width)
+        if mode == "llm":
+            probs = llm_lp.softmax(-1)
+            actions = probs.argmax(-1)
+            values = torch.zeros(len(views))
+        else:
+            pasts = [[(o, a) for o, a, _ in v.history] for v in views]
+            ctx = self._root_context(pasts, [v.timestep.observation for v in views], valid)
+            state, wm_logits, value = self.model.root_inference(ctx)
+            prior_mode = "wm" if mode == "wm" else self.cfg.mcts.prior_mode
+            logits = root_prior(wm_logits, llm_lp, ctx.valid_mask, prior_mode, self.cfg.mcts.mix_weight)
+            temperature = self.cfg.mcts.collect_temperature if mode == "collect" else 0.0
+            out = search(self.model.search_fn(ctx), RootOutput(state, logits, value), ctx.valid_mask, self.cfg.mcts,
+                         self.rng, add_noise=mode == "collect", discount=self.cfg.world_model.discount,
+                         temperature=temperature)
+            probs, actions, values = out.visit_dist, out.selected_action, out.root_value
+        decisions = []
+        for b, acts in enumerate(valid):
+            k = len(acts)
+            idx = int(actions[b])
+            decisions.append(Decision(
+                valid_actions=acts,
+                action_index=idx,
+                action=acts[idx],
+                visit_dist=probs[b, :k].float().cpu().numpy(),
+                root_value=float(values[b]),
+                llm_prior=None if llm_lp is None else llm_lp[b, :k].cpu().numpy(),
+                prompt=prompts[b],
+            ))
+        return decisions
+
+    # ------------------------------------------------------------------ learning inputs
+    @torch.inference_mode()
+    def values(self, seqs: Sequence[SampledSequence]) -> np.ndarray:
+        """The world model's value of each sequence's first step, with its real history as context."""
+        A = self.spec.action_space_size
+        pasts = [[(s.observation, s.action) for s in seq.context] for seq in seqs]
+        first = [seq.steps[0] for seq in seqs]
+        ctx = self._root_context(pasts, [s.observation for s in first], [s.valid_actions[:A] for s in first])
+        _, _, value = self.model.root_inference(ctx)
+        return value.float().cpu().numpy()
+
+    def llm_samples(self, picks: Sequence[tuple[GameSegment, int]], targets: Sequence[float],
+                    contexts: Sequence[SampledSequence]) -> list[LLMSample]:
+        """SFT/RFT samples: advantage = n-step value target − the world model's current value."""
+        values = self.values(contexts)
+        out = []
+        for (seg, t), target, value in zip(picks, targets, values):
+            step = seg.steps[t]
+            out.append(LLMSample(prompt=step.prompt, valid_actions=step.valid_actions,
+                                 visit_dist=np.asarray(step.visit_dist, dtype=np.float32),
+                                 action_index=step.action_index, advantage=float(target - value)))
+        return out
+
+
+def sequences_to_wm_batch(seqs: Sequence[SampledSequence], encoder: TextEncoder, A: int,
+                          device: torch.device) -> WMBatch:
+    """Replay sequences → tensors; every text is embedded once per batch (and cached by the encoder)."""
+    B, L = len(seqs), len(seqs[0].steps)
+    texts: dict[str, int] = {}
+    for seq in seqs:
+        for s in seq.steps:
+            if s is not None:
+                texts.setdefault(s.observation, len(texts)), texts.setdefault(s.action, len(texts))
+                for a in s.valid_actions[:A]:
+                    texts.setdefault(a, len(texts))
+    emb = encoder.encode(list(texts)).to(device)
+    E = emb.shape[-1]
+    obs_idx = torch.zeros(B, L, dtype=torch.long)
+    act_idx = torch.zeros(B, L, dtype=torch.long)
+    valid_idx = torch.zeros(B, L, A, dtype=torch.long)
+    valid_mask = torch.zeros(B, L, A, dtype=torch.bool)
+    rewards = torch.zeros(B, L)
+    policy = torch.zeros(B, L, A)
+    step_mask = torch.zeros(B, L, dtype=torch.bool)
+    for b, seq in enumerate(seqs):
+        for t, s in enumerate(seq.steps):
+            if s is None:
+                continue
+            step: StepRecord = s
+            k = min(len(step.valid_actions), A)
+            obs_idx[b, t] = texts[step.observation]
+            act_idx[b, t] = texts[step.action]
+            valid_idx[b, t, :k] = torch.tensor([texts[a] for a in step.valid_actions[:k]])
+            valid_mask[b, t, :k] = True
+            rewards[b, t] = step.reward
+            dist = torch.tensor(step.visit_dist[:k], dtype=torch.float32)
+            policy[b, t, :k] = dist / dist.sum().clamp(min=1e-8)
+            step_mask[b, t] = True
+    valid_emb = emb[valid_idx.to(device)] * valid_mask.to(device).unsqueeze(-1)
+    return WMBatch(
+        obs_emb=emb[obs_idx.to(device)],
+        act_emb=emb[act_idx.to(device)],
+        valid_emb=valid_emb,
+        valid_mask=valid_mask.to(device),
+        rewards=rewards.to(device),
+        value_targets=torch.from_numpy(np.stack([seq.value_targets for seq in seqs])).to(device),
+        policy_targets=policy.to(device),
+        step_mask=step_mask.to(device),
+    )
+

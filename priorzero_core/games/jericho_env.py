@@ -1,0 +1,131 @@
+"""Jericho (Z-machine) games: exact score and reward, look/inventory without advancing, cached valid actions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import jericho
+
+from .base import GameEnv, GameSpec, TimeStep, agent_view
+from .valid_actions import Request, ValidActions
+
+# When the search finds nothing in a live state the agent still needs a move: "wait" passes a turn so timed
+# events can unfold (being carried, a closing door), whereas "look" never changes the state and would loop.
+FALLBACK_ACTIONS = ["wait"]
+
+
+@dataclass(frozen=True)
+class JerichoState:
+    """A picklable snapshot: the interpreter's state plus this env's step count and last TimeStep."""
+
+    frotz: tuple
+    steps: int
+    last: Optional[TimeStep]
+
+
+class JerichoEnv(GameEnv):
+    """One Jericho game. `advance` + `attach` split a step so `EnvPool` can batch the valid-action search."""
+
+    def __init__(self, spec: GameSpec, valid_actions: ValidActions, seed: Optional[int] = None,
+                 owns_valid_actions: bool = False):
+        self.spec = spec
+        self.name = spec.name
+        self.max_score = spec.max_score
+        self.max_episode_steps = spec.max_episode_steps
+        self.valid_actions = valid_actions
+        self._owns_valid_actions = owns_valid_actions
+        # seed None uses the walkthrough's seed from Jericho's bindings, so walkthrough() replays exactly.
+        self._env = jericho.FrotzEnv(str(spec.path), seed=seed)
+        self._steps = 0
+
+    def reset(self, seed: Optional[int] = None) -> TimeStep:
+        return self._complete(self.restart(seed))
+
+    def step(self, action: str) -> TimeStep:
+        return self._complete(self.advance(action))
+
+    def restart(self, seed: Optional[int] = None) -> TimeStep:
+        """Like `reset`, but the TimeStep has no valid actions yet."""
+        if seed is not None:
+            self._env.seed(seed)
+        raw, _ = self._env.reset()
+        self._steps = 0
+        self.last = None
+        return self._observe(raw)
+
+    def advance(self, action: str) -> TimeStep:
+        """Play `action`; the TimeStep has no valid actions yet (see `valid_action_request` and `attach`)."""
+        raw, _, _, _ = self._env.step(action)
+        self._steps += 1
+        return self._observe(raw)
+
+    def valid_action_request(self) -> Request:
+        """The (world-state hash, interpreter state) that `ValidActions` answers for the current state."""
+        assert self.last is not None, "reset() first"
+        return self.last.state_hash, self._env.get_state()
+
+    def attach(self, ts: TimeStep, actions: Optional[list[str]]) -> TimeStep:
+        """Give `ts` its valid actions; None (the search timed out) ends the episode as truncated."""
+        if actions is None:
+            ts = replace(ts, done=True, truncated=True, info={**ts.info, "truncated_reason": "valid_actions_timeout"})
+        else:
+            ts = replace(ts, valid_actions=(actions or FALLBACK_ACTIONS)[: self.spec.action_space_size])
+        self.last = ts
+        return ts
+
+    def _complete(self, ts: TimeStep) -> TimeStep:
+        if ts.done:
+            return ts
+        return self.attach(ts, self.valid_actions.get(*self.valid_action_request()))
+
+    def _observe(self, raw: str) -> TimeStep:
+        over = self._env.victory() or self._env.game_over()
+        truncated = not over and self._steps >= self.max_episode_steps
+        score = self._env.get_score()
+        prev_score = self.last.score if self.last else score
+        look, inventory = ("", "") if over else self._look_and_inventory()
+        info: dict[str, Any] = {"game_moves": self._env.get_moves()}
+        if truncated:
+            info["truncated_reason"] = "max_episode_steps"
+        ts = TimeStep(
+            observation=agent_view(raw, look, inventory),
+            raw=raw.strip(),
+            score=score,
+            reward=float(score - prev_score),
+            done=over or truncated,
+            moves=self._steps,
+            valid_actions=[],
+            state_hash=self._env.get_world_state_hash(),
+            won=self._env.victory(),
+            truncated=truncated,
+            info=info,
+        )
+        self.last = ts
+        return ts
+
+    def _look_and_inventory(self) -> tuple[str, str]:
+        """Run `look` and `inventory` from a saved state and restore it, so the game does not advance."""
+        saved = self._env.get_state()
+        look = self._env.step("look")[0]
+        self._env.set_state(saved)
+        inventory = self._env.step("inventory")[0]
+        self._env.set_state(saved)
+        return look, inventory
+
+    def get_state(self) -> JerichoState:
+        return JerichoState(self._env.get_state(), self._steps, self.last)
+
+    def set_state(self, state: JerichoState) -> None:
+        self._env.set_state(state.frotz)
+        self._steps = state.steps
+        self.last = state.last
+
+    def walkthrough(self) -> Optional[list[str]]:
+        """Jericho's walkthrough; it wins when the env was built with the default seed (None)."""
+        return self._env.get_walkthrough() or None
+
+    def close(self) -> None:
+        if self._owns_valid_actions:
+            self.valid_actions.close()
+        self._env.close()

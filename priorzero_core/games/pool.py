@@ -1,0 +1,92 @@
+"""N envs of one game stepped together; Jericho valid actions for all new states come from one parallel batch."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, cast
+
+from ..config import GameConfig
+from .base import GameEnv, GameSpec, TimeStep
+from .catalog import game_spec
+from .jericho_env import JerichoEnv
+from .textworld_env import TextWorldEnv, embedded_game
+from .valid_actions import ValidActions
+
+
+def valid_actions_for(spec: GameSpec, game_cfg: GameConfig) -> ValidActions:
+    """The cached, parallel valid-action search for a Jericho game, sized by the config."""
+    return ValidActions(
+        spec.path,
+        workers=game_cfg.valid_action_workers,
+        timeout_s=game_cfg.valid_action_timeout_s,
+        cache_size=game_cfg.valid_action_cache_size,
+    )
+
+
+def _build(spec: GameSpec, game_cfg: GameConfig, seed: Optional[int], valid_actions: Optional[ValidActions]) -> GameEnv:
+    if spec.backend == "textworld":
+        return TextWorldEnv(spec, walkthrough=embedded_game(game_cfg.embedded_seed).walkthrough)
+    owned = valid_actions is None
+    return JerichoEnv(spec, valid_actions or valid_actions_for(spec, game_cfg), seed=seed, owns_valid_actions=owned)
+
+
+def make_env(game_cfg: GameConfig, seed: Optional[int] = None) -> GameEnv:
+    """One env of the configured game; a Jericho env gets its own valid-action workers, stopped by close()."""
+    return _build(game_spec(game_cfg), game_cfg, seed, None)
+
+
+class EnvPool:
+    """`n` envs of one game; env i is seeded `seed + i` (Jericho's RNG; the embedded game is deterministic)."""
+
+    def __init__(self, game_cfg: GameConfig, n: int, seed: int = 0):
+        self.spec = game_spec(game_cfg)
+        self.valid_actions = valid_actions_for(self.spec, game_cfg) if self.spec.backend == "jericho" else None
+        self.envs: list[GameEnv] = [_build(self.spec, game_cfg, seed + i, self.valid_actions) for i in range(n)]
+
+    @property
+    def size(self) -> int:
+        return len(self.envs)
+
+    def reset_all(self) -> list[TimeStep]:
+        return self.reset(range(self.size))
+
+    def reset(self, indices: Sequence[int]) -> list[TimeStep]:
+        """Start new episodes in the envs at `indices`; TimeSteps in that order."""
+        indices = list(indices)
+        if self.valid_actions is None:
+            return [self.envs[i].reset() for i in indices]
+        return self._with_valid_actions(indices, [self._jericho(i).restart() for i in indices])
+
+    def step(self, actions: Sequence[Optional[str]], indices: Optional[Sequence[int]] = None) -> list[TimeStep]:
+        """Play `actions[k]` in env `indices[k]` (default: all envs); a None action leaves that env as it is."""
+        indices = list(range(self.size)) if indices is None else list(indices)
+        if len(actions) != len(indices):
+            raise ValueError(f"{len(actions)} actions for {len(indices)} envs")
+        moving = [(i, a) for i, a in zip(indices, actions) if a is not None]
+        if self.valid_actions is None:
+            stepped = [self.envs[i].step(a) for i, a in moving]
+        else:
+            stepped = self._with_valid_actions([i for i, _ in moving], [self._jericho(i).advance(a) for i, a in moving])
+        new = dict(zip((i for i, _ in moving), stepped))
+        return [new[i] if i in new else cast(TimeStep, self.envs[i].last) for i in indices]
+
+    def _with_valid_actions(self, indices: list[int], steps: list[TimeStep]) -> list[TimeStep]:
+        live = [(i, ts) for i, ts in zip(indices, steps) if not ts.done]
+        assert self.valid_actions is not None
+        answers = self.valid_actions.batch([self._jericho(i).valid_action_request() for i, _ in live])
+        attached = {i: self._jericho(i).attach(ts, actions) for (i, ts), actions in zip(live, answers)}
+        return [attached.get(i, ts) for i, ts in zip(indices, steps)]
+
+    def _jericho(self, i: int) -> JerichoEnv:
+        return cast(JerichoEnv, self.envs[i])
+
+    def get_state(self, i: int) -> Any:
+        return self.envs[i].get_state()
+
+    def set_state(self, i: int, state: Any) -> None:
+        self.envs[i].set_state(state)
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+        if self.valid_actions is not None:
+            self.valid_actions.close()

@@ -1,0 +1,235 @@
+"""Jericho valid actions, the cost of a step: a per-game LRU cache and a pool of worker processes.
+
+A request is `(world_state_hash, frotz_state)`. Hits come from a cache shared by every `ValidActions`
+of the same ROM in this process; misses are computed in parallel, each by a worker process holding its
+own `FrotzEnv`. A worker that overruns the timeout (Jericho hangs on some Zork 1 states) is killed and
+replaced, and its request answers `None` so the caller can end the episode cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+import weakref
+from collections import OrderedDict, deque
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import jericho
+
+from ..errors import GameError
+from .tagger import install_tagger
+
+log = logging.getLogger(__name__)
+
+WORKER_START_TIMEOUT_S = 120.0
+Request = tuple[str, Any]  # (world-state hash, FrotzEnv.get_state())
+
+
+def compute_valid_actions(env: jericho.FrotzEnv, state: Any) -> list[str]:
+    """Jericho's own valid-action search from `state` (sequential; parallelism is ours)."""
+    env.set_state(state)
+    return env.get_valid_actions(use_parallel=False)
+
+
+class LRUCache:
+    """A bounded mapping that forgets the least recently used key first."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._data: OrderedDict[str, list[str]] = OrderedDict()
+
+    def get(self, key: str) -> Optional[list[str]]:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: list[str]) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.maxsize:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+_SHARED_CACHES: dict[str, LRUCache] = {}
+
+
+def shared_cache(rom: Path, maxsize: int) -> LRUCache:
+    """The process-wide cache for one ROM; the largest requested size wins."""
+    cache = _SHARED_CACHES.setdefault(str(Path(rom).resolve()), LRUCache(maxsize))
+    cache.maxsize = max(cache.maxsize, maxsize)
+    return cache
+
+
+def _serve(conn: Connection, rom: str, compute: Callable[[jericho.FrotzEnv, Any], list[str]]) -> None:
+    """Worker loop: answer states with valid actions until the parent sends None or goes away."""
+    try:
+        install_tagger()
+        env = jericho.FrotzEnv(rom)
+        conn.send(("ready", None))
+    except Exception as err:  # reported to the parent, which raises it as a GameError
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+        return
+    while True:
+        try:
+            state = conn.recv()
+        except (EOFError, OSError):
+            return
+        if state is None:
+            return
+        try:
+            conn.send(("ok", compute(env, state)))
+        except Exception as err:
+            conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
+class _Worker:
+    """One worker process and the parent's end of its pipe."""
+
+    def __init__(self, ctx: mp.context.BaseContext, rom: str):
+        self.conn, child = ctx.Pipe()
+        # Read at start time so a test can swap in a hanging compute; spawn pickles it by name.
+        self.process = ctx.Process(target=_serve, args=(child, rom, compute_valid_actions), daemon=True)
+        self.process.start()
+        child.close()
+        self.ready = False
+
+    def wait_ready(self) -> None:
+        if self.ready:
+            return
+        if not self.conn.poll(WORKER_START_TIMEOUT_S):
+            raise GameError(f"valid-action worker did not start within {WORKER_START_TIMEOUT_S:.0f} s")
+        try:
+            status, message = self.conn.recv()
+        except EOFError:
+            # Typically a script without `if __name__ == "__main__":`, which spawn re-runs in the child.
+            status, message = "error", "it exited (scripts that start workers need an `if __name__ == '__main__':` guard)"
+        if status != "ready":
+            raise GameError(f"valid-action worker failed to start: {message}")
+        self.ready = True
+
+    def stop(self, kill: bool = False) -> None:
+        if not kill and self.process.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.process.join(timeout=2)
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
+def _stop_all(workers: list[_Worker]) -> None:
+    while workers:
+        workers.pop().stop()
+
+
+class ValidActions:
+    """Cached, parallel valid actions for one ROM; `workers=0` computes in-process (no timeout there)."""
+
+    def __init__(self, rom: Path, workers: int = 2, timeout_s: float = 40.0, cache_size: int = 100_000):
+        self.rom = str(Path(rom).resolve())
+        self.timeout_s = timeout_s
+        self.cache = shared_cache(Path(self.rom), cache_size)
+        self._local: Optional[jericho.FrotzEnv] = None
+        self._workers: list[_Worker] = []
+        if workers and mp.current_process().daemon:
+            # Daemonic processes may not have children (why Jericho's own use_parallel fails there).
+            log.warning("valid actions: running in a daemonic process, computing in-process instead of %d workers",
+                        workers)
+            workers = 0
+        if workers:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers must not inherit tokenizer threads
+            self._ctx = mp.get_context("spawn")
+            self._workers = [_Worker(self._ctx, self.rom) for _ in range(workers)]
+        self._finalizer = weakref.finalize(self, _stop_all, self._workers)  # also runs at interpreter exit
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._workers)
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers if w.process.pid is not None]
+
+    def get(self, state_hash: str, state: Any) -> Optional[list[str]]:
+        return self.batch([(state_hash, state)])[0]
+
+    def batch(self, requests: Sequence[Request]) -> list[Optional[list[str]]]:
+        """Valid actions per request, in order; None where the computation timed out or failed."""
+        todo: dict[str, Any] = {}
+        for state_hash, state in requests:
+            if self.cache.get(state_hash) is None:
+                todo.setdefault(state_hash, state)
+        computed = self._compute(todo) if todo else {}
+        results: list[Optional[list[str]]] = []
+        for state_hash, _ in requests:
+            actions = self.cache.get(state_hash)
+            if actions is None and computed.get(state_hash) is not None:
+                actions = computed[state_hash]
+                self.cache.put(state_hash, actions)
+            results.append(list(actions) if actions is not None else None)
+        return results
+
+    def _compute(self, todo: dict[str, Any]) -> dict[str, Optional[list[str]]]:
+        if not self._workers:
+            if self._local is None:
+                install_tagger()
+                self._local = jericho.FrotzEnv(self.rom)
+            return {key: compute_valid_actions(self._local, state) for key, state in todo.items()}
+        return self._compute_in_workers(todo)
+
+    def _compute_in_workers(self, todo: dict[str, Any]) -> dict[str, Optional[list[str]]]:
+        pending = deque(todo.items())
+        idle = deque(self._workers)
+        busy: dict[Connection, tuple[_Worker, str, float]] = {}
+        out: dict[str, Optional[list[str]]] = {}
+        while pending or busy:
+            while pending and idle:
+                worker = idle.popleft()
+                worker.wait_ready()
+                key, state = pending.popleft()
+                worker.conn.send(state)
+                busy[worker.conn] = (worker, key, time.monotonic() + self.timeout_s)
+            next_deadline = min(deadline for _, _, deadline in busy.values())
+            for conn in wait(list(busy), timeout=max(0.0, next_deadline - time.monotonic())):
+                worker, key, _ = busy.pop(conn)  # type: ignore[index]
+                try:
+                    status, value = conn.recv()  # type: ignore[union-attr]
+                except (EOFError, OSError):
+                    status, value = "error", "worker exited"
+                if status == "ok":
+                    out[key] = value
+                    idle.append(worker)
+                else:
+                    log.warning("valid actions failed for state %s: %s; restarting the worker", key, value)
+                    out[key] = None
+                    idle.append(self._replace(worker))
+            now = time.monotonic()
+            for conn, (worker, key, deadline) in list(busy.items()):
+                if now >= deadline:
+                    log.warning("valid actions for state %s took over %.1f s; killing worker %s",
+                                key, self.timeout_s, worker.process.pid)
+                    del busy[conn]
+                    out[key] = None
+                    idle.append(self._replace(worker))
+        return out
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.stop(kill=True)
+        fresh = _Worker(self._ctx, self.rom)
+        self._workers[self._workers.index(worker)] = fresh
+        return fresh
+
+    def close(self) -> None:
+        """Stop the workers (also done at interpreter exit)."""
+        self._finalizer()
+        self._local = None

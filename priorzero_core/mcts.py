@@ -1,0 +1,255 @@
+"""Batched MuZero search (PUCT) over a learned model, after mctx: small pure functions over one Tree.
+
+All B trees advance together: each simulation walks down every tree in a Python loop over depth
+(vectorised over the batch), makes ONE batched model call for the B new leaves, and backs the
+values up. Nodes are rows of preallocated [B, N, ...] tensors (N = simulations + 1, node 0 the root);
+the model's per-node state is a tuple of tensors stored the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import MCTSConfig
+
+NodeState = tuple[Tensor, ...]  # each [B, ...]; the tree keeps each as [B, N, ...]
+MASKED_LOGIT = -1e9
+NO_CHILD = -1
+
+
+class RecurrentFn(Protocol):
+    """One batched model step: (states [B, ...], actions [B]) -> (states, reward [B], prior_logits [B, A], value [B])."""
+
+    def __call__(self, state: NodeState, action: Tensor) -> tuple[NodeState, Tensor, Tensor, Tensor]: ...
+
+
+class RootOutput(NamedTuple):
+    state: NodeState
+    prior_logits: Tensor  # [B, A] (log-probs from root_prior, or raw model logits)
+    value: Tensor  # [B]
+
+
+@dataclass
+class Tree:
+    """B search trees of N preallocated nodes; children use the root's action set."""
+
+    visit_count: Tensor  # [B, N]
+    value_sum: Tensor  # [B, N] sum of backed-up values
+    prior: Tensor  # [B, N, A] probabilities
+    children: Tensor  # [B, N, A] node index, NO_CHILD if unexpanded
+    parent: Tensor  # [B, N], NO_CHILD at the root
+    action_from_parent: Tensor  # [B, N]
+    reward: Tensor  # [B, N] predicted reward on the edge into the node
+    depth: Tensor  # [B, N]
+    state: NodeState  # each [B, N, ...]
+    valid_mask: Tensor  # [B, A] the root's valid actions
+    min_value: Tensor  # [B] bounds of the Q values seen, for min-max normalisation
+    max_value: Tensor  # [B]
+
+
+class SearchOutput(NamedTuple):
+    visit_counts: Tensor  # [B, A] root children
+    visit_dist: Tensor  # [B, A]
+    root_value: Tensor  # [B] mean backed-up value at the root
+    q_values: Tensor  # [B, A] reward + discount·value of root children; 0 where unvisited
+    selected_action: Tensor  # [B]
+    tree: Tree
+
+
+def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
+    return logits.masked_fill(~mask, MASKED_LOGIT).softmax(-1)
+
+
+def root_prior(
+    wm_logits: Tensor,
+    llm_logprior: Tensor | None,
+    mask: Tensor,
+    mode: Literal["wm", "llm", "mix"],
+    mix_weight: float | Literal["adaptive"],
+) -> Tensor:
+    """Root log-probs [B, A] from the world model's logits and the LLM's log-prior (None: world model only).
+
+    mix: p = w·softmax(wm) + (1 − w)·exp(llm); "adaptive" trusts the LLM more when the world model is
+    sure of itself: w_llm = 0.3 + 0.4·(1 − H(p_wm)/log|A_valid|), w = 1 − w_llm.
+    """
+    p_wm = masked_softmax(wm_logits, mask)
+    if llm_logprior is None or mode == "wm":
+        p = p_wm
+    elif mode == "llm":
+        p = masked_softmax(llm_logprior, mask)
+    else:
+        if mix_weight == "adaptive":
+            entropy = -(p_wm * p_wm.clamp(min=1e-12).log()).sum(-1, keepdim=True)
+            max_entropy = mask.sum(-1, keepdim=True).to(p_wm.dtype).log().clamp(min=1e-12)
+            w = 1 - (0.3 + 0.4 * (1 - entropy / max_entropy))
+        else:
+            w = mix_weight
+        p = w * p_wm + (1 - w) * llm_logprior.exp().masked_fill(~mask, 0.0)
+    return (p + 1e-8).log().masked_fill(~mask, MASKED_LOGIT)
+
+
+def dirichlet_noise(
+    prior: Tensor, mask: Tensor, alpha: float, weight: float, rng: np.random.Generator
+) -> Tensor:
+    """(1 − weight)·prior + weight·Dirichlet(alpha) drawn over each row's valid actions only."""
+    gamma = torch.from_numpy(rng.gamma(alpha, size=tuple(prior.shape))).to(prior) * mask
+    noise = gamma / gamma.sum(-1, keepdim=True).clamp(min=1e-12)
+    return (1 - weight) * prior + weight * noise
+
+
+def init_tree(root: RootOutput, valid_mask: Tensor, num_simulations: int, prior: Tensor) -> Tree:
+    """A tree per env holding only its root, counted as visited once with the model's value (as mctx does)."""
+    B, A = valid_mask.shape
+    N = num_simulations + 1
+    device = valid_mask.device
+    value = root.value.float()
+    tree = Tree(
+        visit_count=torch.zeros(B, N, device=device),
+        value_sum=torch.zeros(B, N, device=device),
+        prior=torch.zeros(B, N, A, device=device),
+        children=torch.full((B, N, A), NO_CHILD, dtype=torch.long, device=device),
+        parent=torch.full((B, N), NO_CHILD, dtype=torch.long, device=device),
+        action_from_parent=torch.full((B, N), NO_CHILD, dtype=torch.long, device=device),
+        reward=torch.zeros(B, N, device=device),
+        depth=torch.zeros(B, N, dtype=torch.long, device=device),
+        state=tuple(s.new_zeros((B, N) + tuple(s.shape[1:])) for s in root.state),
+        valid_mask=valid_mask,
+        min_value=torch.full((B,), math.inf, device=device),
+        max_value=torch.full((B,), -math.inf, device=device),
+    )
+    tree.visit_count[:, 0] = 1
+    tree.value_sum[:, 0] = value
+    tree.prior[:, 0] = prior
+    for buf, s in zip(tree.state, root.state):
+        buf[:, 0] = s
+    return tree
+
+
+def normalize(q: Tensor, tree: Tree) -> Tensor:
+    """Min-max normalise [B, A] Q values with each tree's own bounds (unchanged until bounds differ)."""
+    low, high = tree.min_value.unsqueeze(-1), tree.max_value.unsqueeze(-1)
+    return torch.where(high > low, (q - low) / (high - low), q)
+
+
+def puct_action(tree: Tree, node: Tensor, cfg: MCTSConfig, discount: float) -> Tensor:
+    """MuZero's PUCT choice at `node` [B]: prior score + normalised Q (0 for unvisited children)."""
+    batch = torch.arange(node.shape[0], device=node.device)
+    children = tree.children[batch, node]  # [B, A]
+    index = children.clamp(min=0)
+    child_visits = torch.where(children >= 0, tree.visit_count.gather(1, index), 0.0)
+    child_value = tree.value_sum.gather(1, index) / child_visits.clamp(min=1)
+    q = tree.reward.gather(1, index) + discount * child_value
+    value_score = torch.where(child_visits > 0, normalize(q, tree), 0.0)
+    parent_visits = tree.visit_count[batch, node].unsqueeze(-1)
+    pb_c = torch.log((parent_visits + cfg.pb_c_base + 1) / cfg.pb_c_base) + cfg.pb_c_init
+    prior_score = pb_c * parent_visits.sqrt() / (child_visits + 1) * tree.prior[batch, node]
+    return (prior_score + value_score).masked_fill(~tree.valid_mask, -math.inf).argmax(-1)
+
+
+def simulate(tree: Tree, max_depth: int, cfg: MCTSConfig, discount: float) -> tuple[Tensor, Tensor]:
+    """Walk every tree down by PUCT to an unexpanded edge -> (parent node [B], action [B])."""
+    B = tree.valid_mask.shape[0]
+    batch = torch.arange(B, device=tree.valid_mask.device)
+    node = torch.zeros(B, dtype=torch.long, device=batch.device)
+    leaf_parent, leaf_action = node.clone(), node.clone()
+    descending = torch.ones(B, dtype=torch.bool, device=batch.device)
+    for _ in range(max_depth + 1):  # a tree of depth d is left after at most d + 1 choices
+        action = puct_action(tree, node, cfg, discount)
+        child = tree.children[batch, node, action]
+        arrived = descending & (child == NO_CHILD)
+        leaf_parent = torch.where(arrived, node, leaf_parent)
+        leaf_action = torch.where(arrived, action, leaf_action)
+        descending &= child != NO_CHILD
+        node = torch.where(descending, child, node)
+    return leaf_parent, leaf_action
+
+
+def expand(
+    tree: Tree, recurrent_fn: RecurrentFn, new_node: int, parent: Tensor, action: Tensor
+) -> Tensor:
+    """One batched model call for the B new leaves; stores them as node `new_node` -> leaf value [B]."""
+    batch = torch.arange(parent.shape[0], device=parent.device)
+    state = tuple(buf[batch, parent] for buf in tree.state)
+    next_state, reward, logits, value = recurrent_fn(state, action)
+    tree.children[batch, parent, action] = new_node
+    tree.parent[:, new_node] = parent
+    tree.action_from_parent[:, new_node] = action
+    tree.reward[:, new_node] = reward.float()
+    tree.depth[:, new_node] = tree.depth[batch, parent] + 1
+    tree.prior[:, new_node] = masked_softmax(logits.float(), tree.valid_mask)
+    for buf, s in zip(tree.state, next_state):
+        buf[:, new_node] = s
+    return value.float()
+
+
+def backup(tree: Tree, leaf: int, value: Tensor, max_depth: int, discount: float) -> None:
+    """Add the discounted return to every node from `leaf` to the root and widen the min-max bounds."""
+    batch = torch.arange(value.shape[0], device=value.device)
+    node = torch.full_like(batch, leaf)
+    for _ in range(max_depth + 1):
+        on_path = node != NO_CHILD
+        index = node.clamp(min=0)
+        tree.value_sum[batch, index] += torch.where(on_path, value, 0.0)
+        tree.visit_count[batch, index] += on_path.float()
+        q = tree.reward[batch, index] + discount * tree.value_sum[batch, index] / tree.visit_count[batch, index]
+        tree.min_value = torch.where(on_path, torch.minimum(tree.min_value, q), tree.min_value)
+        tree.max_value = torch.where(on_path, torch.maximum(tree.max_value, q), tree.max_value)
+        value = tree.reward[batch, index] + discount * value
+        node = torch.where(on_path, tree.parent[batch, index], node)
+
+
+def select_action(visit_counts: Tensor, temperature: float, rng: np.random.Generator) -> Tensor:
+    """[B] actions: argmax at temperature 0, else sampled with probability ∝ N^(1/T)."""
+    if temperature == 0:
+        return visit_counts.argmax(-1)
+    probs = (visit_counts.double().log() / temperature).softmax(-1).cpu().numpy()
+    u = rng.random((probs.shape[0], 1))
+    choice = (probs.cumsum(-1) < u).sum(-1).clip(max=probs.shape[1] - 1)
+    return torch.from_numpy(choice).to(visit_counts.device)
+
+
+@torch.inference_mode()
+def search(
+    recurrent_fn: RecurrentFn,
+    root: RootOutput,
+    valid_mask: Tensor,
+    cfg: MCTSConfig,
+    rng: np.random.Generator,
+    add_noise: bool,
+    *,
+    discount: float,
+    temperature: float | None = None,
+) -> SearchOutput:
+    """cfg.num_simulations batched simulations from B roots; acts at `temperature` (default: collect)."""
+    prior = masked_softmax(root.prior_logits.float(), valid_mask)
+    if add_noise:
+        prior = dirichlet_noise(prior, valid_mask, cfg.root_dirichlet_alpha, cfg.root_noise_weight, rng)
+    tree = init_tree(root, valid_mask, cfg.num_simulations, prior)
+    max_depth = 0
+    for sim in range(cfg.num_simulations):
+        parent, action = simulate(tree, max_depth, cfg, discount)
+        leaf_value = expand(tree, recurrent_fn, sim + 1, parent, action)
+        max_depth = max(max_depth, int(tree.depth[:, sim + 1].max()))  # the one host sync per simulation
+        backup(tree, sim + 1, leaf_value, max_depth, discount)
+
+    children = tree.children[:, 0]
+    index = children.clamp(min=0)
+    visited = children != NO_CHILD
+    visit_counts = torch.where(visited, tree.visit_count.gather(1, index), 0.0)
+    child_value = tree.value_sum.gather(1, index) / visit_counts.clamp(min=1)
+    q_values = torch.where(visited, tree.reward.gather(1, index) + discount * child_value, 0.0)
+    temperature = cfg.collect_temperature if temperature is None else temperature
+    return SearchOutput(
+        visit_counts=visit_counts,
+        visit_dist=visit_counts / visit_counts.sum(-1, keepdim=True),
+        root_value=tree.value_sum[:, 0] / tree.visit_count[:, 0],
+        q_values=q_values,
+        selected_action=select_action(visit_counts, temperature, rng),
+        tree=tree,
+    )

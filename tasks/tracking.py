@@ -1,0 +1,183 @@
+"""MLflow tracking for flow runs: one experiment per game, one MLflow run per training run.
+
+Training never waits on tracking: if the store cannot be reached, a single warning says so and
+tracking stops for the rest of the flow run (a down server would otherwise cost HTTP retries every
+iteration). `priorzero resume` reconnects to the same MLflow run, with steps continuing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from priorzero_core.config import PriorZeroConfig, dump_config
+
+RUN_FILE = "mlflow_run.json"  # in the run dir: which MLflow run a resume continues
+CURVE_METRIC = "evals/reward_mean"
+
+
+def tracking_uri(cfg: PriorZeroConfig) -> str:
+    """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else one sqlite store under ./mlruns shared by all runs."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> Optional[str]:
+    """Artifacts of a sqlite store sit beside its file; a tracking server chooses its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
+def experiment_name(cfg: PriorZeroConfig) -> str:
+    return cfg.tracking.experiment or f"priorzero-{Path(cfg.game.name).stem}"
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → {"section.key": "value"} for MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, type(None))) else str(value)
+    return flat
+
+
+def _check_reachable(uri: str) -> None:
+    if uri.startswith(("http://", "https://")):
+        # Without this, MLflow's own HTTP retries stall the run for minutes on a down server.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=3):
+            pass
+    elif uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+
+class Tracker:
+    """Logs one training run to MLflow; every call is a no-op once tracking is off or has failed."""
+
+    def __init__(self, cfg: PriorZeroConfig, run_dir: Path, logger: logging.Logger | logging.LoggerAdapter):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.log = logger
+        self.uri = tracking_uri(cfg)
+        self.client: Any = None
+        self.run_id: Optional[str] = None
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
+
+    def start(self, *, run_name: str, tags: dict[str, str]) -> None:
+        """Open (or on resume, reopen) this run dir's MLflow run and log the resolved config."""
+        if self.cfg.tracking.enabled:
+            self._guard("start", lambda: self._start(run_name, tags))
+
+    def log_iteration(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
+        """All of one iteration's metrics in one batch (step = iteration), then its artifacts."""
+        if self.active:
+            self._guard("logging", lambda: self._log_iteration(iteration, metrics, artifacts))
+
+    def end(self, status: str) -> None:
+        """status: FINISHED, FAILED or KILLED."""
+        if self.active:
+            self._guard("end", lambda: self.client.set_terminated(self.run_id, status=status))
+
+    def _guard(self, what: str, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception as err:  # any tracking failure: warn once, then train on without it
+            self.log.warning("MLflow tracking at %s failed during %s (%s: %s); training continues without tracking",
+                        self.uri, what, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            self.run_id = None
+
+    def _start(self, run_name: str, tags: dict[str, str]) -> None:
+        _check_reachable(self.uri)
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.uri)
+        run_id = self._previous_run_id()
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            known = self.client.get_run(run_id).data.params
+        else:
+            run_id = self.client.create_run(self._experiment_id(), run_name=run_name).info.run_id
+            (self.run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": self.uri, "run_id": run_id}))
+            known = {}
+        self.run_id = run_id
+        self._log_config(known)
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+        self.log.info("MLflow run %s in experiment %s at %s", run_id, experiment_name(self.cfg), self.uri)
+
+    def _previous_run_id(self) -> Optional[str]:
+        path = self.run_dir / RUN_FILE
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        if saved.get("tracking_uri") != self.uri:
+            self.log.warning("this run was tracked at %s; now tracking at %s in a new MLflow run", saved.get("tracking_uri"),
+                        self.uri)
+            return None
+        return saved["run_id"]
+
+    def _experiment_id(self) -> str:
+        name = experiment_name(self.cfg)
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        root = artifact_root(self.uri)
+        return self.client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+
+    def _log_config(self, known: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        # MLflow params are immutable: on resume only new keys are added; config.yaml holds the current values.
+        params = [Param(k, v[:6000]) for k, v in flatten(self.cfg.model_dump(mode="json")).items() if k not in known]
+        for i in range(0, len(params), 100):  # log_batch takes at most 100 params
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        self.client.log_text(self.run_id, dump_config(self.cfg), "config.yaml")
+
+    def _log_iteration(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, iteration) for key, value in sorted(metrics.items())]
+        self.client.log_batch(self.run_id, metrics=batch)
+        if "transcript" in artifacts:
+            self.client.log_artifact(self.run_id, str(artifacts["transcript"]), "transcripts")
+        if "checkpoint" in artifacts:
+            ref = {"iteration": iteration, "path": str(Path(artifacts["checkpoint"]).resolve())}
+            self.client.log_dict(self.run_id, ref, "checkpoint.json")
+            self.client.set_tag(self.run_id, "latest_checkpoint", ref["path"])
+        if CURVE_METRIC in metrics:
+            self.client.log_artifact(self.run_id, str(self._learning_curve()), "plots")
+
+    def _learning_curve(self) -> Path:
+        """Reward and losses so far (read back from MLflow, so a resumed run plots its whole history)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        keys = sorted(k for k in self.client.get_run(self.run_id).data.metrics if "loss" in k)
+        fig = Figure(figsize=(10, 4), layout="constrained")
+        FigureCanvasAgg(fig)
+        reward, losses = fig.subplots(1, 2)
+        for ax, names, title in ((reward, [CURVE_METRIC], "evaluation reward"), (losses, keys, "training losses")):
+            for key in names:
+                history = sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.step)
+                ax.plot([m.step for m in history], [m.value for m in history], marker=".", label=key)
+            ax.set(title=title, xlabel="iteration")
+            if names:
+                ax.legend(fontsize="small")
+        path = self.run_dir / "plots" / "learning_curve.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        return path

@@ -1,0 +1,81 @@
+"""The priorzero flow against a real Prefect server and a real MLflow sqlite store, with the real Trainer."""
+
+import pytest
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import TaskRunSort
+
+from priorzero.flows.priorzero_flow import priorzero
+
+
+def task_runs(flow_run_id) -> dict[str, object]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+    return {run.name: run for run in runs}
+
+
+def mlflow_run(overrides):
+    uri = next(o.split("=", 1)[1] for o in overrides if o.startswith("tracking.uri="))
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("priorzero-embedded").experiment_id])
+    return client, run
+
+
+@pytest.mark.slow
+def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_api, debug_overrides):
+    state = priorzero(config="debug", overrides=debug_overrides, iterations=3, return_state=True)
+
+    assert state.is_completed(), state.message
+    runs = task_runs(state.state_details.flow_run_id)
+    for n in (1, 2, 3):
+        assert runs[f"collect-{n}"].state.is_completed()
+        assert runs[f"train_world_model-{n}"].state.is_completed()
+    assert {"evaluate-1", "evaluate-3", "checkpoint-3"} <= set(runs)
+
+    client, run = mlflow_run(debug_overrides)
+    assert run.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert run.data.params["mcts.num_simulations"] == "2"
+    for key in ("train/wm_total_loss", "collect/total_env_steps", "timing/collect_s", "timing/iteration_s"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "evals/reward_mean")] == [1, 3]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoint.json", "transcripts", "plots"} <= artifacts
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_collect_failure_is_retried_then_skips_the_rest_of_its_iteration(prefect_api, debug_overrides, monkeypatch):
+    monkeypatch.setenv("PRIORZERO_FAULTS", "collect@2")
+
+    state = priorzero(config="debug", overrides=[*debug_overrides, "run.stage_retries=1"], iterations=3,
+                      return_state=True)
+
+    assert state.is_completed(), state.message
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["collect-2"].state.is_failed()
+    assert runs["collect-2"].run_count == 2  # the first try and one retry
+    for skipped in ("train_world_model-2", "checkpoint-2"):
+        assert runs[skipped].state.name == "Skipped"
+        assert "collect-2 failed" in runs[skipped].state.message
+    for completed in ("collect-3", "train_world_model-3", "checkpoint-3"):
+        assert runs[completed].state.is_completed()
+    assert state.result()["failed_iterations"] == [2]
+
+    client, run = mlflow_run(debug_overrides)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/wm_total_loss")] == [1, 3]
+
+
+@pytest.mark.slow
+def test_consecutive_failed_iterations_fail_the_flow_naming_stage_and_error(prefect_api, debug_overrides, monkeypatch):
+    monkeypatch.setenv("PRIORZERO_FAULTS", "collect@1,collect@2")
+
+    state = priorzero(config="debug", iterations=3, return_state=True, overrides=[
+        *debug_overrides, "run.stage_retries=0", "run.max_consecutive_failed_iterations=2"])
+
+    assert state.is_failed()
+    assert "collect-2: RuntimeError: injected fault collect@2" in state.message
+    assert "collect-3" not in task_runs(state.state_details.flow_run_id)
+    _, run = mlflow_run(debug_overrides)
+    assert run.info.status == "FAILED"

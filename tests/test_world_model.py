@@ -1,0 +1,148 @@
+import pytest
+import torch
+
+from priorzero_core.config import WorldModelConfig
+from priorzero_core.world_model import (
+    RootContext,
+    WMBatch,
+    WorldModel,
+    WorldModelLearner,
+    scalar_to_support,
+    support_to_scalar,
+    update_target,
+)
+
+E, A = 16, 5  # small embedding width keeps these tests fast; the real encoder gives 384
+
+
+def make_batch(cfg: WorldModelConfig, B: int = 4, seed: int = 0) -> WMBatch:
+    g = torch.Generator().manual_seed(seed)
+    L = cfg.unroll_steps + 1
+    valid_mask = torch.rand(B, L, A, generator=g) < 0.7
+    valid_mask[..., 0] = True
+    visits = torch.rand(B, L, A, generator=g) * valid_mask
+    step_mask = torch.ones(B, L, dtype=torch.bool)
+    step_mask[0, -2:] = False  # an episode that ended inside the sample
+    return WMBatch(
+        obs_emb=torch.nn.functional.normalize(torch.randn(B, L, E, generator=g), dim=-1),
+        act_emb=torch.nn.functional.normalize(torch.randn(B, L, E, generator=g), dim=-1),
+        valid_emb=torch.nn.functional.normalize(torch.randn(B, L, A, E, generator=g), dim=-1),
+        valid_mask=valid_mask,
+        rewards=torch.randint(0, 3, (B, L), generator=g).float(),
+        value_targets=torch.randn(B, L, generator=g) * 5,
+        policy_targets=visits / visits.sum(-1, keepdim=True),
+        step_mask=step_mask,
+    )
+
+
+def root_context(batch: WMBatch, t: int, C: int) -> RootContext:
+    """The search root at step t of each sequence, with the history the training window sees."""
+    B = batch.obs_emb.shape[0]
+    past = slice(max(0, t - C + 1), t)
+    n = t - past.start
+    past_obs = torch.zeros(B, C - 1, E)
+    past_act = torch.zeros(B, C - 1, E)
+    if n:
+        past_obs[:, -n:] = batch.obs_emb[:, past]
+        past_act[:, -n:] = batch.act_emb[:, past]
+    return RootContext(
+        past_obs, past_act, torch.full((B,), n), batch.obs_emb[:, t], batch.valid_emb[:, t], batch.valid_mask[:, t]
+    )
+
+
+def test_support_transforms_are_inverses():
+    x = torch.tensor([-250.0, -7.3, -1.0, 0.0, 0.4, 1.0, 3.0, 42.0, 250.0], dtype=torch.float64)
+    probs = scalar_to_support(x, 20)
+    assert probs.shape == (9, 41)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(9, dtype=torch.float64))
+    assert ((probs > 0).sum(-1) <= 2).all()
+    torch.testing.assert_close(support_to_scalar(probs.log(), 20), x)
+
+
+def test_support_clamps_beyond_its_range():
+    big = support_to_scalar(scalar_to_support(torch.tensor([1e6]), 5).log(), 5)
+    assert 30 < big.item() < 40  # h⁻¹(5) ≈ 34.6
+
+
+def test_root_and_recurrent_inference_shapes_and_masks(tiny_wm_config):
+    model = WorldModel(tiny_wm_config, input_dim=E).eval()
+    C, D = tiny_wm_config.context_length, tiny_wm_config.embed_dim
+    batch = make_batch(tiny_wm_config, B=3)
+    ctx = root_context(batch, t=1, C=C)
+    state, logits, value = model.root_inference(ctx)
+    assert state.tokens.shape == (3, 2 * C - 1, D) and state.length.tolist() == [3, 3, 3]
+    assert logits.shape == (3, A) and value.shape == (3,)
+    assert (logits[~ctx.valid_mask] < -1e8).all() and (logits[ctx.valid_mask] > -1e3).all()
+
+    for expected_length in (5, 5):  # grows by one pair, then the window is full
+        state, reward, logits, value = model.recurrent_inference(state, torch.tensor([0, 1, 0]), ctx.valid_emb, ctx.valid_mask)
+        assert state.tokens.shape == (3, 2 * C - 1, D) and state.length.tolist() == [expected_length] * 3
+        assert reward.shape == (3,) and value.shape == (3,) and logits.shape == (3, A)
+        assert (logits[~ctx.valid_mask] < -1e8).all()
+
+
+def test_search_sees_exactly_what_training_sees(tiny_wm_config):
+    model = WorldModel(tiny_wm_config, input_dim=E).eval()
+    batch = make_batch(tiny_wm_config)
+    C, S = tiny_wm_config.context_length, tiny_wm_config.support_size
+    with torch.no_grad():
+        value_logits, policy_logits, reward_logits, _ = model(batch.obs_emb, batch.act_emb, batch.valid_emb, batch.valid_mask)
+    for t in (0, 1, 4):  # no history, partial history, a window that slid past the start
+        ctx = root_context(batch, t, C)
+        state, logits, value = model.root_inference(ctx)
+        torch.testing.assert_close(value, support_to_scalar(value_logits[:, t], S), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits, policy_logits[:, t], atol=1e-5, rtol=1e-5)
+        executed = torch.zeros(4, dtype=torch.long)
+        actions = ctx.valid_emb.clone()
+        actions[:, 0] = batch.act_emb[:, t]
+        _, reward, _, _ = model.recurrent_inference(state, executed, actions, ctx.valid_mask)
+        torch.testing.assert_close(reward, support_to_scalar(reward_logits[:, t], S), atol=1e-5, rtol=1e-5)
+
+
+def test_every_loss_term_is_finite_and_non_zero(tiny_wm_config):
+    model = WorldModel(tiny_wm_config, input_dim=E)
+    total, metrics = model.compute_loss(make_batch(tiny_wm_config), model)
+    assert set(metrics) == {
+        "train/wm_total_loss",
+        "train/wm_reward_loss",
+        "train/wm_value_loss",
+        "train/wm_policy_loss",
+        "train/wm_latent_loss",
+        "train/wm_policy_entropy",
+    }
+    assert all(torch.isfinite(torch.tensor(v)) and v != 0 for v in metrics.values())
+    assert total.requires_grad and total.item() == pytest.approx(metrics["train/wm_total_loss"])
+
+
+def test_train_steps_reduce_the_loss_and_move_the_target_only_by_ema(tiny_wm_config):
+    cfg = tiny_wm_config.model_copy(update={"lr": 3e-3})
+    learner = WorldModelLearner(cfg, input_dim=E)
+    batch = make_batch(cfg)
+    weight = learner.model.blocks[0].attn.c_attn.weight
+    before = weight.detach().clone()
+    first = learner.train_step(batch)
+    assert first["train/wm_grad_norm"] > 0
+    assert not torch.equal(weight, before)
+
+    target_before = [p.clone() for p in learner.target.parameters()]
+    loss, _ = learner.model.compute_loss(batch, learner.target)
+    loss.backward()
+    learner.optimizer.step()  # an optimiser step never touches the target network
+    assert all(torch.equal(p, q) for p, q in zip(learner.target.parameters(), target_before))
+    update_target(learner.model, learner.target, cfg.target_update_tau)
+    for p_target, p_old, p in zip(learner.target.parameters(), target_before, learner.model.parameters()):
+        torch.testing.assert_close(p_target, p_old + cfg.target_update_tau * (p - p_old))
+
+    for _ in range(15):
+        last = learner.train_step(batch)
+    assert last["train/wm_total_loss"] < first["train/wm_total_loss"] - 0.5
+
+
+def test_learner_checkpoint_round_trip_continues_identically(tiny_wm_config):
+    learner = WorldModelLearner(tiny_wm_config, input_dim=E)
+    batch = make_batch(tiny_wm_config)
+    learner.train_step(batch)
+    restored = WorldModelLearner(tiny_wm_config, input_dim=E)
+    restored.load_state_dict(learner.state_dict())
+    assert restored.steps == 1
+    assert learner.train_step(batch) == restored.train_step(batch)
