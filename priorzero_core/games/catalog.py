@@ -97,10 +97,13 @@ def _unsupported(name: str) -> GameError:
     return GameError(f"unknown game '{name}'{hint}; supported: {EMBEDDED}, {', '.join(names)}, or a path to a ROM")
 
 
-def _find_rom(rom_dir: Path, name: str) -> Optional[Path]:
+def _rom_file_names(name: str) -> list[str]:
     listed = _bindings_by_name()[name]["rom"]
-    candidates = [rom_dir / listed] + [rom_dir / f"{name}{ext}" for ext in ROM_EXTENSIONS]
-    return next((p for p in candidates if p.is_file()), None)
+    return list(dict.fromkeys([listed] + [f"{name}{ext}" for ext in ROM_EXTENSIONS]))
+
+
+def _find_rom(rom_dir: Path, name: str) -> Optional[Path]:
+    return next((rom_dir / f for f in _rom_file_names(name) if (rom_dir / f).is_file()), None)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -131,7 +134,7 @@ def resolve_rom(game_cfg: GameConfig) -> Path:
     path = _find_rom(rom_dir, name)
     if path is None:
         raise GameError(
-            f"no ROM for '{name}' in {rom_dir} (looked for {name}{'/'.join(ROM_EXTENSIONS)}); copy it there "
+            f"no ROM for '{name}' in {rom_dir} (looked for {', '.join(_rom_file_names(name))}); copy it there "
             f"or point game.rom_dir / ${DEFAULT_ROM_DIR_ENV} at the folder that has it"
         )
     if rom_game_name(path) != name:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import jericho
+import numpy as np
 
 from .base import GameEnv, GameSpec, TimeStep, agent_view
 from .valid_actions import Request, ValidActions
@@ -13,6 +15,21 @@ from .valid_actions import Request, ValidActions
 # When the search finds nothing in a live state the agent still needs a move: "wait" passes a turn so timed
 # events can unfold (being carried, a closing door), whereas "look" never changes the state and would loop.
 FALLBACK_ACTIONS = ["wait"]
+
+
+_NAME = slice(jericho.ZObject._name.offset, jericho.ZObject._name.offset + jericho.ZObject._name.size)
+
+
+def world_state_hash(env: jericho.FrotzEnv) -> str:
+    """What `FrotzEnv.get_world_state_hash` hashes (cleaned object tree + special RAM), from the raw bytes.
+
+    Jericho formats every object as a string first, ~6 ms a step; this distinguishes the same states in ~0.1 ms.
+    """
+    objs = env.get_world_objects(clean=True)
+    rows = np.frombuffer(objs, dtype=np.uint8).reshape(len(objs), -1).copy()
+    names = rows[:, _NAME]
+    names[np.cumsum(names == 0, axis=1) > 0] = 0  # bytes after a name's terminator are leftovers, not state
+    return hashlib.md5(rows.tobytes() + env._get_special_ram().tobytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -96,7 +113,7 @@ class JerichoEnv(GameEnv):
             done=over or truncated,
             moves=self._steps,
             valid_actions=[],
-            state_hash=self._env.get_world_state_hash(),
+            state_hash=world_state_hash(self._env),
             won=self._env.victory(),
             truncated=truncated,
             info=info,

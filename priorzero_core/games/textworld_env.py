@@ -8,10 +8,12 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import jericho
 import textworld
 from textworld import EnvInfos, GameOptions
 from textworld.challenges.tw_simple import simple as tw_simple
@@ -91,7 +93,10 @@ class TextWorldEnv(GameEnv):
         self.max_score = spec.max_score
         self.max_episode_steps = spec.max_episode_steps
         self._walkthrough = walkthrough
-        self._env = textworld.start(str(spec.path), request_infos=_INFOS)
+        with warnings.catch_warnings():
+            # Jericho warns it cannot track score in generated games; TextWorld's own state tracking does.
+            warnings.simplefilter("ignore", jericho.UnsupportedGameWarning)
+            self._env = textworld.start(str(spec.path), request_infos=_INFOS)
         self._history: list[str] = []
 
     def reset(self, seed: Optional[int] = None) -> TimeStep:

@@ -1,9 +1,10 @@
 """Jericho valid actions, the cost of a step: a per-game LRU cache and a pool of worker processes.
 
 A request is `(world_state_hash, frotz_state)`. Hits come from a cache shared by every `ValidActions`
-of the same ROM in this process; misses are computed in parallel, each by a worker process holding its
-own `FrotzEnv`. A worker that overruns the timeout (Jericho hangs on some Zork 1 states) is killed and
-replaced, and its request answers `None` so the caller can end the episode cleanly.
+of the same ROM in this process. For misses this process lists Jericho's candidate commands (cheap) and
+the workers, each holding its own `FrotzEnv`, test chunks of them in parallel (the expensive part), so
+even a single new state keeps every worker busy. A worker that overruns the timeout (Jericho hangs on
+some Zork 1 states) is killed and replaced, and its request answers `None`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import multiprocessing as mp
 import os
 import time
 import weakref
-from collections import OrderedDict, deque
+from collections import OrderedDict, defaultdict, deque
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import jericho
+from jericho.util import chunk, verb_usage_count
 
 from ..errors import GameError
 from .tagger import install_tagger
@@ -27,12 +29,39 @@ log = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 120.0
 Request = tuple[str, Any]  # (world-state hash, FrotzEnv.get_state())
+Diffs = dict[tuple, list[str]]  # world change -> the candidate commands that cause it
+
+
+def candidate_actions(env: jericho.FrotzEnv, state: Any) -> list[str]:
+    """Jericho's candidate commands for `state` (grammar templates x interactive objects), in a fixed order."""
+    env.set_state(state)
+    if env.act_gen is None:
+        return []
+    groups = env._identify_interactive_objects(use_object_tree=True)
+    # Jericho iterates sets here; sorting makes the chosen names, so the candidates and the tie-breaks in
+    # `pick_actions`, the same in every process whatever its string-hash seed.
+    names = env._score_object_names({desc: sorted(objs) for desc, objs in sorted(groups.items())})
+    return env.act_gen.generate_actions(names)
+
+
+def filter_candidates(env: jericho.FrotzEnv, state: Any, candidates: list[str]) -> Diffs:
+    """Play each candidate from `state` and group those that change the world by their change."""
+    env.set_state(state)
+    return dict(env._filter_candidate_actions(candidates, use_ctypes=True, use_parallel=False))
+
+
+def pick_actions(parts: Sequence[Diffs]) -> list[str]:
+    """One command per world change, as `FrotzEnv.get_valid_actions` does; parts come in candidate order."""
+    merged: dict[tuple, list[str]] = defaultdict(list)
+    for part in parts:
+        for diff, actions in part.items():
+            merged[diff].extend(actions)
+    return [max(actions, key=verb_usage_count) for actions in merged.values()]
 
 
 def compute_valid_actions(env: jericho.FrotzEnv, state: Any) -> list[str]:
-    """Jericho's own valid-action search from `state` (sequential; parallelism is ours)."""
-    env.set_state(state)
-    return env.get_valid_actions(use_parallel=False)
+    """Valid actions for `state` in this process: `get_valid_actions`, with the order made deterministic."""
+    return pick_actions([filter_candidates(env, state, candidate_actions(env, state))])
 
 
 class LRUCache:
@@ -54,6 +83,9 @@ class LRUCache:
         while len(self._data) > self.maxsize:
             self._data.popitem(last=False)
 
+    def clear(self) -> None:
+        self._data.clear()
+
     def __len__(self) -> int:
         return len(self._data)
 
@@ -68,10 +100,9 @@ def shared_cache(rom: Path, maxsize: int) -> LRUCache:
     return cache
 
 
-def _serve(conn: Connection, rom: str, compute: Callable[[jericho.FrotzEnv, Any], list[str]]) -> None:
-    """Worker loop: answer states with valid actions until the parent sends None or goes away."""
+def _serve(conn: Connection, rom: str, filter_fn: Callable[[jericho.FrotzEnv, Any, list[str]], Diffs]) -> None:
+    """Worker loop: answer (state, candidates) with `filter_fn` until the parent sends None or goes away."""
     try:
-        install_tagger()
         env = jericho.FrotzEnv(rom)
         conn.send(("ready", None))
     except Exception as err:  # reported to the parent, which raises it as a GameError
@@ -79,13 +110,13 @@ def _serve(conn: Connection, rom: str, compute: Callable[[jericho.FrotzEnv, Any]
         return
     while True:
         try:
-            state = conn.recv()
+            job = conn.recv()
         except (EOFError, OSError):
             return
-        if state is None:
+        if job is None:
             return
         try:
-            conn.send(("ok", compute(env, state)))
+            conn.send(("ok", filter_fn(env, *job)))
         except Exception as err:
             conn.send(("error", f"{type(err).__name__}: {err}"))
 
@@ -95,8 +126,8 @@ class _Worker:
 
     def __init__(self, ctx: mp.context.BaseContext, rom: str):
         self.conn, child = ctx.Pipe()
-        # Read at start time so a test can swap in a hanging compute; spawn pickles it by name.
-        self.process = ctx.Process(target=_serve, args=(child, rom, compute_valid_actions), daemon=True)
+        # Read at start time so a test can swap in a hanging filter; spawn pickles it by name.
+        self.process = ctx.Process(target=_serve, args=(child, rom, filter_candidates), daemon=True)
         self.process.start()
         child.close()
         self.ready = False
@@ -140,7 +171,8 @@ class ValidActions:
         self.rom = str(Path(rom).resolve())
         self.timeout_s = timeout_s
         self.cache = shared_cache(Path(self.rom), cache_size)
-        self._local: Optional[jericho.FrotzEnv] = None
+        install_tagger()
+        self._local = jericho.FrotzEnv(self.rom)  # lists candidates here; filters them too when workers=0
         self._workers: list[_Worker] = []
         if workers and mp.current_process().daemon:
             # Daemonic processes may not have children (why Jericho's own use_parallel fails there).
@@ -153,12 +185,13 @@ class ValidActions:
             self._workers = [_Worker(self._ctx, self.rom) for _ in range(workers)]
         self._finalizer = weakref.finalize(self, _stop_all, self._workers)  # also runs at interpreter exit
 
-    @property
-    def num_workers(self) -> int:
-        return len(self._workers)
-
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process.pid is not None]
+
+    def wait_ready(self) -> None:
+        """Block until every worker has loaded the game (otherwise the first batch waits for them)."""
+        for worker in self._workers:
+            worker.wait_ready()
 
     def get(self, state_hash: str, state: Any) -> Optional[list[str]]:
         return self.batch([(state_hash, state)])[0]
@@ -181,45 +214,53 @@ class ValidActions:
 
     def _compute(self, todo: dict[str, Any]) -> dict[str, Optional[list[str]]]:
         if not self._workers:
-            if self._local is None:
-                install_tagger()
-                self._local = jericho.FrotzEnv(self.rom)
             return {key: compute_valid_actions(self._local, state) for key, state in todo.items()}
-        return self._compute_in_workers(todo)
+        # Every state is split into one chunk per worker: a lone new state still uses all of them.
+        jobs = deque(
+            (key, part, state, candidates)
+            for key, state in todo.items()
+            for part, candidates in enumerate(chunk(candidate_actions(self._local, state), len(self._workers)))
+        )
+        parts = self._run(jobs)
+        return {
+            key: None if any(parts.get((key, i)) is None for i in range(len(self._workers)))
+            else pick_actions([parts[(key, i)] for i in range(len(self._workers))])  # type: ignore[misc]
+            for key in todo
+        }
 
-    def _compute_in_workers(self, todo: dict[str, Any]) -> dict[str, Optional[list[str]]]:
-        pending = deque(todo.items())
+    def _run(self, jobs: deque) -> dict[tuple[str, int], Optional[Diffs]]:
+        """Run (key, part, state, candidates) jobs on the workers; a job that fails or overruns gives None."""
         idle = deque(self._workers)
-        busy: dict[Connection, tuple[_Worker, str, float]] = {}
-        out: dict[str, Optional[list[str]]] = {}
-        while pending or busy:
-            while pending and idle:
+        busy: dict[Connection, tuple[_Worker, tuple[str, int], float]] = {}
+        out: dict[tuple[str, int], Optional[Diffs]] = {}
+        while jobs or busy:
+            while jobs and idle:
                 worker = idle.popleft()
                 worker.wait_ready()
-                key, state = pending.popleft()
-                worker.conn.send(state)
-                busy[worker.conn] = (worker, key, time.monotonic() + self.timeout_s)
+                key, part, state, candidates = jobs.popleft()
+                worker.conn.send((state, candidates))
+                busy[worker.conn] = (worker, (key, part), time.monotonic() + self.timeout_s)
             next_deadline = min(deadline for _, _, deadline in busy.values())
             for conn in wait(list(busy), timeout=max(0.0, next_deadline - time.monotonic())):
-                worker, key, _ = busy.pop(conn)  # type: ignore[index]
+                worker, job, _ = busy.pop(conn)  # type: ignore[index]
                 try:
                     status, value = conn.recv()  # type: ignore[union-attr]
                 except (EOFError, OSError):
                     status, value = "error", "worker exited"
                 if status == "ok":
-                    out[key] = value
+                    out[job] = value
                     idle.append(worker)
                 else:
-                    log.warning("valid actions failed for state %s: %s; restarting the worker", key, value)
-                    out[key] = None
+                    log.warning("valid actions failed for state %s: %s; restarting the worker", job[0], value)
+                    out[job] = None
                     idle.append(self._replace(worker))
             now = time.monotonic()
-            for conn, (worker, key, deadline) in list(busy.items()):
+            for conn, (worker, job, deadline) in list(busy.items()):
                 if now >= deadline:
                     log.warning("valid actions for state %s took over %.1f s; killing worker %s",
-                                key, self.timeout_s, worker.process.pid)
+                                job[0], self.timeout_s, worker.process.pid)
                     del busy[conn]
-                    out[key] = None
+                    out[job] = None
                     idle.append(self._replace(worker))
         return out
 
@@ -232,4 +273,3 @@ class ValidActions:
     def close(self) -> None:
         """Stop the workers (also done at interpreter exit)."""
         self._finalizer()
-        self._local = None

@@ -50,13 +50,13 @@ def _equivalent_valid_action(env, action, valid):
 
 def test_the_walkthrough_action_is_mostly_among_the_valid_actions(zork):
     # Measured on every step: 391 of 396 (98.7%); misses are read/look/examine, which change nothing.
-    # Every 10th step keeps this test short.
+    # Every 20th step keeps this test short.
     zork.reset()
     hits = checked = 0
     for i, action in enumerate(zork.get_walkthrough()):
-        if i % 10 == 0:
+        if i % 20 == 0:
             hits += _equivalent_valid_action(zork, action, zork.get_valid_actions(use_parallel=False))
             checked += 1
         zork.step(action)
     assert zork.get_score() == 350
-    assert hits / checked >= 0.9
+    assert checked == 20 and hits / checked >= 0.9

@@ -79,3 +79,15 @@ def test_consecutive_failed_iterations_fail_the_flow_naming_stage_and_error(pref
     assert "collect-3" not in task_runs(state.state_details.flow_run_id)
     _, run = mlflow_run(debug_overrides)
     assert run.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_parallel_mode_trains_world_model_and_llm_at_the_same_time(prefect_api, debug_overrides):
+    state = priorzero(config="debug", iterations=1, return_state=True, overrides=[
+        *debug_overrides, "llm.enabled=true", "llm.batch_size=2", "llm.updates_per_train=1", "eval.modes=[wm]",
+        "schedule.mode=parallel", "schedule.llm_train_freq=1"])
+
+    assert state.is_completed(), state.message
+    runs = task_runs(state.state_details.flow_run_id)
+    wm, llm = runs["train_world_model-1"], runs["train_llm-1"]
+    assert wm.start_time < llm.end_time and llm.start_time < wm.end_time  # sequential would end one before the other

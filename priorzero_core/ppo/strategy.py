@@ -1,0 +1,210 @@
+"""How a model trains: plain torch (AdamW, fp32 or bf16 autocast) or DeepSpeed (ZeRO-2, bf16), behind one interface."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import PPOConfig
+from ..errors import BackendUnavailable
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+DEEPSPEED_TAG = "ppo"
+
+
+class Trainable(ABC):
+    """A model with its optimizer; `module` is the plain nn.Module for forwards and weights."""
+
+    module: nn.Module
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self) -> float:
+        """Clip, apply and clear the gradients; returns the gradient norm."""
+
+    @abstractmethod
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+
+    @abstractmethod
+    def save(self, directory: Path) -> None: ...
+
+    @abstractmethod
+    def load(self, directory: Path) -> None: ...
+
+
+class Strategy(ABC):
+    name: str
+
+    def __init__(self, cfg: PPOConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, lr: float) -> Trainable: ...
+
+    def _checkpointing(self, model: nn.Module) -> None:
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+class _TorchTrainable(Trainable):
+    def __init__(self, module: nn.Module, lr: float, grad_clip: float, bf16: bool, device: torch.device):
+        self.module = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.grad_clip = grad_clip
+        self.bf16 = bf16
+        self.device_type = device.type
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, directory / WEIGHTS_FILE)
+        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+
+    def load(self, directory: Path) -> None:
+        self.module.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=True))
+
+
+class TorchStrategy(Strategy):
+    name = "torch"
+
+    def prepare(self, model: nn.Module, lr: float) -> Trainable:
+        self._checkpointing(model)
+        bf16 = bool(self.cfg.bf16)
+        return _TorchTrainable(model.to(self.device), lr, self.cfg.grad_clip, bf16, self.device)
+
+
+class _DeepSpeedTrainable(Trainable):
+    def __init__(self, engine):
+        self.engine = engine
+        self.module = engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the engine holds bf16 weights already
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class DeepSpeedStrategy(Strategy):
+    """ZeRO-2 + bf16 on one rank per actor process; on CPU with the gloo backend and torch's AdamW."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg: PPOConfig, device: torch.device):
+        super().__init__(cfg, device)
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        try:
+            import deepspeed
+        except ImportError as err:
+            raise BackendUnavailable(f"DeepSpeed is not importable ({err}); pip install 'priorzero[deepspeed]'") from None
+        self._deepspeed = deepspeed
+        if not torch.distributed.is_initialized():
+            for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                               ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(key, value)
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+    def prepare(self, model: nn.Module, lr: float) -> Trainable:
+        self._checkpointing(model)
+        config = {
+            "train_micro_batch_size_per_gpu": self.cfg.train_batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.cfg.grad_clip,
+            "bf16": {"enabled": self.cfg.bf16 is not False},
+            "zero_optimization": {"stage": 2},
+            "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        params = [p for p in model.to(self.device).parameters() if p.requires_grad]
+        engine, *_ = self._deepspeed.initialize(model=model, model_parameters=params, config=config)
+        return _DeepSpeedTrainable(engine)
+
+
+def deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def make_strategy(cfg: PPOConfig, device: torch.device) -> Strategy:
+    """`auto`: DeepSpeed on CUDA when installed, torch otherwise; `deepspeed_required` turns a fallback into an error."""
+    want = cfg.strategy
+    if want == "auto":
+        want = "deepspeed" if (device.type == "cuda" and deepspeed_available()) or cfg.deepspeed_required else "torch"
+    if want == "deepspeed":
+        try:
+            strategy: Strategy = DeepSpeedStrategy(cfg, device)
+        except BackendUnavailable as err:
+            if cfg.deepspeed_required or cfg.strategy == "deepspeed":
+                raise
+            logger.warning("%s; training with the torch strategy", err)
+            strategy = TorchStrategy(cfg, device)
+    else:
+        strategy = TorchStrategy(cfg, device)
+    logger.info("PPO strategy: %s on %s (bf16 %s, gradient checkpointing %s)", strategy.name, device,
+                cfg.bf16 if cfg.bf16 is not None else strategy.name == "deepspeed", cfg.gradient_checkpointing)
+    return strategy
+
+
+def actor_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout, KV cache allowed) for a forward, restoring the previous mode after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

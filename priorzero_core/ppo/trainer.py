@@ -1,0 +1,275 @@
+"""PPOTrainer: ORZ's make-experience → train loop over Ray actor groups, fed by game segments.
+
+One rollout: generate n responses per prompt → judge them (reward actors) → policy/reference log-probs and
+critic values → token rewards (last token, minus KL) → GAE or GRPO group advantages → train critic and
+policy in parallel → push the new weights to the generation engine.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import PriorZeroConfig
+from ..llm_prior import load_tokenizer, resolve_model_dir
+from ..replay import GameSegment
+from .actors import ActorGroup, CriticActor, PolicyActor, ReferenceActor, RewardActor, StateDict
+from .adapter import GameSegmentToORZAdapter, PromptRecord, read_prompts, write_prompts
+from .experience import Rollout, make_rollout
+from .generation import GenerationEngine, make_engine
+from .losses import approx_kl, gae, group_advantages, masked_mean, normalise, token_rewards
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "ppo_state.json"
+
+
+def ray_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
+def orz_enabled(cfg: PriorZeroConfig) -> bool:
+    """`ppo.use_orz_trainer`, or when unset: on exactly when Ray is importable."""
+    return ray_available() if cfg.ppo.use_orz_trainer is None else cfg.ppo.use_orz_trainer
+
+
+def _connect_ray(cfg: PriorZeroConfig, actors: int) -> bool:
+    """Join `ppo.ray_address`, or start a local single-node cluster on 127.0.0.1; True when we own a connection."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if cfg.ppo.ray_address:
+        ray.init(address=cfg.ppo.ray_address, log_to_driver=True)
+        logger.info("PPO: joined Ray cluster at %s (%d nodes)", cfg.ppo.ray_address, len(ray.nodes()))
+    else:
+        # Logical CPUs: every actor must fit even on a 2-core machine; torch threads are set per actor.
+        num_cpus = max(os.cpu_count() or 1, int(np.ceil(actors * cfg.ppo.actor_num_cpus)))
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus, log_to_driver=True)
+        logger.info("PPO: started a local Ray cluster (%d logical CPUs)", num_cpus)
+    return True
+
+
+class PPOTrainer:
+    """Owns the Ray actor groups and the generation engine for one run; `close()` releases all of them."""
+
+    def __init__(self, cfg: PriorZeroConfig, run_dir: Path | str, policy_model: Optional[nn.Module] = None):
+        self.cfg = cfg
+        self.ppo = cfg.ppo
+        self.run_dir = Path(run_dir)
+        self.work_dir = self.run_dir / "ppo"
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.model_dir = resolve_model_dir(cfg.llm)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.adapter = GameSegmentToORZAdapter(self.ppo)
+        self.global_step = 0
+        self._rng = np.random.default_rng(cfg.run.seed)
+        self._passes: dict[str, tuple[np.ndarray, int]] = {}  # prompt file → (shuffled order, next position)
+        self._groups: list[ActorGroup] = []
+        self._engine: Optional[GenerationEngine] = None
+        self._owns_ray = False
+        self._closed = False
+        atexit.register(self.close)
+        try:
+            self._start(policy_model)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ set-up
+    def _start(self, policy_model: Optional[nn.Module]) -> None:
+        import ray
+
+        grpo = self.ppo.algorithm == "grpo"
+        model_groups = 2 if grpo else 3
+        self._owns_ray = _connect_ray(self.cfg, model_groups + self.ppo.reward_workers)
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        gpu_share = min(1.0, gpus / model_groups) if gpus else 0.0
+        weights = None
+        if policy_model is not None:
+            weights = ray.put({k: v.detach().to("cpu", torch.float32) for k, v in policy_model.state_dict().items()})
+        opts = {"num_cpus": self.ppo.actor_num_cpus, "num_gpus": gpu_share}
+        seed = self.cfg.run.seed
+        self.policy = self._group(PolicyActor, 1, self.ppo, self.cfg.llm, weights, seed, **opts)
+        self.reference = self._group(ReferenceActor, 1, self.ppo, self.cfg.llm, weights, seed, **opts)
+        self.critic = None if grpo else self._group(CriticActor, 1, self.ppo, self.cfg.llm, weights, seed, **opts)
+        self.reward = self._group(RewardActor, self.ppo.reward_workers, self.ppo, self.cfg.game, num_cpus=self.ppo.actor_num_cpus)
+        # Wait for every actor's constructor, so a broken model or game fails here and not mid-rollout.
+        ray.get([a.__ray_ready__.remote() for g in self._groups for a in g.actors])
+        self._engine = make_engine(self.ppo, self.policy, self.model_dir, self.tokenizer, self.work_dir)
+        logger.info("PPO trainer ready: %s, generation %s, actors on %d node(s)", self.ppo.algorithm, self._engine.name,
+                    len(set(self.actor_nodes())))
+
+    def _group(self, cls: type, n: int, *args: Any, **opts: Any) -> ActorGroup:
+        group = ActorGroup(cls, n, *args, **opts)
+        self._groups.append(group)
+        return group
+
+    def actor_nodes(self) -> list[str]:
+        """Node ids of every actor (policy, reference, critic, reward…), for placement checks."""
+        return [node for g in self._groups for node in g.nodes()]
+
+    # ------------------------------------------------------------------ data
+    def adapt(self, segments: Sequence[GameSegment], iteration: Optional[int] = None) -> Path:
+        """Write the segments' steps as a JSON-lines prompt file in run_dir/ppo and return its path."""
+        records = self.adapter.convert_segments_to_prompts(segments, self.tokenizer)
+        if not records:
+            raise ValueError("no segment step has a saved env_state; the collector must record env_state for PPO")
+        tag = f"{iteration:06d}" if iteration is not None else f"step{self.global_step:06d}"
+        path = write_prompts(self.work_dir / f"prompts-{tag}.jsonl", records)
+        logger.info("PPO adapt: %d prompts from %d segments → %s", len(records), len(segments), path)
+        return path
+
+    def _draw(self, path: Path, records: list[PromptRecord]) -> list[PromptRecord]:
+        """The next `rollout_batch_size` prompts of a shuffled pass over the file (reshuffled when used up)."""
+        order, start = self._passes.get(str(path), (np.empty(0, dtype=np.int64), 0))
+        if start >= len(order):
+            order, start = self._rng.permutation(len(records)), 0
+        picks = order[start : start + self.ppo.rollout_batch_size]
+        self._passes[str(path)] = (order, start + len(picks))
+        return [records[i] for i in picks]
+
+    # ------------------------------------------------------------------ PPO
+    def train(self, prompts_path: Path | str) -> dict[str, float]:
+        """`rollouts_per_train` make-experience → train cycles on prompts from the file; mean metrics."""
+        path = Path(prompts_path)
+        records = read_prompts(path)
+        if not records:
+            raise ValueError(f"prompt file {path} is empty")
+        rows = [self._rollout_and_train(self._draw(path, records)) for _ in range(self.ppo.rollouts_per_train)]
+        return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+
+    def _rollout_and_train(self, batch: list[PromptRecord]) -> dict[str, float]:
+        import ray
+
+        t0 = time.perf_counter()
+        n = self.ppo.n_samples_per_prompt
+        samples = self._engine.generate([r.prompt for r in batch], n, seed=int(self._rng.integers(1 << 31)))
+        t_gen = time.perf_counter()
+        records = [r for r in batch for _ in range(n)]
+        judgements = self.reward.map("judge", records, [s.text for s in samples], [s.finished for s in samples])
+        reward = torch.tensor([j.reward for j in judgements], dtype=torch.float32)
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        rollout = make_rollout([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad)
+        refs = [self.policy.submit("logprobs", rollout), self.reference.submit("logprobs", rollout)]
+        if self.critic is not None:
+            refs.append(self.critic.submit("values", rollout))
+        out = ray.get(refs)
+        rollout.old_logp, rollout.ref_logp = out[0], out[1]
+        mask = rollout.action_mask
+        kl_k1 = approx_kl(rollout.old_logp, rollout.ref_logp, k3=False) * mask
+        if self.critic is None:
+            rollout.advantages = group_advantages(reward, n, mask)
+        else:
+            rollout.values = out[2] * mask
+            kl_penalty = torch.zeros_like(kl_k1) if self.ppo.use_kl_loss else kl_k1
+            rewards = token_rewards(reward, kl_penalty, mask, self.ppo.kl_coef)
+            advantages, rollout.returns = gae(rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)
+            rollout.advantages = normalise(advantages, mask)
+
+        train_refs = [self.policy.submit("train", rollout)]
+        if self.critic is not None:
+            train_refs.append(self.critic.submit("train", rollout))
+        stats = ray.get(train_refs)
+        self._engine.update_weights(self.policy)
+        self.global_step += 1
+
+        seconds = time.perf_counter() - t0
+        tokens = float(mask.sum())
+        valid = [j.valid for j in judgements]
+        metrics = {
+            "train/ppo_policy_loss": stats[0]["policy_loss"],
+            "train/ppo_value_loss": stats[1]["value_loss"] if len(stats) > 1 else 0.0,
+            "train/ppo_kl": float(masked_mean(approx_kl(rollout.old_logp, rollout.ref_logp, k3=True), mask)),
+            "train/ppo_reward_mean": float(reward.mean()),
+            "train/ppo_response_len": float(mask.sum(-1).float().mean()),
+            "train/ppo_tokens_per_s": tokens / seconds,
+            "train/ppo_rollout_tokens_per_s": tokens / max(t_gen - t0, 1e-9),
+            "train/ppo_valid_rate": float(np.mean(valid)),
+            "train/ppo_agreement_mean": float(np.mean([j.agreement for j in judgements])),
+            "train/ppo_game_reward_mean": float(np.mean([j.game_reward for j in judgements])),
+            "train/ppo_clip_frac": stats[0]["clip_frac"],
+            "train/ppo_grad_norm": stats[0]["grad_norm"],
+        }
+        logger.info("PPO step %d: reward %.3f, valid %.2f, kl %.4f, %.0f tokens/s", self.global_step,
+                    metrics["train/ppo_reward_mean"], metrics["train/ppo_valid_rate"], metrics["train/ppo_kl"],
+                    metrics["train/ppo_tokens_per_s"])
+        return metrics
+
+    # ------------------------------------------------------------------ weights
+    def policy_state_dict(self) -> StateDict:
+        """The trained policy's weights (fp32, CPU), in the HF causal-LM naming the MCTS prior uses."""
+        return self.policy.call_one("state_dict")
+
+    def sync_to(self, module: nn.Module) -> None:
+        """Copy the trained policy into `module` (e.g. the LLM prior's model) in place."""
+        module.load_state_dict(self.policy_state_dict())
+
+    def save(self, directory: Path | str) -> None:
+        """Policy and critic weights with their optimizer state, plus the step counter (a shared FS across nodes)."""
+        import ray
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        refs = [self.policy.submit("save", str(directory / "policy"))]
+        if self.critic is not None:
+            refs.append(self.critic.submit("save", str(directory / "critic")))
+        ray.get(refs)
+        (directory / STATE_FILE).write_text(json.dumps({"global_step": self.global_step}))
+
+    def load(self, directory: Path | str) -> None:
+        """Restore `save`; the reference becomes the loaded policy (KL is measured from where training resumed)."""
+        import ray
+
+        directory = Path(directory)
+        refs = [self.policy.submit("load", str(directory / "policy"))]
+        if self.critic is not None:
+            refs.append(self.critic.submit("load", str(directory / "critic")))
+        ray.get(refs)
+        self.reference.call_one("load_weights", self.policy_state_dict())
+        self._engine.update_weights(self.policy)
+        self.global_step = json.loads((directory / STATE_FILE).read_text())["global_step"]
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        """Stop the engine, the reward games and every actor, then the local Ray cluster; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        if self._engine is not None:
+            self._engine.close()
+        try:
+            import ray
+
+            if ray.is_initialized():
+                for group in self._groups:
+                    if group.name == "RewardActor":
+                        try:
+                            ray.get([a.close.remote() for a in group.actors], timeout=30)
+                        except Exception as err:  # noqa: BLE001 - a dead actor must not stop the shutdown
+                            logger.warning("PPO: reward actors did not close cleanly (%s)", err)
+                    group.kill()
+                if self._owns_ray:
+                    ray.shutdown()
+        finally:
+            self._groups = []
+
+    def __enter__(self) -> "PPOTrainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

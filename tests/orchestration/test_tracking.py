@@ -1,0 +1,95 @@
+"""MLflow tracking against real sqlite stores in tmp_path (no Prefect needed)."""
+
+import logging
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from priorzero.flows.servers import free_port
+from priorzero.tasks.tracking import Tracker, artifact_root, tracking_uri
+from priorzero_core.config import config_from_dict
+
+LOG = logging.getLogger("test.tracking")
+
+
+def make_cfg(tmp_path: Path, **tracking):
+    return config_from_dict({"tracking": {"uri": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}", **tracking}})
+
+
+def test_default_store_is_one_sqlite_file_under_cwd_mlruns_with_artifacts_beside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking_uri(config_from_dict({}))
+
+    assert uri == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    assert artifact_root(uri) == (tmp_path / "mlruns" / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(config_from_dict({})) == "http://127.0.0.1:5000"
+
+
+def test_iteration_metrics_land_in_one_batch_with_artifacts_and_learning_curve(tmp_path):
+    cfg = make_cfg(tmp_path)
+    transcript = tmp_path / "eval-000001.txt"
+    transcript.write_text("> look\n")
+    tracker = Tracker(cfg, tmp_path / "run", LOG)
+    (tmp_path / "run").mkdir()
+    tracker.start(run_name="run", tags={"prefect.flow_run_id": "abc"})
+    tracker.log_iteration(1, {"evals/reward_mean": 1.0, "train/wm_total_loss": 2.0}, {"transcript": transcript})
+    tracker.log_iteration(2, {"train/wm_total_loss": 1.5}, {"checkpoint": tmp_path / "ckpt"})
+    tracker.end("FINISHED")
+
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect.flow_run_id"] == "abc"
+    assert run.data.params["mcts.num_simulations"] == "25"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/wm_total_loss")] == [
+        (1, 2.0), (2, 1.5)]
+    paths = {a.path for folder in ("", "transcripts", "plots") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"config.yaml", "checkpoint.json", "transcripts/eval-000001.txt", "plots/learning_curve.png"} <= paths
+    assert run.info.artifact_uri.startswith((tmp_path / "store" / "mlartifacts").as_uri())
+
+
+def test_resume_continues_the_same_mlflow_run_with_later_steps(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = Tracker(make_cfg(tmp_path), run_dir, LOG)
+    first.start(run_name="run", tags={})
+    first.log_iteration(1, {"collect/total_env_steps": 5.0}, {})
+    first.end("KILLED")
+
+    resumed = Tracker(config_from_dict({"tracking": {"uri": first.uri}, "schedule": {"iterations": 7}}), run_dir, LOG)
+    resumed.start(run_name="run", tags={})
+    resumed.log_iteration(2, {"collect/total_env_steps": 10.0}, {})
+    resumed.end("FINISHED")
+
+    assert resumed.run_id == first.run_id
+    client = MlflowClient(first.uri)
+    assert [m.step for m in client.get_metric_history(first.run_id, "collect/total_env_steps")] == [1, 2]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_unreachable_tracking_server_warns_once_and_training_goes_on(tmp_path, caplog):
+    cfg = config_from_dict({"tracking": {"uri": f"http://127.0.0.1:{free_port()}"}})
+    tracker = Tracker(cfg, tmp_path, LOG)
+
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        tracker.start(run_name="run", tags={})
+        for n in (1, 2, 3):
+            tracker.log_iteration(n, {"train/wm_total_loss": 1.0}, {})
+        tracker.end("FINISHED")
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "training continues without tracking" in warnings[0]
+    assert not tracker.active
+
+
+def test_disabled_tracking_touches_no_store(tmp_path):
+    cfg = make_cfg(tmp_path, enabled=False)
+    tracker = Tracker(cfg, tmp_path, LOG)
+    tracker.start(run_name="run", tags={})
+    tracker.log_iteration(1, {"train/wm_total_loss": 1.0}, {})
+
+    assert not tracker.active
+    assert not (tmp_path / "store").exists()

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from priorzero_core.config import LLMConfig, PPOConfig
+from priorzero_core.ppo.actors import CriticActor, PolicyActor, ReferenceActor
+from priorzero_core.ppo.experience import make_rollout
+from priorzero_core.ppo.losses import gae, normalise, token_rewards
+from priorzero_core.ppo.strategy import TorchStrategy, make_strategy
+
+PROMPTS = ["<|im_start|>user\nYou are in a kitchen.<|im_end|>\n<|im_start|>assistant\n<answer>", "west of house <answer>"]
+
+
+def ppo_step(cfg: PPOConfig, llm: LLMConfig) -> tuple[dict, dict, bool]:
+    """One full PPO update (rollout, reference, critic, GAE, both trainings) run in-process."""
+    policy, reference, critic = PolicyActor(cfg, llm), ReferenceActor(cfg, llm), CriticActor(cfg, llm)
+    before = policy.state_dict()
+    samples = policy.generate(PROMPTS, 2, seed=0)
+    rollout = make_rollout([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id=2)
+    rollout.old_logp, rollout.ref_logp = policy.logprobs(rollout), reference.logprobs(rollout)
+    rollout.values = critic.values(rollout) * rollout.action_mask
+    rewards = token_rewards(torch.tensor([1.0, -1.0, 0.5, 0.0]), torch.zeros_like(rollout.old_logp), rollout.action_mask, 0.0)
+    adv, rollout.returns = gae(rewards, rollout.values, rollout.action_mask, 1.0, 1.0)
+    rollout.advantages = normalise(adv, rollout.action_mask)
+    p_stats, c_stats = policy.train(rollout), critic.train(rollout)
+    after = policy.state_dict()
+    changed = any(not torch.equal(before[k], after[k]) for k in before)
+    return p_stats, c_stats, changed
+
+
+def test_torch_strategy_runs_a_ppo_step(tiny_llm_dir):
+    cfg = PPOConfig(strategy="torch", actor_lr=1e-3, critic_lr=1e-3, train_batch_size=2, critic_update_steps=2,
+                    generate_max_tokens=6)
+    p_stats, c_stats, changed = ppo_step(cfg, LLMConfig(model=str(tiny_llm_dir)))
+    assert changed and all(torch.isfinite(torch.tensor(v)) for v in [*p_stats.values(), *c_stats.values()])
+
+
+def test_deepspeed_strategy_runs_a_ppo_step_on_cpu(tiny_llm_dir):
+    """ZeRO-2 + bf16 + gradient checkpointing, one gloo rank: the code path a GPU run takes."""
+    pytest.importorskip("deepspeed")
+    cfg = PPOConfig(strategy="deepspeed", gradient_checkpointing=True, actor_lr=1e-3, critic_lr=1e-3, train_batch_size=2,
+                    critic_update_steps=1, generate_max_tokens=6)
+    p_stats, c_stats, changed = ppo_step(cfg, LLMConfig(model=str(tiny_llm_dir)))
+    assert changed and all(torch.isfinite(torch.tensor(v)) for v in [*p_stats.values(), *c_stats.values()])
+
+
+def test_auto_strategy_is_torch_on_cpu():
+    assert isinstance(make_strategy(PPOConfig(), torch.device("cpu")), TorchStrategy)

@@ -1,0 +1,144 @@
+import numpy as np
+import pytest
+import torch
+
+from priorzero_core.config import MCTSConfig
+from priorzero_core.mcts import (
+    NO_CHILD,
+    RootOutput,
+    dirichlet_noise,
+    masked_softmax,
+    root_prior,
+    search,
+    select_action,
+)
+
+A = 4
+
+
+class ChainMDP:
+    """Known model: `good` twice in a row pays 3 on the second step; `decoy` at the root pays 0.5 at once.
+
+    Values are 0 and priors uniform, so only search can find the delayed reward. Records every action
+    it is asked to imagine.
+    """
+
+    def __init__(self):
+        self.imagined: list[torch.Tensor] = []
+
+    def root(self, good: list[int], decoy: list[int], prior_logits: torch.Tensor | None = None) -> RootOutput:
+        B = len(good)
+        depth, on_path = torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.bool)
+        state = (depth, torch.tensor(good), torch.tensor(decoy), on_path)
+        logits = torch.zeros(B, A) if prior_logits is None else prior_logits
+        return RootOutput(state, logits, torch.zeros(B))
+
+    def __call__(self, state, action):
+        depth, good, decoy, on_path = state
+        self.imagined.append(action.clone())
+        right = on_path & (action == good)
+        reward = 3.0 * (right & (depth == 1)) + 0.5 * (on_path & (depth == 0) & (action == decoy))
+        logits = torch.zeros(len(action), A)
+        return (depth + 1, good, decoy, right), reward.float(), logits, torch.zeros(len(action))
+
+
+def run(model, root, mask, simulations=100, add_noise=False, seed=0):
+    cfg = MCTSConfig(num_simulations=simulations)
+    return search(model, root, mask, cfg, np.random.default_rng(seed), add_noise, discount=0.997, temperature=0)
+
+
+GOOD_OR_DECOY = torch.tensor([[True, False, True, False], [False, True, False, True]])
+
+
+def test_search_prefers_a_delayed_reward_to_an_immediate_decoy():
+    model = ChainMDP()
+    out = run(model, model.root(good=[2, 1], decoy=[0, 3]), GOOD_OR_DECOY)
+    assert out.selected_action.tolist() == [2, 1]
+    assert out.visit_counts.sum(-1).tolist() == [100, 100]
+    torch.testing.assert_close(out.visit_dist.sum(-1), torch.ones(2))
+    assert out.q_values[0, 2] > 2.5 and out.q_values[0, 0] == pytest.approx(0.5)
+    assert out.root_value.min() > 2
+
+
+def test_too_few_simulations_take_the_decoy():
+    model = ChainMDP()
+    out = run(model, model.root(good=[2, 1], decoy=[0, 3]), GOOD_OR_DECOY, simulations=10)
+    assert out.selected_action.tolist() == [0, 3]
+
+
+def test_invalid_actions_are_never_imagined_or_visited():
+    model = ChainMDP()
+    mask = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    out = run(model, model.root(good=[2, 1], decoy=[3, 0]), mask, simulations=60, add_noise=True)
+    imagined = torch.stack(model.imagined)  # [simulations, B]
+    assert mask.gather(1, imagined.T).all()
+    assert (out.visit_counts[~mask] == 0).all()
+    assert (out.tree.children[~mask.unsqueeze(1).expand(-1, 61, -1)] == NO_CHILD).all()
+
+
+def test_noise_reaches_only_the_root_and_only_valid_actions():
+    model = ChainMDP()
+    mask = torch.tensor([[True, True, False, True]])
+    prior_logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
+    out = run(model, model.root(good=[1], decoy=[0], prior_logits=prior_logits), mask, simulations=10, add_noise=True)
+    root, clean = out.tree.prior[0, 0], masked_softmax(prior_logits, mask)[0]
+    assert root[2] == 0 and root.sum().item() == pytest.approx(1.0)
+    assert not torch.allclose(root, clean)
+    torch.testing.assert_close(out.tree.prior[0, 1:], mask.expand(10, -1) / 3.0)  # the model's uniform prior
+
+
+def test_dirichlet_noise_mixes_with_the_documented_weight():
+    prior = torch.tensor([[0.5, 0.5, 0.0]])
+    mask = torch.tensor([[True, True, False]])
+    noisy = dirichlet_noise(prior, mask, alpha=0.3, weight=0.25, rng=np.random.default_rng(1))
+    noise = (noisy - 0.75 * prior) / 0.25
+    assert noise[0, 2] == 0 and noise.sum().item() == pytest.approx(1.0) and (noise >= 0).all()
+
+
+def test_batched_search_equals_separate_searches():
+    good, decoy = [2, 1, 3], [0, 3, 1]
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True], [False, True, True, True]])
+    for add_noise in (False, True):  # noise draws rows in order from one stream, so seeds line up
+        model = ChainMDP()
+        batched = run(model, model.root(good, decoy), mask, simulations=30, add_noise=add_noise)
+        rng = np.random.default_rng(0)
+        for b in range(3):
+            cfg = MCTSConfig(num_simulations=30)
+            root = model.root([good[b]], [decoy[b]])
+            one = search(model, root, mask[b : b + 1], cfg, rng, add_noise, discount=0.997, temperature=0)
+            assert torch.equal(one.visit_counts[0], batched.visit_counts[b])
+            torch.testing.assert_close(one.root_value[0], batched.root_value[b])
+
+
+def test_select_action_argmax_at_zero_temperature_and_samples_by_counts_otherwise():
+    counts = torch.tensor([[1.0, 3.0, 0.0]]).expand(20_000, -1)
+    rng = np.random.default_rng(0)
+    assert (select_action(counts, 0.0, rng) == 1).all()
+    freq = torch.bincount(select_action(counts, 1.0, rng), minlength=3) / 20_000
+    torch.testing.assert_close(freq, torch.tensor([0.25, 0.75, 0.0]), atol=0.02, rtol=0)
+    sharp = torch.bincount(select_action(counts, 0.5, rng), minlength=3) / 20_000  # ∝ N², so 1:9
+    torch.testing.assert_close(sharp, torch.tensor([0.1, 0.9, 0.0]), atol=0.02, rtol=0)
+
+
+def test_root_prior_modes():
+    wm = torch.tensor([[2.0, 0.0, 1.0, 9.0]])
+    llm = torch.log(torch.tensor([[0.1, 0.6, 0.3, 0.0]]))
+    mask = torch.tensor([[True, True, True, False]])
+    p_wm = masked_softmax(wm, mask)
+    torch.testing.assert_close(root_prior(wm, None, mask, "mix", 0.5).exp(), p_wm, atol=1e-6, rtol=0)
+    torch.testing.assert_close(root_prior(wm, llm, mask, "wm", 0.5).exp(), p_wm, atol=1e-6, rtol=0)
+    torch.testing.assert_close(root_prior(wm, llm, mask, "llm", 0.5).exp(), llm.exp(), atol=1e-6, rtol=0)
+    mixed = root_prior(wm, llm, mask, "mix", 0.3)
+    torch.testing.assert_close(mixed, torch.log(0.3 * p_wm + 0.7 * llm.exp() + 1e-8).masked_fill(~mask, -1e9))
+    assert mixed[0, 3] < -1e8
+
+
+def test_adaptive_mix_gives_the_llm_between_0_3_and_0_7():
+    mask = torch.tensor([[True, True, True, False]] * 2)
+    wm = torch.tensor([[0.0, 0.0, 0.0, 7.0], [50.0, 0.0, 0.0, 0.0]])  # uniform over the valid actions; certain
+    llm = torch.log(torch.tensor([[0.0, 0.0, 1.0, 0.0]] * 2))
+    p = root_prior(wm, llm, mask, "mix", "adaptive").exp()
+    # p[2] = (1 - w_llm)·p_wm[2] + w_llm: max entropy gives w_llm 0.3, zero entropy 0.7
+    torch.testing.assert_close(p[:, 2], torch.tensor([0.7 / 3 + 0.3, 0.7]), atol=1e-4, rtol=0)
+    single = mask & torch.tensor([True, False, False, False])
+    assert root_prior(wm, llm, single, "mix", "adaptive").isfinite().all()
