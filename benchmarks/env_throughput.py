@@ -31,7 +31,7 @@ def parse_args() -> argparse.Namespace:
                         help="folder with the ROMs (default: $PRIORZERO_ROM_DIR or ../shared/jericho-game-suite)")
     parser.add_argument("--envs", type=int, default=4, help="envs stepped together (default: 4)")
     parser.add_argument("--steps", type=int, default=30, help="steps per episode (default: 30)")
-    parser.add_argument("--episodes", type=int, default=3, help="episodes per env, all from the start (default: 3)")
+    parser.add_argument("--episodes", type=int, default=5, help="episodes per env, all from the start (default: 5)")
     parser.add_argument("--workers", type=int, default=2, help="valid-action worker processes (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the game RNGs and the random policy")
     return parser.parse_args()

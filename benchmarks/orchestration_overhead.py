@@ -1,9 +1,8 @@
 """Orchestration overhead: one short debug training as a plain loop (`run_plain`) and as the Prefect flow with
-MLflow tracking, in one process, against one local Prefect server.
+MLflow tracking, each in a fresh process (no warm caches carried from one to the other), timed end to end.
 
-Untimed first: starting the Prefect server, one warm-up iteration (imports, model files) and creating the MLflow
-store, which every later run finds ready. The last line is `ratio orchestration_overhead <flow_s / plain_s>`
-(target ≤ 1.05).
+Untimed: starting a local Prefect server, creating the MLflow store (every later run finds both ready) and one
+warm-up process (disk caches). The last line is `ratio orchestration_overhead <flow_s / plain_s>` (target ≤ 1.05).
 """
 
 from __future__ import annotations
@@ -11,12 +10,42 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 from priorzero.flows.servers import prefect_server
+
+
+def train(kind: str, args: argparse.Namespace, name: str) -> None:
+    """One training in this process: `plain` (run_plain) or `flow` (the priorzero flow, tracked)."""
+    overrides = [*args.overrides, f"run.run_dir={args.workdir / 'runs'}",
+                 f"tracking.uri=sqlite:///{args.workdir / 'mlruns' / 'mlflow.db'}"]
+    if kind == "plain":
+        from priorzero_core.config import load_config
+        from priorzero_core.trainer import run_plain
+
+        cfg = load_config(args.config, [*overrides, f"schedule.iterations={args.iterations}"])
+        run_plain(cfg, args.workdir / "runs" / name, progress=False)
+    else:
+        from priorzero.flows.cli import connect_prefect
+
+        connect_prefect(require_server=True)
+        from priorzero.flows.priorzero_flow import priorzero
+
+        priorzero(config=args.config, overrides=overrides, iterations=args.iterations, run_name=name)
+
+
+def timed(kind: str, args: argparse.Namespace, name: str, iterations: int | None = None) -> float:
+    cmd = [sys.executable, __file__, "--config", args.config, "--iterations", str(iterations or args.iterations),
+           "--workdir", str(args.workdir), "--child", kind, "--name", name, "--set", *args.overrides]
+    started = time.perf_counter()
+    with open(args.workdir / f"{name}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -28,38 +57,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="alternate plain and flow runs N times; medians compared")
     parser.add_argument("--prefect-api", default=os.environ.get("PREFECT_API_URL"),
                         help="a running Prefect API (default: $PREFECT_API_URL, else a temporary local server)")
-    parser.add_argument("--workdir", type=Path, help="where runs and the MLflow store go (default: a temp dir)")
+    parser.add_argument("--workdir", type=Path, help="runs, MLflow store and logs (default: a temp dir)")
+    parser.add_argument("--child", choices=["plain", "flow"], help=argparse.SUPPRESS)
+    parser.add_argument("--name", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="priorzero-overhead-"))).resolve()
+    if args.child:
+        return train(args.child, args, args.name)
 
-    work = (args.workdir or Path(tempfile.mkdtemp(prefix="priorzero-overhead-"))).resolve()
-    store = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
-    overrides = [*args.overrides, f"run.run_dir={work / 'runs'}", f"tracking.uri={store}"]
     with ExitStack() as stack:
         started = time.perf_counter()
-        os.environ["PREFECT_API_URL"] = args.prefect_api or stack.enter_context(prefect_server(work / "prefect-home"))
-        print(f"prefect API {os.environ['PREFECT_API_URL']} ready in {time.perf_counter() - started:.1f} s (untimed)")
-        from priorzero.flows.cli import connect_prefect
-
-        connect_prefect(require_server=True)
+        os.environ["PREFECT_API_URL"] = args.prefect_api or stack.enter_context(
+            prefect_server(args.workdir / "prefect-home"))
         from mlflow import MlflowClient
 
-        from priorzero.flows.priorzero_flow import priorzero
-        from priorzero_core.config import load_config
-        from priorzero_core.trainer import run_plain
-
-        cfg = load_config(args.config, [*overrides, f"schedule.iterations={args.iterations}"])
-        run_plain(cfg, work / "runs" / "warmup", iterations=1, progress=False)
-        MlflowClient(store).search_experiments()  # creates the shared store
+        MlflowClient(f"sqlite:///{args.workdir / 'mlruns' / 'mlflow.db'}").search_experiments()
+        timed("plain", args, "warmup", iterations=1)
+        print(f"untimed set-up (server, store, warm-up) {time.perf_counter() - started:.1f} s", flush=True)
         plain, flow = [], []
         for r in range(args.repeats):
-            started = time.perf_counter()
-            run_plain(cfg, work / "runs" / f"plain-{r}", progress=False)
-            plain.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            priorzero(config=args.config, overrides=overrides, iterations=args.iterations, run_name=f"flow-{r}")
-            flow.append(time.perf_counter() - started)
+            plain.append(timed("plain", args, f"plain-{r}"))
+            flow.append(timed("flow", args, f"flow-{r}"))
             print(f"repeat {r}: plain {plain[-1]:.2f} s, flow {flow[-1]:.2f} s", flush=True)
-    print(f"work dir {work}")
+    print(f"work dir {args.workdir} (logs: plain-N.log, flow-N.log)")
     print(f"ratio orchestration_overhead {statistics.median(flow) / statistics.median(plain):.3f}")
 
 

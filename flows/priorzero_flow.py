@@ -141,6 +141,12 @@ def train(cfg: PriorZeroConfig, trainer: Trainer, run_dir: Path, tracker: Tracke
                                  f"last: {failure}")
 
 
+def final_checkpoint(cfg: PriorZeroConfig, run_dir: Path, progress: Progress) -> None:
+    """Checkpoint the last fully completed iteration when training stopped before the schedule did."""
+    if progress.last_ok > progress.last_checkpoint:
+        configured_stages(cfg.run)["checkpoint"](str(run_dir), progress.last_ok, return_state=True).result()
+
+
 def resolve_run(config: str, overrides: list[str], iterations: Optional[int], resume: bool,
                 run_name: Optional[str]) -> tuple[PriorZeroConfig, Path]:
     """The validated config and run directory; a resumed run reloads its own config.yaml."""
@@ -193,7 +199,6 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
     logger.info("run dir %s, %s mode, iterations up to %d", run_dir, cfg.schedule.mode, cfg.schedule.iterations)
     tracker = Tracker(cfg, run_dir, logger)
     progress = Progress()
-    trainer: Optional[Trainer] = None
     status = "FAILED"
     try:
         trainer = open_trainer(cfg, run_dir, resume=resume)
@@ -206,14 +211,11 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
         train(cfg, trainer, run_dir, tracker, progress, logger)
         status = "FINISHED"
     finally:
-        def final_checkpoint() -> None:
-            if trainer is not None and progress.last_ok > progress.last_checkpoint:
-                state = configured_stages(cfg.run)["checkpoint"](str(run_dir), progress.last_ok, return_state=True)
-                state.result()
-
         # Independent steps: one failing is logged and the others still run.
-        for what, step in (("final checkpoint", final_checkpoint), ("trainer close", lambda: close_trainer(run_dir)),
-                           ("tracking end", lambda: tracker.end(status)), ("flow log", detach_log)):
+        for what, step in (("final checkpoint", lambda: final_checkpoint(cfg, run_dir, progress)),
+                           ("trainer close", lambda: close_trainer(run_dir)),
+                           ("tracking end", lambda: tracker.end(status)),
+                           ("flow log", detach_log)):
             try:
                 step()
             except Exception as err:

@@ -18,7 +18,7 @@ from .text_encoder import TextEncoder
 from .world_model import RootContext, WMBatch, WorldModel
 
 Mode = Literal["collect", "wm", "wm_llm", "llm"]
-FALLBACK_ACTION = "look"  # a state without valid actions still needs one command to move on
+FALLBACK_ACTION = "wait"  # a state without valid actions still needs a command; "wait" lets timed events happen
 
 
 @dataclass

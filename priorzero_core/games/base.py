@@ -45,10 +45,13 @@ def agent_view(response: str, look: str, inventory: str) -> str:
 class GameEnv(abc.ABC):
     """A text game. `step` returns valid actions for the new state (computed lazily by `EnvPool`)."""
 
-    name: str
-    max_score: int
-    max_episode_steps: int
     last: Optional[TimeStep] = None  # the latest TimeStep, after reset, step or set_state
+
+    def __init__(self, spec: GameSpec):
+        self.spec = spec
+        self.name = spec.name
+        self.max_score = spec.max_score
+        self.max_episode_steps = spec.max_episode_steps
 
     @abc.abstractmethod
     def reset(self, seed: Optional[int] = None) -> TimeStep: ...

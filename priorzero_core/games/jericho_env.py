@@ -16,7 +16,6 @@ from .valid_actions import Request, ValidActions
 # events can unfold (being carried, a closing door), whereas "look" never changes the state and would loop.
 FALLBACK_ACTIONS = ["wait"]
 
-
 _NAME = slice(jericho.ZObject._name.offset, jericho.ZObject._name.offset + jericho.ZObject._name.size)
 
 
@@ -46,10 +45,7 @@ class JerichoEnv(GameEnv):
 
     def __init__(self, spec: GameSpec, valid_actions: ValidActions, seed: Optional[int] = None,
                  owns_valid_actions: bool = False):
-        self.spec = spec
-        self.name = spec.name
-        self.max_score = spec.max_score
-        self.max_episode_steps = spec.max_episode_steps
+        super().__init__(spec)
         self.valid_actions = valid_actions
         self._owns_valid_actions = owns_valid_actions
         # seed None uses the walkthrough's seed from Jericho's bindings, so walkthrough() replays exactly.

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import jericho.util
 
-_CLOSED_CLASSES: dict[str, str] = {}
-for _pos, _words in {
+_WORD_CLASSES = {
     "DET": "a an the this that these those some any each every no another either neither all both "
     "my your his her its our their whose which what",
     "PRON": "i you he she it we they me him us them myself yourself himself herself itself "
@@ -35,8 +34,8 @@ for _pos, _words in {
     "go goes going come comes take takes taken open opens close closes say says said know "
     "knows think thinks feel feels hear hears let lets leave leaves",
     "INTJ": "oh hm hmm well yes okay ok hello",
-}.items():
-    _CLOSED_CLASSES.update(dict.fromkeys(_words.split(), _pos))
+}
+_CLOSED_CLASSES = {word: pos for pos, words in _WORD_CLASSES.items() for word in words.split()}
 
 _ADJECTIVE_SUFFIXES = ("ous", "ful", "ish", "ive", "able", "ible", "less", "ed")
 _TOKEN = re.compile(r"[A-Za-z]+(?:['-][A-Za-z]+)*|\d+|[^\sA-Za-z\d]")
@@ -75,7 +74,7 @@ def tag(text: str) -> list[Token]:
     sentence_start = True
     for word in words:
         tags.append(_base_tag(word, sentence_start))
-        sentence_start = word in {".", "!", "?", ":", ">", "\n"}
+        sentence_start = word in {".", "!", "?", ":", ">"}
     for i, (word, pos) in enumerate(zip(words, tags)):
         next_pos = tags[i + 1] if i + 1 < len(tags) else "PUNCT"
         if pos == "NOUN" and next_pos in _CONTENT:

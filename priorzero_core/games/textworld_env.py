@@ -30,6 +30,7 @@ _INFOS = EnvInfos(
     description=True, inventory=True, facts=True,
 )
 _PROMPT_LINE = re.compile(r"\n>[^\n]*$")  # the trailing prompt and status bar TextWorld appends
+_ART_LINE = re.compile(r"^[^A-Za-z0-9]*$")  # the ASCII-art title opening the game: noise in a prompt
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,13 @@ class EmbeddedGame:
     path: Path
     max_score: int
     walkthrough: list[str]
+
+
+def _clean(feedback: str) -> str:
+    lines = _PROMPT_LINE.sub("", feedback).splitlines()
+    while lines and _ART_LINE.match(lines[0]):
+        lines.pop(0)
+    return "\n".join(lines).strip()
 
 
 def games_cache_dir() -> Path:
@@ -84,14 +92,11 @@ class TextWorldEnv(GameEnv):
     """A TextWorld game; valid actions are its admissible commands (sorted, then truncated).
 
     TextWorld environments cannot export a picklable state, so `get_state` is the command history since
-    reset and `set_state` resets and replays it (the game is deterministic; a 50-step replay is ~0.3 s).
+    reset and `set_state` resets and replays it (the game is deterministic; ~10 ms a replayed step).
     """
 
     def __init__(self, spec: GameSpec, walkthrough: Optional[list[str]] = None):
-        self.spec = spec
-        self.name = spec.name
-        self.max_score = spec.max_score
-        self.max_episode_steps = spec.max_episode_steps
+        super().__init__(spec)
         self._walkthrough = walkthrough
         with warnings.catch_warnings():
             # Jericho warns it cannot track score in generated games; TextWorld's own state tracking does.
@@ -114,7 +119,7 @@ class TextWorldEnv(GameEnv):
         return self.last
 
     def _timestep(self, state: Any, prev_score: int) -> TimeStep:
-        raw = _PROMPT_LINE.sub("", state.feedback).strip()
+        raw = _clean(state.feedback)
         score = int(state["score"])
         over = bool(state["won"] or state["lost"])
         truncated = not over and len(self._history) >= self.max_episode_steps

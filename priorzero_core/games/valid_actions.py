@@ -222,11 +222,11 @@ class ValidActions:
             for part, candidates in enumerate(chunk(candidate_actions(self._local, state), len(self._workers)))
         )
         parts = self._run(jobs)
-        return {
-            key: None if any(parts.get((key, i)) is None for i in range(len(self._workers)))
-            else pick_actions([parts[(key, i)] for i in range(len(self._workers))])  # type: ignore[misc]
-            for key in todo
-        }
+        results: dict[str, Optional[list[str]]] = {}
+        for key in todo:
+            chunks = [parts.get((key, i)) for i in range(len(self._workers))]
+            results[key] = None if None in chunks else pick_actions(chunks)  # type: ignore[arg-type]
+        return results
 
     def _run(self, jobs: deque) -> dict[tuple[str, int], Optional[Diffs]]:
         """Run (key, part, state, candidates) jobs on the workers; a job that fails or overruns gives None."""

@@ -90,7 +90,7 @@ class PolicyActor:
                 sums["grad_norm"] += self.model.step()
                 sums["policy_loss"] += loss.item()
                 sums["clip_frac"] += float(clip_frac)
-                sums["kl_loss"] += float(kl)
+                sums["kl_loss"] += kl.item()
                 steps += 1
         module.eval()
         return {k: v / max(steps, 1) for k, v in sums.items()}

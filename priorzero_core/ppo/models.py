@@ -31,8 +31,8 @@ class Critic(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        self.trunk.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        self.trunk.activation_checkpointing_enable(**kwargs)
 
     def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
         """V(state before each response token), [B, R] in fp32."""

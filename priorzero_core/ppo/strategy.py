@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from ..config import PPOConfig
@@ -58,7 +58,7 @@ class Strategy(ABC):
 
     def _checkpointing(self, model: nn.Module) -> None:
         if self.cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 class _TorchTrainable(Trainable):
@@ -84,11 +84,11 @@ class _TorchTrainable(Trainable):
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, directory / WEIGHTS_FILE)
+        save_model(self.module, str(directory / WEIGHTS_FILE))  # handles tied embeddings
         torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
 
     def load(self, directory: Path) -> None:
-        self.module.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        load_model(self.module, str(directory / WEIGHTS_FILE))
         self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=True))
 
 

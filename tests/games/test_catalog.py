@@ -32,8 +32,9 @@ def test_game_spec_fills_per_game_defaults_and_keeps_config_overrides(rom_dir):
     assert (other.action_space_size, other.max_episode_steps) == (20, 7)
 
 
-def test_a_rom_path_resolves_to_that_file(rom_dir):
+def test_a_rom_path_or_file_name_resolves_to_that_file(rom_dir):
     assert resolve_rom(GameConfig(name=str(rom_dir / "detective.z5"))) == rom_dir / "detective.z5"
+    assert resolve_rom(GameConfig(name="detective.z5", rom_dir=str(rom_dir))) == rom_dir / "detective.z5"
 
 
 def test_missing_rom_names_the_folder_searched_and_the_env_var(tmp_path):
