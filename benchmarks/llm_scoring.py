@@ -17,7 +17,7 @@ from priorzero_core.config import LLMConfig
 from priorzero_core.llm_prior import ActionScores, ScoreRequest, build_prompt, load_causal_lm, score_batched, score_naive
 
 HISTORY = [
-    ("ZORK I: The Great Underground Empire\nCopyright (c) 1981, 1982, 1983 Infocom, Inc. All rights reserved.", "look", 0.0),
+    ("ZORK I: The Great Underground Empire\nWest of House\nThere is a small mailbox here.", "look", 0.0),
     ("The small mailbox is closed.", "open mailbox", 0.0),
 ]
 OBSERVATION = (
@@ -31,14 +31,10 @@ ACTIONS = [
 ]
 
 
-def _time(fn: Callable[[], list[ActionScores]], repeats: int) -> tuple[list[float], list[ActionScores]]:
-    fn()  # warm-up: allocator, kernels, tokenizer caches
-    times, result = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return times, result
+def _timed(fn: Callable[[], list[ActionScores]]) -> tuple[float, list[ActionScores]]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
 
 
 def _max_diff(a: Sequence[ActionScores], b: Sequence[ActionScores]) -> float:
@@ -47,7 +43,7 @@ def _max_diff(a: Sequence[ActionScores], b: Sequence[ActionScores]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--actions", type=int, default=20, help="valid actions per env (at most %(default)s+4)")
+    parser.add_argument("--actions", type=int, default=20, help=f"valid actions per env, 1..{len(ACTIONS)} (default %(default)s)")
     parser.add_argument("--envs", type=int, default=1, help="envs scored per call")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method after one warm-up")
     args = parser.parse_args()
@@ -56,22 +52,33 @@ def main() -> None:
 
     model, tokenizer = load_causal_lm(LLMConfig(backend="transformers"))
     actions = ACTIONS[: args.actions]
-    prompt = build_prompt(tokenizer, HISTORY, OBSERVATION, actions, history_length=4, max_prompt_tokens=512)
     # Distinct prompts per env (different history lengths) so padding is exercised as in collection.
     batch: list[ScoreRequest] = [
-        (build_prompt(tokenizer, HISTORY[: len(HISTORY) - env % 2], OBSERVATION, actions, history_length=4, max_prompt_tokens=512), actions)
+        (build_prompt(tokenizer, HISTORY[-1 - env % 2 :], OBSERVATION, actions, history_length=4, max_prompt_tokens=512), actions)
         for env in range(args.envs)
     ]
     prompt_tokens = [len(tokenizer.encode(p, add_special_tokens=False)) for p, _ in batch]
 
-    naive_times, naive = _time(lambda: score_naive(model, tokenizer, batch, 1.0), args.repeats)
-    fast_times, fast = _time(lambda: score_batched(model, tokenizer, batch, 1.0), args.repeats)
-    diff = _max_diff(naive, fast)
+    methods = {
+        "naive (1 fwd/action)": lambda: score_naive(model, tokenizer, batch, 1.0),
+        "batched prefix-KV": lambda: score_batched(model, tokenizer, batch, 1.0),
+    }
+    for fn in methods.values():
+        fn()  # warm-up: allocator, kernels, tokenizer caches
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    results: dict[str, list[ActionScores]] = {}
+    # Interleaved so that load from other processes hits both methods alike.
+    for _ in range(args.repeats):
+        for name, fn in methods.items():
+            elapsed, results[name] = _timed(fn)
+            times[name].append(elapsed)
+    naive_times, fast_times = times.values()
+    diff = _max_diff(*results.values())
 
-    print(f"prompt tokens {prompt_tokens} (first prompt {len(prompt)} chars), {args.actions} actions x {args.envs} envs, {args.repeats} repeats")
+    print(f"prompt tokens {prompt_tokens}, {args.actions} actions x {args.envs} envs, {args.repeats} interleaved repeats")
     print(f"{'method':<22}{'median s':>10}{'min s':>10}")
-    for name, times in (("naive (1 fwd/action)", naive_times), ("batched prefix-KV", fast_times)):
-        print(f"{name:<22}{statistics.median(times):>10.3f}{min(times):>10.3f}")
+    for name, method_times in times.items():
+        print(f"{name:<22}{statistics.median(method_times):>10.3f}{min(method_times):>10.3f}")
     print(f"max |naive - batched| mean label log-prob: {diff:.2e} ({'agree' if diff < 1e-4 else 'DISAGREE'})")
     print(f"ratio llm_scoring {statistics.median(naive_times) / statistics.median(fast_times):.2f}")
 

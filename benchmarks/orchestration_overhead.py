@@ -52,8 +52,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="debug", help="config name or YAML path (default: debug)")
     parser.add_argument("--iterations", type=int, default=3, help="iterations per training (default: 3)")
-    parser.add_argument("--set", nargs="*", default=["llm.enabled=false"], dest="overrides", metavar="KEY=VALUE",
-                        help="config overrides (default: llm.enabled=false)")
+    # One torch thread in both: with two, tiny ops on a busy 2-core box run up to 10x slower on the main thread
+    # (run_plain) than on a task thread (the flow), which would swamp what this measures.
+    parser.add_argument("--set", nargs="*", default=["llm.enabled=false", "run.torch_threads=1"], dest="overrides",
+                        metavar="KEY=VALUE", help="config overrides (default: llm.enabled=false run.torch_threads=1)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate plain and flow runs N times; medians compared")
     parser.add_argument("--prefect-api", default=os.environ.get("PREFECT_API_URL"),
                         help="a running Prefect API (default: $PREFECT_API_URL, else a temporary local server)")

@@ -201,13 +201,13 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
     progress = Progress()
     status = "FAILED"
     try:
-        trainer = open_trainer(cfg, run_dir, resume=resume)
-        tracker.start(run_name=run_dir.name, tags={
+        tracker.start(run_name=run_dir.name, tags={  # in the background, while the trainer loads
             "prefect.flow_run_id": str(flow_run.id),
             "prefect.flow_run_url": flow_run.ui_url or "",
             "priorzero.config": config,
             "priorzero.run_dir": str(run_dir),
         })
+        trainer = open_trainer(cfg, run_dir, resume=resume)
         train(cfg, trainer, run_dir, tracker, progress, logger)
         status = "FINISHED"
     finally:

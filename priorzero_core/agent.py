@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
@@ -34,7 +35,8 @@ class Decision:
     valid_actions: list[str]
     action_index: int
     action: str
-    visit_dist: np.ndarray  # over valid_actions
+    visit_dist: np.ndarray  # MCTS visit distribution over valid_actions
+    policy_target: np.ndarray  # what the world-model policy learns (visits, or the improved policy)
     root_value: float
     llm_prior: Optional[np.ndarray]  # log-prior over valid_actions
     prompt: Optional[str]
@@ -111,7 +113,7 @@ class Agent:
             prompts = [self.llm.build_prompt(v.history, v.timestep.observation, acts) for v, acts in zip(views, valid)]
             llm_lp = self._llm_log_prior(prompts, valid, width)
         if mode == "llm":
-            probs = llm_lp.softmax(-1)
+            probs = improved = llm_lp.softmax(-1)
             actions = probs.argmax(-1)
             values = torch.zeros(len(views))
         else:
@@ -121,10 +123,15 @@ class Agent:
             prior_mode = "wm" if mode == "wm" else self.cfg.mcts.prior_mode
             logits = root_prior(wm_logits, llm_lp, ctx.valid_mask, prior_mode, self.cfg.mcts.mix_weight)
             temperature = self.cfg.mcts.collect_temperature if mode == "collect" else 0.0
+            width = ctx.valid_mask.shape[1]
+            lookahead = functools.partial(self.model.recurrent_inference,
+                                          valid_emb=ctx.valid_emb.repeat_interleave(width, 0),
+                                          valid_mask=ctx.valid_mask.repeat_interleave(width, 0))
             out = search(self.model.search_fn(ctx), RootOutput(state, logits, value), ctx.valid_mask, self.cfg.mcts,
                          self.rng, add_noise=mode == "collect", discount=self.cfg.world_model.discount,
-                         temperature=temperature)
+                         temperature=temperature, lookahead_fn=lookahead)
             probs, actions, values = out.visit_dist, out.selected_action, out.root_value
+            improved = out.improved_policy
         decisions = []
         for b, acts in enumerate(valid):
             k = len(acts)
@@ -134,6 +141,7 @@ class Agent:
                 action_index=idx,
                 action=acts[idx],
                 visit_dist=probs[b, :k].float().cpu().numpy(),
+                policy_target=improved[b, :k].float().cpu().numpy(),
                 root_value=float(values[b]),
                 llm_prior=None if llm_lp is None else llm_lp[b, :k].cpu().numpy(),
                 prompt=prompts[b],
@@ -195,7 +203,8 @@ def sequences_to_wm_batch(seqs: Sequence[SampledSequence], encoder: TextEncoder,
             valid_idx[b, t, :k] = torch.tensor([texts[a] for a in step.valid_actions[:k]])
             valid_mask[b, t, :k] = True
             rewards[b, t] = step.reward
-            dist = torch.tensor(step.visit_dist[:k], dtype=torch.float32)
+            target = step.policy_target if step.policy_target is not None else step.visit_dist
+            dist = torch.tensor(target[:k], dtype=torch.float32)
             policy[b, t, :k] = dist / dist.sum().clamp(min=1e-8)
             step_mask[b, t] = True
     valid_emb = emb[valid_idx.to(device)] * valid_mask.to(device).unsqueeze(-1)

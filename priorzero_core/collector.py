@@ -94,6 +94,7 @@ class Collector:
                         score=int(ts.score),
                         visit_dist=[float(x) for x in d.visit_dist],
                         root_value=float(d.root_value),
+                        policy_target=[float(x) for x in d.policy_target],
                         llm_prior=None if d.llm_prior is None else [float(x) for x in d.llm_prior],
                         prompt=d.prompt,
                         terminal=bool(ts.done and not truncated),

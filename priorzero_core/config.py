@@ -115,7 +115,12 @@ class MCTSConfig(_Section):
     root_noise_weight: float = Field(default=0.25, ge=0, le=1)
     prior_mode: Literal["wm", "llm", "mix"] = "mix"
     mix_weight: float | Literal["adaptive"] = 0.5  # weight of the world-model prior in "mix"
-    collect_temperature: float = Field(default=0.25, ge=0)
+    collect_temperature: float = Field(default=1.0, ge=0)  # on the distribution actions are drawn from
+    # "visits": the world-model policy learns MCTS visit counts and actions follow them (the reference, with
+    # collect_temperature 0.25); "improved": Gumbel MuZero's completed-Q policy, robust at few simulations.
+    policy_target: Literal["visits", "improved"] = "improved"
+    c_visit: float = Field(default=50.0, gt=0)
+    c_scale: float = Field(default=0.1, gt=0)
 
     @field_validator("mix_weight")
     @classmethod

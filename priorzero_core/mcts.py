@@ -61,6 +61,7 @@ class Tree:
 class SearchOutput(NamedTuple):
     visit_counts: Tensor  # [B, A] root children
     visit_dist: Tensor  # [B, A]
+    improved_policy: Tensor  # [B, A] softmax(prior logits + σ(completed Q)); visit_dist without a lookahead
     root_value: Tensor  # [B] mean backed-up value at the root
     q_values: Tensor  # [B, A] reward + discount·value of root children; 0 where unvisited
     selected_action: Tensor  # [B]
@@ -211,6 +212,28 @@ def backup(tree: Tree, leaf: int, value: Tensor, discount: float) -> None:
         node = tree.parent.view(-1)[flat]  # the root's parent is NO_CHILD, and so stays every passed env
 
 
+def one_step_q(lookahead_fn: RecurrentFn, state: NodeState, valid_mask: Tensor, discount: float) -> Tensor:
+    """r + discount·v for every root action [B, A] in one model call over B·A rows (`lookahead_fn` takes them)."""
+    B, A = valid_mask.shape
+    wide = tuple(s.repeat_interleave(A, 0) for s in state)
+    actions = torch.arange(A, device=valid_mask.device).repeat(B)
+    _, reward, _, value = lookahead_fn(wide, actions)
+    return (reward.float() + discount * value.float()).view(B, A)
+
+
+def improved_policy(prior_logits: Tensor, q: Tensor, visits: Tensor, mask: Tensor, c_visit: float, c_scale: float) -> Tensor:
+    """Gumbel MuZero's policy improvement: softmax(logits + (c_visit + max N)·c_scale·q̂), q̂ min-max scaled over valid actions.
+
+    Unlike visit counts, it moves towards better Q even when a handful of simulations visit only a few actions,
+    which is what keeps low-simulation training (debug: 5) from collapsing onto the prior's favourite.
+    """
+    low = q.masked_fill(~mask, math.inf).min(-1, keepdim=True).values
+    high = q.masked_fill(~mask, -math.inf).max(-1, keepdim=True).values
+    q_hat = torch.where(high > low, (q - low) / (high - low).clamp(min=1e-8), torch.zeros_like(q))
+    sigma = (c_visit + visits.max(-1, keepdim=True).values) * c_scale * q_hat
+    return masked_softmax(prior_logits.float() + sigma, mask)
+
+
 def select_action(visit_counts: Tensor, temperature: float, rng: np.random.Generator) -> Tensor:
     """[B] actions: argmax at temperature 0, else sampled with probability ∝ N^(1/T)."""
     if temperature == 0:
@@ -231,8 +254,14 @@ def search(
     *,
     discount: float,
     temperature: float | None = None,
+    lookahead_fn: RecurrentFn | None = None,
 ) -> SearchOutput:
-    """cfg.num_simulations batched simulations from B roots; acts at `temperature` (default: collect)."""
+    """cfg.num_simulations batched simulations from B roots; acts at `temperature` (default: collect).
+
+    With `lookahead_fn` (the model over B·A rows) every root action also gets a one-step Q, which
+    completes the Q values of unvisited actions for `improved_policy`; with cfg.policy_target
+    "improved" the action is drawn from that policy instead of the visit counts.
+    """
     prior = masked_softmax(root.prior_logits.float(), valid_mask)
     if add_noise:
         prior = dirichlet_noise(prior, valid_mask, cfg.root_dirichlet_alpha, cfg.root_noise_weight, rng)
@@ -244,11 +273,18 @@ def search(
 
     _, visit_counts, q_values = child_stats(tree, torch.zeros_like(tree.node_offset), discount)
     temperature = cfg.collect_temperature if temperature is None else temperature
+    visit_dist = visit_counts / visit_counts.sum(-1, keepdim=True)
+    improved = visit_dist
+    if lookahead_fn is not None:
+        completed = torch.where(visit_counts > 0, q_values, one_step_q(lookahead_fn, root.state, valid_mask, discount))
+        improved = improved_policy(root.prior_logits, completed, visit_counts, valid_mask, cfg.c_visit, cfg.c_scale)
+    act_from = improved if cfg.policy_target == "improved" else visit_counts
     return SearchOutput(
         visit_counts=visit_counts,
-        visit_dist=visit_counts / visit_counts.sum(-1, keepdim=True),
+        visit_dist=visit_dist,
+        improved_policy=improved,
         root_value=tree.value_sum[:, 0] / tree.visit_count[:, 0],
         q_values=q_values,
-        selected_action=select_action(visit_counts, temperature, rng),
+        selected_action=select_action(act_from, temperature, rng),
         tree=tree,
     )

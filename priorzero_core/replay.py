@@ -27,6 +27,7 @@ class StepRecord:
     score: int
     visit_dist: list[float]  # MCTS root visit distribution over valid_actions
     root_value: float
+    policy_target: Optional[list[float]] = None  # world-model policy target when it differs from visit_dist
     llm_prior: Optional[list[float]] = None  # log-prior over valid_actions, when an LLM was used
     prompt: Optional[str] = None  # rendered LLM prompt, so the LLM trains on exactly what it saw
     terminal: bool = False  # game over or won after this step (no bootstrap beyond it)

@@ -1,8 +1,8 @@
 """MLflow tracking for flow runs: one experiment per game, one MLflow run per training run.
 
-Training never waits on tracking: if the store cannot be reached, a single warning says so and
-tracking stops for the rest of the flow run (a down server would otherwise cost HTTP retries every
-iteration). `priorzero resume` reconnects to the same MLflow run, with steps continuing.
+Training never waits on tracking: calls run on a background thread, and if the store cannot be reached a
+single warning says so and tracking stops for the rest of the flow run (a down server would otherwise cost
+HTTP retries every iteration). `priorzero resume` reconnects to the same MLflow run, with steps continuing.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -62,7 +63,10 @@ def _check_reachable(uri: str) -> None:
 
 
 class Tracker:
-    """Logs one training run to MLflow; every call is a no-op once tracking is off or has failed."""
+    """Logs one training run to MLflow from a background thread, in call order, so training never waits on it.
+
+    After tracking is disabled or a call has failed, every later call is a no-op.
+    """
 
     def __init__(self, cfg: PriorZeroConfig, run_dir: Path, logger: logging.Logger | logging.LoggerAdapter):
         self.cfg = cfg
@@ -71,33 +75,39 @@ class Tracker:
         self.uri = tracking_uri(cfg)
         self.client: Any = None
         self.run_id: Optional[str] = None
+        self._off = not cfg.tracking.enabled
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-tracking")
 
     @property
     def active(self) -> bool:
-        return self.run_id is not None
+        return self.run_id is not None and not self._off
 
     def start(self, *, run_name: str, tags: dict[str, str]) -> None:
         """Open (or on resume, reopen) this run dir's MLflow run and log the resolved config."""
-        if self.cfg.tracking.enabled:
-            self._guard("start", lambda: self._start(run_name, tags))
+        self._submit("start", lambda: self._start(run_name, tags))
 
     def log_iteration(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
         """All of one iteration's metrics in one batch (step = iteration), then its artifacts."""
-        if self.active:
-            self._guard("logging", lambda: self._log_iteration(iteration, metrics, artifacts))
+        metrics, artifacts = dict(metrics), dict(artifacts)
+        self._submit("logging", lambda: self._log_iteration(iteration, metrics, artifacts))
 
     def end(self, status: str) -> None:
-        """status: FINISHED, FAILED or KILLED."""
-        if self.active:
-            self._guard("end", lambda: self.client.set_terminated(self.run_id, status=status))
+        """Mark the run FINISHED, FAILED or KILLED and wait until everything queued is written."""
+        self._submit("end", lambda: self.client.set_terminated(self.run_id, status=status))
+        self._worker.shutdown(wait=True)
+
+    def _submit(self, what: str, call: Callable[[], None]) -> None:
+        self._worker.submit(self._guard, what, call)
 
     def _guard(self, what: str, call: Callable[[], None]) -> None:
+        if self._off:
+            return
         try:
             call()
         except Exception as err:  # any tracking failure: warn once, then train on without it
+            self._off = True
             self.log.warning("MLflow tracking at %s failed during %s (%s: %s); training continues without tracking",
-                        self.uri, what, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-            self.run_id = None
+                             self.uri, what, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
 
     def _start(self, run_name: str, tags: dict[str, str]) -> None:
         _check_reachable(self.uri)

@@ -108,38 +108,11 @@ def tiny_llm_dir(tmp_path_factory):
     return path
 
 
-def play_zork_segment(rom_dir: Path, steps: int):
-    """The walkthrough's first `steps` moves of Zork 1 as one segment, with saved env states and a visit
-    distribution that puts 0.7 on the walkthrough's move (as a search guided by a good prior would)."""
-    from priorzero_core.config import GameConfig
-    from priorzero_core.games import make_env
-    from priorzero_core.ppo.env_state import encode_state
-    from priorzero_core.ppo.reward import match_action
-    from priorzero_core.replay import GameSegment, StepRecord
-
-    env = make_env(GameConfig(name="zork1", rom_dir=str(rom_dir), valid_action_workers=0))
-    try:
-        ts = env.reset()
-        records = []
-        for command in env.walkthrough()[:steps]:
-            state = encode_state(env.get_state())
-            valid = list(ts.valid_actions)
-            index = match_action(command, valid, 0.85)
-            visits = [1.0 / len(valid)] * len(valid)
-            if index >= 0:
-                visits = [0.3 / max(len(valid) - 1, 1)] * len(valid)
-                visits[index] = 0.7
-            nxt = env.step(command)
-            records.append(StepRecord(observation=ts.observation, valid_actions=valid, action_index=max(index, 0),
-                                      action=command, reward=nxt.reward, score=nxt.score, visit_dist=visits,
-                                      root_value=0.0, terminal=nxt.done, env_state=state))
-            ts = nxt
-        return GameSegment("zork-walkthrough", 0, 0, records)
-    finally:
-        env.close()
-
-
 @pytest.fixture(scope="session")
 def zork_segment(rom_dir):
-    """Twelve real Zork 1 steps (a forest, a tree, an egg worth 5 points, a window, the kitchen worth 10)."""
-    return play_zork_segment(rom_dir, 12)
+    """Twelve real Zork 1 walkthrough steps (a tree, an egg worth 5 points, a window, the kitchen worth 10)
+    with saved states and 0.7 of the visits on the walkthrough's move."""
+    from priorzero_core.config import GameConfig
+    from priorzero_core.ppo.walkthrough import walkthrough_segment
+
+    return walkthrough_segment(GameConfig(name="zork1", rom_dir=str(rom_dir)), 12)

@@ -25,8 +25,9 @@ from ..replay import GameSegment
 from .actors import ActorGroup, CriticActor, PolicyActor, ReferenceActor, RewardActor, StateDict
 from .adapter import GameSegmentToORZAdapter, PromptRecord, read_prompts, write_prompts
 from .experience import Rollout, make_rollout
-from .generation import GenerationEngine, make_engine
+from .generation import GenerationEngine, Sample, make_engine
 from .losses import approx_kl, gae, group_advantages, masked_mean, normalise, token_rewards
+from .reward import Judgement
 
 logger = logging.getLogger(__name__)
 
@@ -151,15 +152,30 @@ class PPOTrainer:
         rows = [self._rollout_and_train(self._draw(path, records)) for _ in range(self.ppo.rollouts_per_train)]
         return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
 
+    def evaluate(self, prompts_path: Path | str, samples_per_prompt: int = 1) -> dict[str, float]:
+        """Sample every prompt of the file with the current policy and judge the answers; nothing trains."""
+        records = read_prompts(Path(prompts_path))
+        _, judgements, _ = self._sample_and_judge(records, samples_per_prompt)
+        return {
+            "eval/ppo_reward_mean": float(np.mean([j.reward for j in judgements])),
+            "eval/ppo_valid_rate": float(np.mean([j.valid for j in judgements])),
+            "eval/ppo_agreement_mean": float(np.mean([j.agreement for j in judgements])),
+        }
+
+    def _sample_and_judge(self, batch: list[PromptRecord], n: int) -> tuple[list[Sample], list[Judgement], float]:
+        """`n` responses per prompt (grouped by prompt), their judgements, and when generation finished."""
+        samples = self._engine.generate([r.prompt for r in batch], n, seed=int(self._rng.integers(1 << 31)))
+        t_gen = time.perf_counter()
+        records = [r for r in batch for _ in range(n)]
+        judgements = self.reward.map("judge", records, [s.text for s in samples], [s.finished for s in samples])
+        return samples, judgements, t_gen
+
     def _rollout_and_train(self, batch: list[PromptRecord]) -> dict[str, float]:
         import ray
 
         t0 = time.perf_counter()
         n = self.ppo.n_samples_per_prompt
-        samples = self._engine.generate([r.prompt for r in batch], n, seed=int(self._rng.integers(1 << 31)))
-        t_gen = time.perf_counter()
-        records = [r for r in batch for _ in range(n)]
-        judgements = self.reward.map("judge", records, [s.text for s in samples], [s.finished for s in samples])
+        samples, judgements, t_gen = self._sample_and_judge(batch, n)
         reward = torch.tensor([j.reward for j in judgements], dtype=torch.float32)
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id

@@ -5,8 +5,10 @@ from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import TaskRunSort
+from prefect.states import Cancelled, Completed, Failed
 
-from priorzero.flows.priorzero_flow import priorzero
+from priorzero.flows.priorzero_flow import Iteration, priorzero, resolve_run
+from priorzero_core.errors import ConfigError
 
 
 def task_runs(flow_run_id) -> dict[str, object]:
@@ -21,6 +23,30 @@ def mlflow_run(overrides):
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("priorzero-embedded").experiment_id])
     return client, run
+
+
+def test_a_failed_collect_skips_training_and_checkpoint_and_skips_pass_their_reason_on():
+    it = Iteration(2, states={"evaluate": Completed(), "collect": Failed(message="boom")})
+
+    assert it.skip_reason("train_world_model") == "collect-2 failed"
+    assert it.skip_reason("checkpoint") == "collect-2 failed"
+    it.states["adapt"] = Cancelled(name="Skipped", message="collect-2 failed")
+    assert it.skip_reason("ppo_train") == "collect-2 failed"
+
+
+def test_stages_that_did_not_run_this_iteration_block_nothing():
+    it = Iteration(3, states={"collect": Completed(), "train_world_model": Completed()})
+
+    assert it.skip_reason("checkpoint") is None  # no LLM stage was due
+    assert it.failure() is None
+
+
+def test_resume_needs_a_run_name_and_a_new_run_never_reuses_a_run_dir(tmp_path):
+    with pytest.raises(ConfigError, match="resume needs run_name"):
+        resolve_run("debug", [f"run.run_dir={tmp_path}"], None, True, None)
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already has checkpoints"):
+        resolve_run("debug", [f"run.run_dir={tmp_path}"], None, False, "old")
 
 
 @pytest.mark.slow

@@ -1,8 +1,5 @@
-import json
 import math
-import time
 
-import psutil
 import pytest
 import torch
 
@@ -14,48 +11,17 @@ METRICS = ("train/ppo_policy_loss", "train/ppo_value_loss", "train/ppo_kl", "tra
            "train/ppo_response_len", "train/ppo_tokens_per_s")
 
 
-def tiny_config(tiny_llm_dir, rom_dir, **ppo) -> PriorZeroConfig:
-    """The tiny LM on Zork 1 with sizes that make one PPO step take seconds."""
-    settings = dict(rollout_batch_size=3, train_batch_size=3, n_samples_per_prompt=2, critic_update_steps=2,
-                    generate_max_tokens=8, max_prompt_tokens=256, history_length=1, think=False, actor_num_cpus=0.5)
-    settings.update(ppo)
-    return PriorZeroConfig.model_validate({
-        "game": {"name": "zork1", "rom_dir": str(rom_dir)},
-        "llm": {"model": str(tiny_llm_dir)},
-        "ppo": settings,
-    })
-
-
-def wait_for_exit(pids: set[int], timeout: float = 60.0) -> list[psutil.Process]:
-    """Processes among `pids` still alive after `timeout` (zombies count as gone)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                proc = psutil.Process(pid)
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(proc)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.5)
-
-
-def children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
-
-
 def test_use_orz_trainer_auto_follows_ray():
     assert orz_enabled(PriorZeroConfig()) is True
     assert orz_enabled(PriorZeroConfig.model_validate({"ppo": {"use_orz_trainer": False}})) is False
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny_llm_dir, rom_dir, zork_segment, tmp_path):
+def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny_ppo_config, tiny_llm_dir, zork_segment,
+                                                                process_tracker, tmp_path):
+    children, still_running = process_tracker
     before = children()
-    cfg = tiny_config(tiny_llm_dir, rom_dir, algorithm=algorithm)
+    cfg = tiny_ppo_config(algorithm=algorithm)
     trainer = PPOTrainer(cfg, tmp_path / "run")
     spawned = children() - before
     try:
@@ -91,5 +57,5 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
     finally:
         trainer.close()
     assert spawned, "a local Ray cluster should have started processes"
-    leaked = wait_for_exit(spawned)
+    leaked = still_running(spawned)
     assert not leaked, f"still running after close(): {[p.name() for p in leaked]}"

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Two Ray nodes on this machine, both on 127.0.0.1: a head (`ray start --head`) and a second node
+# (`ray start --address`), to try `ppo.ray_address` multi-node placement without a second machine.
+#   scripts/ray_two_nodes.sh start [PORT]   prints the address for ppo.ray_address (default port 6390)
+#   scripts/ray_two_nodes.sh stop           stops exactly the processes these two nodes started
+# Only this cluster's processes are stopped (found by its own temp dir), never other Ray clusters here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RAY=${RAY:-.venv/bin/ray}
+PY=${PY:-.venv/bin/python}
+STATE=${RAY_TWO_NODES_DIR:-/tmp/priorzero-ray-two-nodes}
+export RAY_AUTH_MODE=disabled
+case "${1:-}" in
+start)
+    PORT=${2:-6390}
+    mkdir -p "$STATE"
+    "$RAY" start --head --node-ip-address 127.0.0.1 --port "$PORT" --num-cpus 2 --include-dashboard false \
+        --temp-dir "$STATE/tmp" --disable-usage-stats >"$STATE/head.log" 2>&1
+    "$RAY" start --address "127.0.0.1:$PORT" --node-ip-address 127.0.0.1 --num-cpus 2 \
+        --disable-usage-stats >"$STATE/worker.log" 2>&1
+    echo "127.0.0.1:$PORT" >"$STATE/address"
+    echo "ppo.ray_address=127.0.0.1:$PORT"
+    ;;
+stop)
+    # Every process of this cluster names its session under $STATE/tmp; their children go with them.
+    "$PY" - "$STATE/tmp" <<'PY'
+import sys, psutil
+marker = sys.argv[1]
+roots = [p for p in psutil.process_iter(["cmdline"]) if any(marker in part for part in (p.info["cmdline"] or []))]
+procs = {p.pid: p for r in roots for p in [r, *r.children(recursive=True)]}.values()
+for p in procs:
+    try:
+        p.terminate()
+    except psutil.NoSuchProcess:
+        pass
+_, alive = psutil.wait_procs(list(procs), timeout=15)
+for p in alive:
+    p.kill()
+print(f"stopped {len(procs)} processes of the two-node cluster")
+PY
+    rm -f "$STATE/address"
+    ;;
+*)
+    echo "usage: $0 start [PORT] | stop" >&2
+    exit 2
+    ;;
+esac

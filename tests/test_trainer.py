@@ -1,0 +1,89 @@
+"""The core iteration driven by a plain Python loop (no Prefect, no MLflow)."""
+
+import json
+
+import pytest
+
+from priorzero_core import checkpoint as ckpt
+from priorzero_core.config import load_config
+from priorzero_core.errors import CheckpointError, ConfigError
+from priorzero_core.replay import ReplayBuffer
+from priorzero_core.trainer import Trainer, run_plain
+
+TINY = [
+    "collect.num_envs=2",
+    "collect.steps_per_iteration=3",
+    "eval.num_episodes=1",
+    "eval.max_episode_steps=3",
+    "eval.eval_freq=2",
+    "world_model.batch_size=4",
+    "world_model.unroll_steps=2",
+    "world_model.embed_dim=32",
+    "world_model.num_heads=2",
+    "mcts.num_simulations=2",
+    "schedule.replay_ratio=0.5",
+]
+
+
+def test_plain_loop_trains_checkpoints_and_resumes_where_it_stopped(tmp_path):
+    cfg = load_config("debug", TINY + ["llm.enabled=false", "schedule.iterations=3"])
+    history = run_plain(cfg, tmp_path, iterations=2, progress=False)
+    assert [row["iteration"] for row in history] == [1, 2]
+    first = history[0]
+    assert first["collect/env_steps"] == 6 and "evals/reward_mean" in first and "evals/wm/reward_mean" in first
+    assert first["train/wm_total_loss"] != 0 and first["train/wm_updates"] == 3
+    path, manifest = ckpt.latest_valid(tmp_path / "checkpoints")
+    assert manifest["meta"]["iteration"] == 2 and manifest["meta"]["env_steps"] == 12
+
+    resumed = run_plain(cfg, tmp_path, resume=True, progress=False)
+    assert [row["iteration"] for row in resumed] == [3]
+    assert resumed[0]["collect/total_env_steps"] == 18
+    assert resumed[0]["replay/steps"] == 18  # every step collected so far, reloaded from run_dir/replay
+    lines = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3]
+    assert "iteration 3 checkpoint" in (tmp_path / "logs" / "train.log").read_text()
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    cfg = load_config("debug", TINY + ["llm.enabled=false"])
+    run_plain(cfg, tmp_path, iterations=1, progress=False)
+    other = load_config("debug", TINY + ["llm.enabled=false", "world_model.embed_dim=64"])
+    with pytest.raises(CheckpointError, match="made with another config"):
+        Trainer(other, tmp_path, resume=True, progress=False)
+    assert ckpt.latest_valid(tmp_path / "checkpoints") is not None  # untouched
+
+
+def test_unwritable_run_dir_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")  # root ignores permission bits, so block with a file instead
+    cfg = load_config("debug", TINY + ["llm.enabled=false"])
+    with pytest.raises(ConfigError, match=r"run directory .*file/run is not writable"):
+        Trainer(cfg, blocker / "run", progress=False)
+    assert blocker.read_text() == "not a directory"
+
+
+def test_schedule_modes():
+    cfg = load_config("debug", TINY + ["llm.enabled=false"])
+    trainer = Trainer.__new__(Trainer)  # due() reads only the config and the LLM trainer
+    trainer.cfg, trainer.llm_trainer = cfg, object()
+    cfg.schedule.llm_train_freq = 2
+    cfg.schedule.mode = "alternating"
+    assert [trainer.due("train_world_model", i) for i in (1, 2, 3, 4)] == [True, False, True, False]
+    assert [trainer.due("train_llm", i) for i in (1, 2, 3, 4)] == [False, True, False, True]
+    cfg.schedule.mode = "sequential"
+    assert [trainer.due("train_world_model", i) for i in (1, 2)] == [True, True]
+    assert trainer.due("evaluate", 1) and not trainer.due("evaluate", 2) and trainer.due("evaluate", 3)
+
+
+@pytest.mark.slow
+def test_llm_prior_is_used_for_search_and_trained_from_it(tmp_path):
+    cfg = load_config("debug", TINY + ["schedule.llm_train_freq=1", "llm.batch_size=2", "llm.updates_per_train=2",
+                                        "llm.max_prompt_tokens=192", "llm.history_length=1", "eval.modes=[wm_llm,llm]"])
+    history = run_plain(cfg, tmp_path, iterations=1, progress=False)
+    row = history[0]
+    assert row["train/llm_sft_loss"] > 0 and "train/llm_rft_loss" in row
+    assert "evals/wm_llm/reward_mean" in row and "evals/llm/reward_mean" in row
+    segs = [s for p in (tmp_path / "replay").glob("*.jsonl.gz") for s in ReplayBuffer.read_segments(p)]
+    step = segs[0].steps[0]
+    assert step.prompt and step.llm_prior is not None and len(step.llm_prior) == len(step.valid_actions)
+    assert (tmp_path / "checkpoints" / "iter-000001" / "llm").is_dir()
