@@ -54,21 +54,30 @@ def _server(cmd: list[str], health_url: str, log: Path, env: dict[str, str], tim
 def prefect_server(home: Path, port: Optional[int] = None, timeout: float = 90) -> Iterator[str]:
     """`prefect server start` with its own PREFECT_HOME (≈8 s to healthy); yields the API URL."""
     port = port or free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    url = f"http://127.0.0.1:{port}/api"
+    # The UI asks the server where its API is, and would say :4200 whatever port this one listens on.
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": url}
     env.pop("PREFECT_API_URL", None)
     cmd = [_venv_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    url = f"http://127.0.0.1:{port}/api"
     with _server(cmd, f"{url}/health", Path(home) / "server.log", env, timeout):
         yield url
 
 
 @contextmanager
-def mlflow_ui(tracking_uri: str, log: Path, port: Optional[int] = None, timeout: float = 90) -> Iterator[str]:
-    """`mlflow ui` on one worker without the job runner (≈0.5 GB instead of ≈3 GB); yields its URL."""
+def mlflow_ui(tracking_uri: str, log: Path, port: Optional[int] = None, timeout: float = 90,
+              host_alias: Optional[str] = None) -> Iterator[str]:
+    """`mlflow ui` on one worker without the job runner (≈0.5 GB instead of ≈3 GB); yields its URL.
+
+    host_alias: another name for 127.0.0.1 that the server accepts in Host headers.
+    """
     port = port or free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [_venv_bin("mlflow"), "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
+    if host_alias:
+        cmd += ["--allowed-hosts", f"127.0.0.1:{port},{host_alias}:{port}",
+                "--cors-allowed-origins", f"http://{host_alias}:{port}"]
     url = f"http://127.0.0.1:{port}"
     with _server(cmd, f"{url}/health", log, env, timeout):
         yield url

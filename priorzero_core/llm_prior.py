@@ -419,7 +419,8 @@ def _load_weights_into(model: nn.Module, weights: list[tuple[str, torch.Tensor]]
 
 
 class VLLMPrior(LLMPrior):
-    """Scores with vLLM `prompt_logprobs` (max_tokens=1) over prompt+label token ids; needs CUDA."""
+    """Scores with vLLM `prompt_logprobs` (max_tokens=1) over prompt+label token ids, as the reference does.
+    vLLM skips its prefix cache for such requests, so each label re-reads its prompt: fast on a GPU only."""
 
     backend = "vllm"
 
@@ -428,21 +429,13 @@ class VLLMPrior(LLMPrior):
             from vllm import LLM, SamplingParams
         except ImportError as err:
             raise BackendUnavailable(f"vLLM is not importable: {err}") from None
-        if not torch.cuda.is_available():
-            raise BackendUnavailable("vLLM needs a CUDA device and none is visible")
         super().__init__(load_tokenizer(model_dir), cfg)
         self._model_dir = model_dir
         # Weight syncs run a function inside vLLM's worker process, which needs pickled callables.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         lora = {"enable_lora": True, "max_lora_rank": cfg.lora.r} if cfg.lora.enabled else {}
-        self._engine = LLM(
-            model=str(model_dir),
-            dtype=cfg.dtype,
-            enable_prefix_caching=True,
-            gpu_memory_utilization=VLLM_GPU_MEMORY_FRACTION,
-            **lora,
-        )
-        # 1 returns the top token besides the prompt token itself, which is always included.
+        self._engine = LLM(model=str(model_dir), dtype=cfg.dtype, gpu_memory_utilization=VLLM_GPU_MEMORY_FRACTION, **lora)
+        # 1 adds the top token to the prompt token's own log-prob, which is always returned.
         self._params = SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False)
         self._trainable: Optional[nn.Module] = None
         self._lora_request: Any = None
@@ -468,7 +461,7 @@ class VLLMPrior(LLMPrior):
 
             self._trainable = AutoModelForCausalLM.from_pretrained(
                 self._model_dir, dtype=getattr(torch, self.cfg.dtype), local_files_only=True
-            ).to("cuda")
+            ).to("cuda" if torch.cuda.is_available() else "cpu")
         return self._trainable
 
     def sync_weights(self, trained: nn.Module) -> None:
@@ -488,6 +481,7 @@ class VLLMPrior(LLMPrior):
 
 
 def vllm_available() -> bool:
+    """Whether `llm.backend: auto` picks vLLM: importable and a CUDA device to run it on."""
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 

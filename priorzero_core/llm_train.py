@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ class LLMSample:
     def __post_init__(self) -> None:
         if len(self.visit_dist) != len(self.valid_actions):
             raise ValueError(f"visit_dist has {len(self.visit_dist)} entries for {len(self.valid_actions)} valid actions")
+        if not np.isclose(np.sum(self.visit_dist), 1.0, atol=1e-3):
+            raise ValueError(f"visit_dist must sum to 1 (normalise the visit counts), got {np.sum(self.visit_dist):.4f}")
         if not 0 <= self.action_index < len(self.valid_actions):
             raise ValueError(f"action_index {self.action_index} is outside the {len(self.valid_actions)} valid actions")
 
@@ -166,7 +168,8 @@ class LLMTrainer:
         )
 
     def train(self, samples: Sequence[LLMSample]) -> dict[str, float]:
-        """`updates_per_train` AdamW steps on minibatches of `batch_size`; returns the mean metrics."""
+        """`updates_per_train` AdamW steps on random minibatches of `batch_size`; returns the mean metrics.
+        Advantages are normalised across `samples` when there are several."""
         if not samples:
             raise ValueError("LLM training needs at least one sample")
         encoded = [self._encode(s) for s in samples]
@@ -224,7 +227,7 @@ class LLMTrainer:
                 raise CheckpointError(f"LLM checkpoint file {path} is missing")
         kind = "lora" if self.cfg.lora.enabled else "full"
         with safe_open(str(weights), framework="pt") as f:
-            saved: Any = (f.metadata() or {}).get("kind")
+            saved = (f.metadata() or {}).get("kind")
         if saved != kind:
             raise CheckpointError(f"{weights} holds {saved} LLM weights but llm.lora.enabled is {self.cfg.lora.enabled}")
         if kind == "lora":

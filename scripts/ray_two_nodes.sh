@@ -4,6 +4,7 @@
 #   scripts/ray_two_nodes.sh start [PORT]   prints the address for ppo.ray_address (default port 6390)
 #   scripts/ray_two_nodes.sh stop           stops exactly the processes these two nodes started
 # Only this cluster's processes are stopped (found by its own temp dir), never other Ray clusters here.
+# Keep RAY_TWO_NODES_DIR short: Ray's socket paths below it must stay under 108 bytes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY=${RAY:-.venv/bin/ray}
@@ -15,9 +16,9 @@ start)
     PORT=${2:-6390}
     mkdir -p "$STATE"
     "$RAY" start --head --node-ip-address 127.0.0.1 --port "$PORT" --num-cpus 2 --include-dashboard false \
-        --temp-dir "$STATE/tmp" --disable-usage-stats >"$STATE/head.log" 2>&1
+        --temp-dir "$STATE/tmp" --disable-usage-stats >"$STATE/head.log" 2>&1 || { tail -5 "$STATE/head.log" >&2; exit 1; }
     "$RAY" start --address "127.0.0.1:$PORT" --node-ip-address 127.0.0.1 --num-cpus 2 \
-        --disable-usage-stats >"$STATE/worker.log" 2>&1
+        --disable-usage-stats >"$STATE/worker.log" 2>&1 || { tail -5 "$STATE/worker.log" >&2; exit 1; }
     echo "127.0.0.1:$PORT" >"$STATE/address"
     echo "ppo.ray_address=127.0.0.1:$PORT"
     ;;
@@ -26,7 +27,10 @@ stop)
     "$PY" - "$STATE/tmp" <<'PY'
 import sys, psutil
 marker = sys.argv[1]
-roots = [p for p in psutil.process_iter(["cmdline"]) if any(marker in part for part in (p.info["cmdline"] or []))]
+me = psutil.Process()
+skip = {me.pid, *(p.pid for p in me.parents())}  # this script names the marker too
+roots = [p for p in psutil.process_iter(["cmdline"])
+         if p.pid not in skip and any(marker in part for part in (p.info["cmdline"] or []))]
 procs = {p.pid: p for r in roots for p in [r, *r.children(recursive=True)]}.values()
 for p in procs:
     try:

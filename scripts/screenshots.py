@@ -2,44 +2,45 @@
 
 Starts a temporary Prefect server, trains two short debug runs through the flow (the first with an injected
 `collect` failure, so Failed and Skipped stages show), starts `mlflow ui` on their store, and photographs the
-flow-run pages, the experiment's run list and the two runs compared. Needs Debian's `chromium` package.
+flow-run pages, the experiment's runs and their metric charts overlaid. Needs Debian's `chromium` package.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import tempfile
-import urllib.parse
 from pathlib import Path
 
 from priorzero.flows.servers import mlflow_ui, prefect_server
 
 REPO = Path(__file__).resolve().parent.parent
+MLFLOW_HOST = "priorzero-mlflow"
 TRAINING = ["llm.enabled=false", "collect.steps_per_iteration=5", "collect.num_envs=1", "mcts.num_simulations=2",
             "eval.eval_freq=2", "eval.max_episode_steps=10", "run.stage_retry_delay_s=0"]
 
 
-def screenshot(url: str, path: Path, size: str = "1600,1000") -> None:
+def screenshot(url: str, path: Path, size: str = "1600,1000", budget_ms: int = 15000) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("chromium not found: apt-get install -y chromium")
     with tempfile.TemporaryDirectory() as profile:
-        # Both UIs render client-side: without a virtual-time budget the picture is blank.
+        # Both UIs render client-side: without a virtual-time budget the picture is blank. MLflow is reached as
+        # MLFLOW_HOST, since on 127.0.0.1 it opens its assistant panel over a third of the page.
         subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        "--hide-scrollbars", f"--user-data-dir={profile}", "--virtual-time-budget=15000",
-                        f"--window-size={size}", f"--screenshot={path}", url],
-                       check=True, capture_output=True, timeout=120)
+                        "--hide-scrollbars", f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
+                        f"--host-resolver-rules=MAP {MLFLOW_HOST} 127.0.0.1", f"--window-size={size}",
+                        f"--screenshot={path}", url],
+                       check=True, capture_output=True, timeout=300)
     print(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}  ←  {url}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img", help="where the PNGs go (default: docs/img)")
-    parser.add_argument("--iterations", type=int, default=6, help="iterations per run (default: 6)")
+    parser.add_argument("--iterations", type=int, default=10, help="iterations per run (default: 10)")
     parser.add_argument("--workdir", type=Path, help="runs, stores and server logs (default: a temp dir)")
     args = parser.parse_args()
 
@@ -58,25 +59,24 @@ def main() -> None:
         flow_runs = []
         for seed, faults in ((0, "collect@2"), (1, "")):
             os.environ["PRIORZERO_FAULTS"] = faults
-            state = priorzero(config="debug", iterations=args.iterations, run_name=f"debug-seed{seed}", return_state=True,
-                              overrides=[*TRAINING, f"run.seed={seed}", f"run.run_dir={work / 'runs'}",
-                                         f"tracking.uri={store}"])
+            overrides = [*TRAINING, f"run.seed={seed}", f"run.run_dir={work / 'runs'}", f"tracking.uri={store}"]
+            state = priorzero(config="debug", overrides=overrides, iterations=args.iterations,
+                              run_name=f"debug-seed{seed}", return_state=True)
             flow_runs.append(state.state_details.flow_run_id)
         os.environ.pop("PRIORZERO_FAULTS")
         ui = api.removesuffix("/api")
-        screenshot(f"{ui}/runs/flow-run/{flow_runs[0]}", args.out / "prefect-flow-run-skipped.png")
+        screenshot(f"{ui}/runs/flow-run/{flow_runs[0]}?tab=Task%20Runs", args.out / "prefect-flow-run-skipped.png",
+                   size="1600,1400")
         screenshot(f"{ui}/runs/flow-run/{flow_runs[1]}", args.out / "prefect-flow-run.png")
         screenshot(f"{ui}/runs", args.out / "prefect-runs.png")
 
-        client = MlflowClient(store)
-        experiment = client.get_experiment_by_name("priorzero-embedded").experiment_id
-        run_ids = [r.info.run_id for r in client.search_runs([experiment], order_by=["attributes.start_time ASC"])]
-        with mlflow_ui(store, work / "mlflow-ui.log") as mlflow_url:
-            screenshot(f"{mlflow_url}/#/experiments/{experiment}", args.out / "mlflow-experiment.png")
-            screenshot(f"{mlflow_url}/#/experiments/{experiment}/runs/{run_ids[-1]}/model-metrics",
-                       args.out / "mlflow-run-metrics.png")
-            query = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment])})
-            screenshot(f"{mlflow_url}/#/compare-runs?{query}", args.out / "mlflow-compare.png", size="1600,1600")
+        experiment = MlflowClient(store).get_experiment_by_name("priorzero-embedded").experiment_id
+        with mlflow_ui(store, work / "mlflow-ui.log", host_alias=MLFLOW_HOST) as mlflow_url:
+            runs = f"{mlflow_url.replace('127.0.0.1', MLFLOW_HOST)}/#/experiments/{experiment}/runs"
+            screenshot(runs, args.out / "mlflow-runs.png")
+            # Metric charts draw last: they need a longer budget.
+            screenshot(f"{runs}?compareRunsMode=CHART", args.out / "mlflow-compare.png", size="1600,2400",
+                       budget_ms=90000)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from torch import nn
 from ..config import PPOConfig
 from ..errors import BackendUnavailable
 from .adapter import STOP
+from .strategy import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +136,6 @@ def _post(url: str, body: dict, timeout: float) -> dict:
     return json.loads(data) if data else {}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class VLLMServerEngine(GenerationEngine):
     """An OpenAI-compatible `vllm serve` (started here from the vLLM venv, or already running at `vllm_url`).
 
@@ -170,7 +163,7 @@ class VLLMServerEngine(GenerationEngine):
             raise BackendUnavailable(
                 f"no vllm executable (looked in {default_vllm_venv(self.cfg)} and the PATH); run scripts/setup_vllm_cpu.sh"
             )
-        port = _free_port()
+        port = free_port()
         cpu = not torch.cuda.is_available()
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
         for key in ("PYTHONPATH", "VIRTUAL_ENV"):  # the project's venv must not leak into vLLM's

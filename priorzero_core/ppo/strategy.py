@@ -126,7 +126,8 @@ class _DeepSpeedTrainable(Trainable):
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -147,7 +148,7 @@ class DeepSpeedStrategy(Strategy):
             raise BackendUnavailable(f"DeepSpeed is not importable ({err}); pip install 'priorzero[deepspeed]'") from None
         self._deepspeed = deepspeed
         if not torch.distributed.is_initialized():
-            for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+            for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
                                ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
                 os.environ.setdefault(key, value)
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")

@@ -56,6 +56,9 @@ def _connect_ray(cfg: PriorZeroConfig, actors: int) -> bool:
         ray.init(address=cfg.ppo.ray_address, log_to_driver=True)
         logger.info("PPO: joined Ray cluster at %s (%d nodes)", cfg.ppo.ray_address, len(ray.nodes()))
     else:
+        # Ray nices its workers (15) by default; these actors are the training job itself and must not
+        # starve behind the run's own world-model training or other jobs on the machine.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         # Logical CPUs: every actor must fit even on a 2-core machine; torch threads are set per actor.
         num_cpus = max(os.cpu_count() or 1, int(np.ceil(actors * cfg.ppo.actor_num_cpus)))
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus, log_to_driver=True)

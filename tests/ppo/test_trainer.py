@@ -59,3 +59,11 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
     assert spawned, "a local Ray cluster should have started processes"
     leaked = still_running(spawned)
     assert not leaked, f"still running after close(): {[p.name() for p in leaked]}"
+
+
+def test_grpo_without_groups_is_a_config_error():
+    from priorzero_core.config import config_from_dict
+    from priorzero_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="n_samples_per_prompt"):
+        config_from_dict({"ppo": {"algorithm": "grpo", "n_samples_per_prompt": 1}})
