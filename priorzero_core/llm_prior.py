@@ -500,10 +500,10 @@ def make_llm_prior(cfg: LLMConfig, device: str | torch.device = "cpu") -> Option
         except ModelError:
             raise
         except Exception as err:  # noqa: BLE001 - any engine start failure means falling back or stopping
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
             if cfg.vllm_required:
                 raise BackendUnavailable(
-                    f"vLLM backend could not start ({reason}); install vLLM on a CUDA machine or set llm.vllm_required: false"
+                    f"vLLM backend could not start ({reason}); check the vLLM install and device, or set llm.vllm_required: false"
                 ) from None
             logger.warning("vLLM backend could not start (%s); falling back to transformers", reason)
         reason = "vLLM failed to start"

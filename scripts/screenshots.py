@@ -65,8 +65,7 @@ def main() -> None:
             flow_runs.append(state.state_details.flow_run_id)
         os.environ.pop("PRIORZERO_FAULTS")
         ui = api.removesuffix("/api")
-        screenshot(f"{ui}/runs/flow-run/{flow_runs[0]}?tab=Task%20Runs", args.out / "prefect-flow-run-skipped.png",
-                   size="1600,1400")
+        screenshot(f"{ui}/runs/flow-run/{flow_runs[0]}", args.out / "prefect-flow-run-skipped.png")
         screenshot(f"{ui}/runs/flow-run/{flow_runs[1]}", args.out / "prefect-flow-run.png")
         screenshot(f"{ui}/runs", args.out / "prefect-runs.png")
 

@@ -123,9 +123,7 @@ class Tracker:
             (self.run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": self.uri, "run_id": run_id}))
             known = {}
         self.run_id = run_id
-        self._log_config(known)
-        for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+        self._log_config(known, tags)
         self.log.info("MLflow run %s in experiment %s at %s", run_id, experiment_name(self.cfg), self.uri)
 
     def _previous_run_id(self) -> Optional[str]:
@@ -134,8 +132,8 @@ class Tracker:
             return None
         saved = json.loads(path.read_text())
         if saved.get("tracking_uri") != self.uri:
-            self.log.warning("this run was tracked at %s; now tracking at %s in a new MLflow run", saved.get("tracking_uri"),
-                        self.uri)
+            self.log.warning("this run was tracked at %s; now tracking at %s in a new MLflow run",
+                             saved.get("tracking_uri"), self.uri)
             return None
         return saved["run_id"]
 
@@ -149,12 +147,13 @@ class Tracker:
         return self.client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
                                              tags={"mlflow.experimentKind": "custom_model_development"})
 
-    def _log_config(self, known: dict[str, str]) -> None:
-        from mlflow.entities import Param
+    def _log_config(self, known: dict[str, str], tags: dict[str, str]) -> None:
+        from mlflow.entities import Param, RunTag
 
         # MLflow params are immutable: on resume only new keys are added; config.yaml holds the current values.
         params = [Param(k, v[:6000]) for k, v in flatten(self.cfg.model_dump(mode="json")).items() if k not in known]
-        for i in range(0, len(params), 100):  # log_batch takes at most 100 params
+        self.client.log_batch(self.run_id, params=params[:100], tags=[RunTag(k, v) for k, v in tags.items()])
+        for i in range(100, len(params), 100):  # log_batch takes at most 100 params
             self.client.log_batch(self.run_id, params=params[i:i + 100])
         self.client.log_text(self.run_id, dump_config(self.cfg), "config.yaml")
 

@@ -142,3 +142,29 @@ def test_adaptive_mix_gives_the_llm_between_0_3_and_0_7():
     torch.testing.assert_close(p[:, 2], torch.tensor([0.7 / 3 + 0.3, 0.7]), atol=1e-4, rtol=0)
     single = mask & torch.tensor([True, False, False, False])
     assert root_prior(wm, llm, single, "mix", "adaptive").isfinite().all()
+
+
+class Bandit:
+    """One-step model: action k pays rewards[k]; the lookahead sees B·A rows, search sees B."""
+
+    def __init__(self, rewards):
+        self.rewards = torch.tensor(rewards)
+
+    def __call__(self, state, action):
+        reward = self.rewards[action]
+        return state, reward, torch.zeros(len(action), A), torch.zeros(len(action))
+
+
+def test_improved_policy_finds_the_best_action_that_few_simulations_never_visit():
+    model = Bandit([0.0, 0.1, 1.0, 0.2])
+    prior = torch.tensor([[4.0, 0.0, 0.0, 0.0]])  # the prior loves action 0, which pays nothing
+    root = RootOutput((torch.zeros(1),), prior, torch.zeros(1))
+    mask = torch.ones(1, A, dtype=torch.bool)
+    cfg = MCTSConfig(num_simulations=2, policy_target="improved")
+    out = search(model, root, mask, cfg, np.random.default_rng(0), False, discount=1.0, temperature=0, lookahead_fn=model)
+    assert out.visit_counts[0, 2] == 0  # search alone never tried it
+    assert out.improved_policy.argmax(-1).item() == 2 and out.selected_action.item() == 2
+    torch.testing.assert_close(out.improved_policy.sum(-1), torch.ones(1))
+    visits_cfg = MCTSConfig(num_simulations=2, policy_target="visits")
+    out = search(model, root, mask, visits_cfg, np.random.default_rng(0), False, discount=1.0, temperature=0, lookahead_fn=model)
+    assert out.selected_action.item() == 0  # the reference behaviour follows the visits
