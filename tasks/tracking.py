@@ -7,6 +7,7 @@ HTTP retries every iteration). `priorzero resume` reconnects to the same MLflow 
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -97,7 +98,8 @@ class Tracker:
         self._worker.shutdown(wait=True)
 
     def _submit(self, what: str, call: Callable[[], None]) -> None:
-        self._worker.submit(self._guard, what, call)
+        # The caller's context goes along: Prefect keeps its settings and run context in context variables.
+        self._worker.submit(contextvars.copy_context().run, self._guard, what, call)
 
     def _guard(self, what: str, call: Callable[[], None]) -> None:
         if self._off:

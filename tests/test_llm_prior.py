@@ -82,7 +82,7 @@ def test_batched_prefix_kv_scores_equal_naive_scores(smollm):
         (HISTORY, WEST_OF_HOUSE, ["open mailbox", "north", "south", "west", "go around house"]),
         ([], "You are in a dark room.", ["light lamp"]),
         (HISTORY[:1], "Behind House\nYou are behind the white house. A small window is slightly ajar.",
-         ["open window", "enter window", "south", "east", "north", "put leaflet in mailbox", "inventory"]),
+         ["open window", "enter window", "put leaflet in mailbox", "inventory"]),
     ]
     batch = [(_prompt(tok, h, o, a), a) for h, o, a in envs]
     assert len({_num_tokens(tok, p) for p, _ in batch}) == 3

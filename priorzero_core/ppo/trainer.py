@@ -24,7 +24,7 @@ from ..llm_prior import load_tokenizer, resolve_model_dir
 from ..replay import GameSegment
 from .actors import ActorGroup, CriticActor, PolicyActor, ReferenceActor, RewardActor, StateDict
 from .adapter import GameSegmentToORZAdapter, PromptRecord, read_prompts, write_prompts
-from .experience import Rollout, make_rollout
+from .experience import make_rollout
 from .generation import GenerationEngine, Sample, make_engine
 from .losses import approx_kl, gae, group_advantages, masked_mean, normalise, token_rewards
 from .reward import Judgement
