@@ -66,7 +66,7 @@ def connect_prefect(require_server: bool) -> None:
         raise PriorZeroError("no Prefect server: start one with `prefect server start --host 127.0.0.1` "
                              f"and export PREFECT_API_URL={LOCAL_PREFECT_API}")
     typer.echo("no Prefect server configured: using Prefect's ephemeral API (a temporary server on "
-               "$PREFECT_HOME/prefect.db, ~5 s to start); run `prefect server start --host 127.0.0.1` to watch "
+               "$PREFECT_HOME/prefect.db, ≈6 s to start); run `prefect server start --host 127.0.0.1` to watch "
                "runs live", err=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -10,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -450,21 +452,18 @@ class VLLMPrior(LLMPrior):
             raise BackendUnavailable(f"vLLM is not importable: {err}") from None
         super().__init__(load_tokenizer(model_dir), cfg)
         self._model_dir = model_dir
-        lora = {"enable_lora": True, "max_lora_rank": cfg.lora.r} if cfg.lora.enabled else {}
-        self._engine = LLM(
-            model=str(model_dir), dtype=cfg.dtype, gpu_memory_utilization=VLLM_GPU_MEMORY_FRACTION, **lora
-        )
+        self._engine = LLM(model=str(model_dir), dtype=cfg.dtype, gpu_memory_utilization=VLLM_GPU_MEMORY_FRACTION)
         # 1 adds the top token to the prompt token's own log-prob, which is always returned.
         self._params = SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False)
         self._trainable: Optional[nn.Module] = None
-        self._lora_request: Any = None
         self._sync_dir = Path(tempfile.mkdtemp(prefix="priorzero-vllm-sync-"))
+        weakref.finalize(self, shutil.rmtree, self._sync_dir, True)
         self._version = 0
 
     def score_actions(self, batch: Sequence[ScoreRequest]) -> list[ActionScores]:
         prompts, labels = _encode_batch(self.tokenizer, batch)
         requests = [{"prompt_token_ids": p + label} for p, env_labels in zip(prompts, labels) for label in env_labels]
-        outputs = iter(self._engine.generate(requests, self._params, use_tqdm=False, lora_request=self._lora_request))
+        outputs = iter(self._engine.generate(requests, self._params, use_tqdm=False))
         results = []
         for prompt, env_labels in zip(prompts, labels):
             means = []
@@ -484,19 +483,16 @@ class VLLMPrior(LLMPrior):
         return self._trainable
 
     def sync_weights(self, trained: nn.Module) -> None:
-        """Hand vLLM the trained weights through disk: LoRA adapters as a new LoRARequest, a full model
-        via the workers' in-place `reload_weights`."""
+        """Reload vLLM's weights in place from a plain checkpoint of `trained`, LoRA merged in: vLLM
+        cannot combine LoRA adapters with prompt_logprobs (vllm-project/vllm#16668)."""
         from peft import PeftModel
-        from vllm.lora.request import LoRARequest
 
         self._version += 1
         path = self._sync_dir / f"v{self._version}"
-        trained.save_pretrained(path)  # PEFT writes only the adapters, a plain model its whole checkpoint
-        if isinstance(trained, PeftModel):
-            self._lora_request = LoRARequest(f"priorzero-v{self._version}", self._version, str(path))
-        else:
-            self._engine.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
-            self._engine.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        plain = copy.deepcopy(trained).merge_and_unload() if isinstance(trained, PeftModel) else trained
+        plain.save_pretrained(path)
+        self._engine.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        self._engine.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         shutil.rmtree(self._sync_dir / f"v{self._version - 1}", ignore_errors=True)
 
 

@@ -177,6 +177,8 @@ class Trainer:
             result = evaluate(self.eval_pool, self.agent, modes, self.cfg.eval.num_episodes, max_steps, progress=self.progress)
         path = self.run_dir / "transcripts" / f"eval-{iteration:06d}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # a re-run iteration or `priorzero eval` keeps the earlier transcript
+            path = path.with_name(f"eval-{iteration:06d}-{int(time.time())}.txt")
         path.write_text(result.transcript)
         log.info("iteration %d eval: reward_mean %.2f (%s)", iteration, result.metrics["evals/reward_mean"],
                  ", ".join(f"{m} {result.metrics[f'evals/{m}/reward_mean']:.1f}" for m in modes))

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -152,11 +151,12 @@ class VLLMServerEngine(GenerationEngine):
         self.weights_dir = weights_dir
         self._proc: Optional[subprocess.Popen] = None
         self._version = 0
-        if cfg.vllm_url:
-            self.url = cfg.vllm_url.rstrip("/")
-        else:
-            self.url = self._start(model_dir, log_path)
-        self.model = self._served_model()
+        try:
+            self.url = cfg.vllm_url.rstrip("/") if cfg.vllm_url else self._start(model_dir, log_path)
+            self.model = self._served_model()
+        except BaseException:
+            self.close()
+            raise
 
     def _start(self, model_dir: Path, log_path: Path) -> str:
         python = vllm_python(self.cfg)
@@ -191,7 +191,6 @@ class VLLMServerEngine(GenerationEngine):
                     return url
             except OSError:
                 time.sleep(1.0)
-        self.close()
         raise BackendUnavailable(f"the vLLM server is not healthy after {VLLM_START_TIMEOUT_S:.0f} s (log {log_path})")
 
     def _served_model(self) -> str:
@@ -246,9 +245,11 @@ def make_engine(cfg: PPOConfig, policy: Any, model_dir: Path, tokenizer: Any, wo
             engine.update_weights(policy)  # the policy may start from weights other than model_dir's
             logger.info("PPO generation: vLLM at %s", engine.url)
             return engine
-        except (BackendUnavailable, OSError, urllib.error.URLError) as err:
-            if engine is not None:
+        except BaseException as err:
+            if engine is not None:  # a server that started must never outlive a failed set-up
                 engine.close()
+            if not isinstance(err, (BackendUnavailable, OSError)):
+                raise
             if cfg.vllm_required or cfg.generation_backend == "vllm":
                 raise BackendUnavailable(f"vLLM generation unavailable: {err}") from None
             logger.warning("vLLM generation unavailable (%s); generating with transformers in the policy actor", err)

@@ -20,9 +20,11 @@ pytestmark = [
 ]
 
 
-def test_grpo_step_generates_with_vllm_and_pushes_the_new_weights(rom_dir, zork_segment, tmp_path):
+def test_grpo_step_generates_with_vllm_and_pushes_the_new_weights(rom_dir, zork_segment, process_tracker, tmp_path):
     from priorzero_core.config import PriorZeroConfig
 
+    children, still_running = process_tracker
+    before = children()
     cfg = PriorZeroConfig.model_validate({
         "game": {"name": "zork1", "rom_dir": str(rom_dir)},
         "ppo": dict(algorithm="grpo", generation_backend="vllm", vllm_required=True, rollout_batch_size=4,
@@ -40,4 +42,6 @@ def test_grpo_step_generates_with_vllm_and_pushes_the_new_weights(rom_dir, zork_
         assert engine._version == 2 and (tmp_path / "run" / "ppo" / "vllm-weights" / "v2").is_dir()
         samples = engine.generate(["<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"], 2, seed=0)
         assert all(s.response_ids for s in samples)
+        spawned = children() - before
     assert engine._proc is None
+    assert not still_running(spawned), "the vLLM server or Ray outlived close()"
