@@ -11,7 +11,7 @@ from priorzero_core.llm_prior import make_llm_prior
 from priorzero_core.ppo import PPOTrainer
 from priorzero_core.replay import GameSegment
 
-STEPS = 3
+STEPS = 4
 
 
 def smollm_config(rom_dir, algorithm: str) -> PriorZeroConfig:
@@ -19,7 +19,9 @@ def smollm_config(rom_dir, algorithm: str) -> PriorZeroConfig:
     return PriorZeroConfig.model_validate({
         "game": {"name": "zork1", "rom_dir": str(rom_dir)},
         "llm": {"backend": "transformers"},
-        "ppo": dict(algorithm=algorithm, rollout_batch_size=4, n_samples_per_prompt=6, train_batch_size=4,
+        # GRPO collapsed here with six minibatches per rollout at this learning rate; three larger ones learn.
+        "ppo": dict(algorithm=algorithm, rollout_batch_size=4, n_samples_per_prompt=6,
+                    train_batch_size=8 if algorithm == "grpo" else 4,
                     critic_update_steps=1, generate_max_tokens=10, max_prompt_tokens=128, history_length=0, think=False,
                     temperature=0.7, actor_lr=3e-5, critic_lr=1.5e-4, kl_coef=0.0, game_reward_weight=0.1,
                     gradient_checkpointing=False),
