@@ -11,6 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .agent import Agent, EnvView
+from .ppo.env_state import encode_state
 from .games.base import TimeStep
 from .replay import GameSegment, StepRecord
 
@@ -58,6 +59,7 @@ class Collector:
         self.epsilon = epsilon
         self.rng = rng
         self._running: list[Optional[_Running]] = []
+        self.record_env_state = False  # ~13 KB per Zork step; only PPO's reward needs it
 
     def _start(self, ts: TimeStep) -> _Running:
         eid = uuid.uuid4().hex[:12]
@@ -80,6 +82,7 @@ class Collector:
                     idx = int(self.rng.integers(len(d.valid_actions)))
                 actions.append(d.valid_actions[idx])
                 d.action_index, d.action = idx, d.valid_actions[idx]
+            states = [encode_state(self.pool.get_state(i)) for i in range(len(actions))] if self.record_env_state else None
             next_steps = self.pool.step(actions)
             resets: list[int] = []
             for i, (d, r, ts) in enumerate(zip(decisions, self._running, next_steps)):
@@ -99,6 +102,7 @@ class Collector:
                         prompt=d.prompt,
                         terminal=bool(ts.done and not truncated),
                         truncated=bool(truncated),
+                        env_state=states[i] if states else None,
                     )
                 )
                 r.view.history.append((r.view.timestep.observation, d.action, float(ts.reward)))

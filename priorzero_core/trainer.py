@@ -106,6 +106,9 @@ class Trainer:
         self.collect_pool = EnvPool(cfg.game, cfg.collect.num_envs, seed=cfg.run.seed)
         self.collector = Collector(self.collect_pool, self.agent, cfg.collect.segment_length, cfg.collect.epsilon, self.rng)
         self._eval_pool: Optional[EnvPool] = None
+        self._ppo = None
+        self._ppo_resume_dir: Optional[Path] = None
+        self.collector.record_env_state = self.ppo_enabled  # PPO rewards replay actions from saved states
         if resume:
             self._resume()
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -143,7 +146,21 @@ class Trainer:
 
     @property
     def ppo_enabled(self) -> bool:
-        return False if self.cfg.ppo.use_orz_trainer is None else bool(self.cfg.ppo.use_orz_trainer)
+        """ORZ PPO trains the LLM (instead of the built-in SFT/RFT) when `ppo.use_orz_trainer` says so or Ray is there."""
+        from .ppo.trainer import orz_enabled
+
+        return self.llm_trainer is not None and orz_enabled(self.cfg)
+
+    @property
+    def ppo(self):
+        """The PPO trainer (Ray actors), started on first use and kept for the whole run."""
+        if self._ppo is None:
+            from .ppo.trainer import PPOTrainer
+
+            self._ppo = PPOTrainer(self.cfg, self.run_dir, policy_model=self.llm_prior.trainable_model())
+            if self._ppo_resume_dir is not None:
+                self._ppo.load(self._ppo_resume_dir)
+        return self._ppo
 
     # ------------------------------------------------------------------ schedule
     def due(self, stage: str, iteration: int) -> bool:
@@ -236,10 +253,24 @@ class Trainer:
         return StageResult(metrics=metrics)
 
     def adapt(self, iteration: int) -> StageResult:
-        raise ConfigError("ppo.use_orz_trainer is on, but this version has no PPO trainer yet; set it to false")
+        """Segments of the last `llm_train_freq` iterations → a PPO prompts file."""
+        since = iteration - self.cfg.schedule.llm_train_freq
+        with self._lock:
+            segments = [seg for seg in self.replay.segments if seg.iteration > since and any(s.env_state for s in seg.steps)]
+        if not segments:
+            return StageResult(skipped=True)
+        path = self.ppo.adapt(segments, iteration)
+        return StageResult(metrics={"ppo/prompt_segments": float(len(segments))}, artifacts={"prompts": path})
 
     def ppo_train(self, iteration: int, prompts: Path) -> StageResult:
-        raise ConfigError("ppo.use_orz_trainer is on, but this version has no PPO trainer yet; set it to false")
+        metrics = self.ppo.train(prompts)
+        model = self.llm_prior.trainable_model()
+        with self._lock:  # MCTS scores with the PPO-updated policy from the next collect on
+            self.ppo.sync_to(model)
+            self.llm_prior.sync_weights(model)
+        log.info("iteration %d PPO: reward %.3f, kl %.4f", iteration, metrics.get("train/ppo_reward_mean", 0.0),
+                 metrics.get("train/ppo_kl", 0.0))
+        return StageResult(metrics=metrics)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, iteration: int) -> StageResult:
@@ -251,6 +282,8 @@ class Trainer:
             writer.torch_state("world_model_optim", {"optimizer": wm_state["optimizer"], "steps": wm_state["steps"]})
             if self.llm_trainer is not None:
                 writer.directory("llm", self.llm_trainer.save_state)
+            if self._ppo is not None:
+                writer.directory("ppo", self._ppo.save)
             writer.torch_state("rng", {"torch": torch.get_rng_state()})
             meta = {
                 "iteration": iteration,
@@ -295,6 +328,8 @@ class Trainer:
                                  "optimizer": optim["optimizer"], "steps": optim["steps"]})
         if self.llm_trainer is not None and (path / "llm").is_dir():
             self.llm_trainer.load_state(path / "llm")
+        if (path / "ppo").is_dir():
+            self._ppo_resume_dir = path / "ppo"  # loaded when the PPO actors start
         torch.set_rng_state(ckpt.load_torch_state(path, "rng")["torch"])
         self.rng.bit_generator.state = meta["numpy_rng"]
         self.iteration = int(meta["iteration"])
@@ -311,11 +346,11 @@ class Trainer:
     def close(self) -> None:
         """Shut envs and workers down; each part independently."""
         errors = []
-        for pool in (self.collect_pool, self._eval_pool):
-            if pool is None:
+        for part in (self._ppo, self.collect_pool, self._eval_pool):
+            if part is None:
                 continue
             try:
-                pool.close()
+                part.close()
             except Exception as err:  # keep closing the rest
                 errors.append(err)
         for err in errors:
@@ -331,10 +366,16 @@ def run_plain(cfg: PriorZeroConfig, run_dir: Path | str, iterations: Optional[in
         last = iterations or cfg.schedule.iterations
         for it in range(trainer.iteration + 1, last + 1):
             row: dict[str, float] = {"iteration": float(it)}
-            for stage in ("evaluate", "collect", "train_world_model", "train_llm", "checkpoint"):
+            prompts: Optional[Path] = None
+            for stage in STAGES:
                 if trainer.due(stage, it):
                     t0 = time.perf_counter()
-                    row.update(getattr(trainer, stage)(it).metrics)
+                    if stage == "ppo_train":
+                        result = trainer.ppo_train(it, prompts) if prompts is not None else StageResult(skipped=True)
+                    else:
+                        result = getattr(trainer, stage)(it)
+                    prompts = result.artifacts.get("prompts", prompts)
+                    row.update(result.metrics)
                     row[f"timing/{stage}_s"] = time.perf_counter() - t0
             trainer.finish_iteration(it)
             history.append(row)
