@@ -66,7 +66,6 @@ def test_play_shows_valid_actions_and_takes_their_numbers():
     assert result.output.count("score 0, moves") == 2
 
 
-@pytest.mark.slow
 def test_train_then_resume_continue_one_run_and_one_mlflow_run(prefect_server, debug_overrides, tmp_path):
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "prefect-client")}
     run_dir = tmp_path / "runs" / "cli-run"

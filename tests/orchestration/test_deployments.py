@@ -28,7 +28,6 @@ def wait_for_deployment(name: str, serve: subprocess.Popen, timeout: float = 120
     raise AssertionError(f"deployment {name} not registered after {timeout:.0f} s")
 
 
-@pytest.mark.slow
 def test_served_debug_deployment_runs_to_completed(prefect_api, debug_overrides, tmp_path):
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect-client")}
     with open(tmp_path / "serve.log", "w") as log:

@@ -49,7 +49,6 @@ def test_resume_needs_a_run_name_and_a_new_run_never_reuses_a_run_dir(tmp_path):
         resolve_run("debug", [f"run.run_dir={tmp_path}"], None, False, "old")
 
 
-@pytest.mark.slow
 def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_api, debug_overrides):
     state = priorzero(config="debug", overrides=debug_overrides, iterations=3, return_state=True)
 
@@ -71,7 +70,6 @@ def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_
     assert run.info.status == "FINISHED"
 
 
-@pytest.mark.slow
 def test_collect_failure_is_retried_then_skips_the_rest_of_its_iteration(prefect_api, debug_overrides, monkeypatch):
     monkeypatch.setenv("PRIORZERO_FAULTS", "collect@2")
 
@@ -93,7 +91,6 @@ def test_collect_failure_is_retried_then_skips_the_rest_of_its_iteration(prefect
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/wm_total_loss")] == [1, 3]
 
 
-@pytest.mark.slow
 def test_consecutive_failed_iterations_fail_the_flow_naming_stage_and_error(prefect_api, debug_overrides, monkeypatch):
     monkeypatch.setenv("PRIORZERO_FAULTS", "collect@1,collect@2")
 
@@ -107,7 +104,6 @@ def test_consecutive_failed_iterations_fail_the_flow_naming_stage_and_error(pref
     assert run.info.status == "FAILED"
 
 
-@pytest.mark.slow
 def test_parallel_mode_trains_world_model_and_llm_at_the_same_time(prefect_api, debug_overrides):
     state = priorzero(config="debug", iterations=1, return_state=True, overrides=[
         *debug_overrides, "llm.enabled=true", "llm.batch_size=2", "llm.updates_per_train=1", "eval.modes=[wm]",
