@@ -184,7 +184,6 @@ def sequences_to_wm_batch(seqs: Sequence[SampledSequence], encoder: TextEncoder,
                 for a in s.valid_actions[:A]:
                     texts.setdefault(a, len(texts))
     emb = encoder.encode(list(texts)).to(device)
-    E = emb.shape[-1]
     obs_idx = torch.zeros(B, L, dtype=torch.long)
     act_idx = torch.zeros(B, L, dtype=torch.long)
     valid_idx = torch.zeros(B, L, A, dtype=torch.long)

@@ -31,7 +31,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -69,7 +70,7 @@ class CheckpointWriter:
     def commit(self, meta: dict[str, Any]) -> Path:
         files = sorted(p for p in self.tmp.rglob("*") if p.is_file())
         for p in files:
-            _fsync(p)
+            fsync_path(p)
         manifest = {
             "format": FORMAT_VERSION,
             "iteration": self.iteration,
@@ -78,12 +79,12 @@ class CheckpointWriter:
             "files": {str(p.relative_to(self.tmp)): _sha256(p) for p in files},
         }
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _fsync(self.tmp / MANIFEST)
+        fsync_path(self.tmp / MANIFEST)
         final = self.root / checkpoint_name(self.iteration)
         if final.exists():
             _set_aside(final, "replaced")
         os.replace(self.tmp, final)
-        _fsync(self.root)
+        fsync_path(self.root)
         return final
 
     def abort(self) -> None:

