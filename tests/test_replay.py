@@ -1,6 +1,5 @@
 import gzip
 
-import numpy as np
 import pytest
 
 from priorzero_core.errors import CheckpointError

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
