@@ -171,14 +171,19 @@ def load_causal_lm(cfg: LLMConfig, device: str | torch.device = "cpu") -> tuple[
 # ---------------------------------------------------------------------------------------------- prompts
 
 
-def _render(tokenizer: Any, history: Sequence[HistoryStep], observation: str, valid_actions: Sequence[str]) -> str:
+def user_message(history: Sequence[HistoryStep], observation: str, valid_actions: Sequence[str]) -> str:
+    """The user turn shared by the prior's and PPO's prompts: history, observation, valid actions."""
     parts = []
     if history:
         steps = "\n\n".join(f"Observation: {obs}\nAction: {act}\nReward: {rew:g}" for obs, act, rew in history)
         parts.append(f"[History]\n{steps}")
     parts.append(f"[Observation]\n{observation}")
     parts.append(f"[Valid Actions] {', '.join(valid_actions)}")
-    user = "\n\n".join(parts)
+    return "\n\n".join(parts)
+
+
+def _render(tokenizer: Any, history: Sequence[HistoryStep], observation: str, valid_actions: Sequence[str]) -> str:
+    user = user_message(history, observation, valid_actions)
     if not tokenizer.chat_template:
         return f"{SYSTEM_PROMPT}\n\n{user}\n\n"
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..config import PPOConfig
+from ..llm_prior import user_message
 from ..replay import GameSegment, StepRecord
 
 logger = logging.getLogger(__name__)
@@ -58,13 +59,7 @@ class GameSegmentToORZAdapter:
 
     # ------------------------------------------------------------------ rendering
     def _render(self, tokenizer: Any, history: Sequence[StepRecord], observation: str, valid: Sequence[str]) -> str:
-        parts = []
-        if history:
-            steps = "\n\n".join(f"Observation: {s.observation}\nAction: {s.action}\nReward: {s.reward:g}" for s in history)
-            parts.append(f"[History]\n{steps}")
-        parts.append(f"[Observation]\n{observation}")
-        parts.append(f"[Valid Actions] {', '.join(valid)}")
-        user = "\n\n".join(parts)
+        user = user_message([(s.observation, s.action, s.reward) for s in history], observation, valid)
         if not tokenizer.chat_template:
             return f"{SYSTEM_PROMPT}\n\nUser: {user}\nAssistant: {self.prefill}"
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
