@@ -1,10 +1,12 @@
 """Jericho valid actions, the cost of a step: a per-game LRU cache and a pool of worker processes.
 
 A request is `(world_state_hash, frotz_state)`. Hits come from a cache shared by every `ValidActions`
-of the same ROM in this process. For misses this process lists Jericho's candidate commands (cheap) and
-the workers, each holding its own `FrotzEnv`, test chunks of them in parallel (the expensive part), so
-even a single new state keeps every worker busy. A worker that overruns the timeout (Jericho hangs on
-some Zork 1 states) is killed and replaced, and its request answers `None`.
+of the same ROM in this process. Misses go to worker processes, each holding its own `FrotzEnv`: a job is
+`(state, part, parts)`; the worker lists Jericho's candidate commands for the state (cheap) and tests its
+part of them (the expensive part). When fewer states are new than there are workers, each state is split
+across all workers, so even a single new state keeps every worker busy; otherwise each worker takes whole
+states. Only the 14 kB interpreter state crosses the pipe. A worker that overruns the timeout (Jericho hangs
+on some Zork 1 states) is killed and replaced, and its request answers `None`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import jericho
-from jericho.util import chunk, verb_usage_count
+from jericho.util import verb_usage_count
 
 from ..errors import GameError
 from .tagger import install_tagger
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 WORKER_START_TIMEOUT_S = 120.0
 Request = tuple[str, Any]  # (world-state hash, FrotzEnv.get_state())
 Diffs = dict[tuple, list[str]]  # world change -> the candidate commands that cause it
+Ranked = dict[tuple, list[tuple[int, str]]]  # the same, each command with its position among the candidates
 
 
 def candidate_actions(env: jericho.FrotzEnv, state: Any) -> list[str]:
@@ -50,18 +53,31 @@ def filter_candidates(env: jericho.FrotzEnv, state: Any, candidates: list[str]) 
     return dict(env._filter_candidate_actions(candidates, use_ctypes=True, use_parallel=False))
 
 
-def pick_actions(parts: Sequence[Diffs]) -> list[str]:
-    """One command per world change, as `FrotzEnv.get_valid_actions` does; parts come in candidate order."""
-    merged: dict[tuple, list[str]] = defaultdict(list)
+def indexed(diffs: Diffs, candidates: Sequence[str]) -> Ranked:
+    """`diffs` with each command paired with its position among all of a state's candidates."""
+    position: dict[str, int] = {}
+    for i, action in enumerate(candidates):
+        position.setdefault(action, i)
+    return {diff: [(position[a], a) for a in actions] for diff, actions in diffs.items()}
+
+
+def pick_actions(parts: Sequence[Ranked]) -> list[str]:
+    """One command per world change, as `FrotzEnv.get_valid_actions` does, ties broken by candidate order.
+
+    The parts may hold interleaved slices of the candidates; the positions restore Jericho's sequential order.
+    """
+    merged: dict[tuple, list[tuple[int, str]]] = defaultdict(list)
     for part in parts:
         for diff, actions in part.items():
             merged[diff].extend(actions)
-    return [max(actions, key=verb_usage_count) for actions in merged.values()]
+    groups = sorted(merged.values(), key=min)  # world changes in the order a sequential pass first meets them
+    return [max((a for _, a in sorted(group)), key=verb_usage_count) for group in groups]
 
 
 def compute_valid_actions(env: jericho.FrotzEnv, state: Any) -> list[str]:
     """Valid actions for `state` in this process: `get_valid_actions`, with the order made deterministic."""
-    return pick_actions([filter_candidates(env, state, candidate_actions(env, state))])
+    candidates = candidate_actions(env, state)
+    return pick_actions([indexed(filter_candidates(env, state, candidates), candidates)])
 
 
 class LRUCache:
@@ -101,8 +117,12 @@ def shared_cache(rom: Path, maxsize: int) -> LRUCache:
 
 
 def _serve(conn: Connection, rom: str, filter_fn: Callable[[jericho.FrotzEnv, Any, list[str]], Diffs]) -> None:
-    """Worker loop: answer (state, candidates) with `filter_fn` until the parent sends None or goes away."""
+    """Worker loop: answer (state, part, parts) until the parent sends None or goes away.
+
+    The answer is `filter_fn` over every `parts`-th candidate command from `part` on, with their positions.
+    """
     try:
+        install_tagger()
         env = jericho.FrotzEnv(rom)
         conn.send(("ready", None))
     except Exception as err:  # reported to the parent, which raises it as a GameError
@@ -116,7 +136,11 @@ def _serve(conn: Connection, rom: str, filter_fn: Callable[[jericho.FrotzEnv, An
         if job is None:
             return
         try:
-            conn.send(("ok", filter_fn(env, *job)))
+            state, part, parts = job
+            candidates = candidate_actions(env, state)
+            # Every parts-th command: Jericho groups candidates by template, whose costs differ a lot, so
+            # interleaved slices take about equally long where contiguous chunks do not.
+            conn.send(("ok", indexed(filter_fn(env, state, candidates[part::parts]), candidates)))
         except Exception as err:
             conn.send(("error", f"{type(err).__name__}: {err}"))
 
@@ -172,13 +196,13 @@ class ValidActions:
         self.timeout_s = timeout_s
         self.cache = shared_cache(Path(self.rom), cache_size)
         install_tagger()
-        self._local = jericho.FrotzEnv(self.rom)  # lists candidates here; filters them too when workers=0
         self._workers: list[_Worker] = []
         if workers and mp.current_process().daemon:
             # Daemonic processes may not have children (why Jericho's own use_parallel fails there).
             log.warning("valid actions: running in a daemonic process, computing in-process instead of %d workers",
                         workers)
             workers = 0
+        self._local = None if workers else jericho.FrotzEnv(self.rom)
         if workers:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers must not inherit tokenizer threads
             self._ctx = mp.get_context("spawn")
@@ -213,32 +237,30 @@ class ValidActions:
         return results
 
     def _compute(self, todo: dict[str, Any]) -> dict[str, Optional[list[str]]]:
-        if not self._workers:
+        if self._local is not None:
             return {key: compute_valid_actions(self._local, state) for key, state in todo.items()}
-        # Every state is split into one chunk per worker: a lone new state still uses all of them.
-        jobs = deque(
-            (key, part, state, candidates)
-            for key, state in todo.items()
-            for part, candidates in enumerate(chunk(candidate_actions(self._local, state), len(self._workers)))
-        )
-        parts = self._run(jobs)
+        # Fewer new states than workers: split each across all workers. Otherwise whole states, which spares
+        # the workers listing the same candidates twice.
+        parts = len(self._workers) if len(todo) < len(self._workers) else 1
+        jobs = deque((key, part, parts, state) for key, state in todo.items() for part in range(parts))
+        answers = self._run(jobs)
         results: dict[str, Optional[list[str]]] = {}
         for key in todo:
-            chunks = [parts.get((key, i)) for i in range(len(self._workers))]
+            chunks = [answers.get((key, i)) for i in range(parts)]
             results[key] = None if None in chunks else pick_actions(chunks)  # type: ignore[arg-type]
         return results
 
-    def _run(self, jobs: deque) -> dict[tuple[str, int], Optional[Diffs]]:
-        """Run (key, part, state, candidates) jobs on the workers; a job that fails or overruns gives None."""
+    def _run(self, jobs: deque) -> dict[tuple[str, int], Optional[Ranked]]:
+        """Run (key, part, parts, state) jobs on the workers; a job that fails or overruns gives None."""
         idle = deque(self._workers)
         busy: dict[Connection, tuple[_Worker, tuple[str, int], float]] = {}
-        out: dict[tuple[str, int], Optional[Diffs]] = {}
+        out: dict[tuple[str, int], Optional[Ranked]] = {}
         while jobs or busy:
             while jobs and idle:
                 worker = idle.popleft()
                 worker.wait_ready()
-                key, part, state, candidates = jobs.popleft()
-                worker.conn.send((state, candidates))
+                key, part, parts, state = jobs.popleft()
+                worker.conn.send((state, part, parts))
                 busy[worker.conn] = (worker, (key, part), time.monotonic() + self.timeout_s)
             next_deadline = min(deadline for _, _, deadline in busy.values())
             for conn in wait(list(busy), timeout=max(0.0, next_deadline - time.monotonic())):
