@@ -18,7 +18,7 @@ from .replay import GameSegment, SampledSequence, StepRecord
 from .text_encoder import TextEncoder
 from .world_model import RootContext, WMBatch, WorldModel
 
-Mode = Literal["collect", "wm", "wm_llm", "llm"]
+Mode = Literal["collect", "wm", "wm_llm", "llm", "random"]
 FALLBACK_ACTION = "wait"  # a state without valid actions still needs a command; "wait" lets timed events happen
 
 
@@ -105,6 +105,8 @@ class Agent:
         """One decision per view. `collect` explores (root noise, collect temperature); eval modes act greedily."""
         A = self.spec.action_space_size
         valid = [kept_actions(v.timestep, A) for v in views]
+        if mode == "random":  # the baseline: uniform over the same valid actions the agent gets
+            return [self._uniform(acts) for acts in valid]
         use_llm = self.llm is not None and (mode in ("wm_llm", "llm") or (mode == "collect" and self.cfg.mcts.prior_mode != "wm"))
         prompts: list[Optional[str]] = [None] * len(views)
         llm_lp = None
@@ -147,6 +149,13 @@ class Agent:
                 prompt=prompts[b],
             ))
         return decisions
+
+    def _uniform(self, acts: list[str]) -> Decision:
+        k = len(acts)
+        idx = int(self.rng.integers(k))
+        dist = np.full(k, 1.0 / k, dtype=np.float32)
+        return Decision(valid_actions=acts, action_index=idx, action=acts[idx], visit_dist=dist,
+                        policy_target=dist, root_value=0.0, llm_prior=None, prompt=None)
 
     # ------------------------------------------------------------------ learning inputs
     @torch.inference_mode()

@@ -151,7 +151,8 @@ class ReplayConfig(_Section):
 class EvalConfig(_Section):
     eval_freq: int = Field(default=5, gt=0)
     num_episodes: int = Field(default=1, gt=0)
-    modes: list[Literal["wm", "wm_llm", "llm"]] = ["wm", "wm_llm", "llm"]
+    # evals/reward_mean is the first mode's; "random" plays uniformly random valid actions (a baseline)
+    modes: list[Literal["wm", "wm_llm", "llm", "random"]] = ["wm", "wm_llm", "llm"]
     max_episode_steps: Optional[int] = Field(default=None, gt=0)  # None: the game's own
 
 
@@ -165,6 +166,9 @@ class ScheduleConfig(_Section):
     replay_ratio: float = Field(default=0.25, gt=0)  # world-model samples trained per env step collected
     min_wm_updates: int = Field(default=1, ge=0)
     warmup_steps: int = Field(default=0, ge=0)  # env steps collected before training starts
+    # Stop after the first iteration that ends this many seconds after training started (this process;
+    # a resumed run gets the budget afresh); the last iteration is then evaluated and checkpointed.
+    time_budget_s: Optional[float] = Field(default=None, gt=0)
 
 
 class PPOConfig(_Section):

@@ -1,4 +1,5 @@
-"""Evaluator: greedy episodes with the world model alone, world model + LLM prior, or the LLM prior alone."""
+"""Evaluator: greedy episodes with the world model alone, world model + LLM prior, or the LLM prior alone;
+and a uniformly random agent over the same valid actions as the baseline."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from tqdm.auto import tqdm
 
 from .agent import Agent, EnvView
 
-MODE_NAMES = {"wm": "world model only", "wm_llm": "world model + LLM prior", "llm": "LLM prior only"}
+MODE_NAMES = {"wm": "world model only", "wm_llm": "world model + LLM prior", "llm": "LLM prior only",
+              "random": "uniformly random valid action (baseline)"}
 
 
 @dataclass

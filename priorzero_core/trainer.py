@@ -91,6 +91,9 @@ class Trainer:
                  self.spec.max_episode_steps, self.device)
         self.iteration = 0
         self.env_steps = 0
+        self._started = time.monotonic()  # for schedule.time_budget_s
+        self._iteration_started = self._started  # moves on at each iteration, the first one included
+        self._final: Optional[int] = None  # the iteration the time budget ends training at
         self._steps_since_wm = 0
         self._lock = threading.Lock()  # parallel mode: WM and LLM training share the replay buffer
 
@@ -165,7 +168,8 @@ class Trainer:
     # ------------------------------------------------------------------ schedule
     def due(self, stage: str, iteration: int) -> bool:
         """Whether `stage` runs in `iteration` (1-based), from the schedule in the config."""
-        sch, last = self.cfg.schedule, iteration == self.cfg.schedule.iterations
+        sch = self.cfg.schedule
+        last = iteration in (sch.iterations, self._final)
         llm_turn = self.llm_trainer is not None and iteration % sch.llm_train_freq == 0
         if stage == "evaluate":
             return (iteration - 1) % self.cfg.eval.eval_freq == 0 or last
@@ -185,7 +189,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ stages
     def evaluate(self, iteration: int) -> StageResult:
-        modes = [m for m in self.cfg.eval.modes if self.llm_prior is not None or m == "wm"]
+        modes = [m for m in self.cfg.eval.modes if self.llm_prior is not None or m in ("wm", "random")]
         if self.llm_prior is not None and "wm_llm" in modes:
             modes.remove("wm_llm")
             modes.insert(0, "wm_llm")
@@ -302,8 +306,22 @@ class Trainer:
         log.info("iteration %d checkpoint: %s", iteration, path)
         return StageResult(metrics={}, artifacts={"checkpoint": path})
 
+    def begin_iteration(self, iteration: int) -> None:
+        """Call before each iteration: with a time budget, the iteration that will end past it is the last
+        (judged by the previous iteration's length), so it evaluates and checkpoints as a schedule's last does."""
+        now, budget = time.monotonic(), self.cfg.schedule.time_budget_s
+        if budget is not None and self._final is None and self._iteration_started > self._started:
+            if now - self._started + (now - self._iteration_started) >= budget:
+                self._final = iteration
+                log.info("iteration %d is the last: the time budget of %.0f s ends with it", iteration, budget)
+        self._iteration_started = now
+
     def finish_iteration(self, iteration: int) -> None:
         self.iteration = max(self.iteration, iteration)
+
+    def stop_after(self, iteration: int) -> bool:
+        """Whether training ends with `iteration` (the schedule's last, or the time budget's)."""
+        return iteration in (self.cfg.schedule.iterations, self._final)
 
     def _resume(self) -> None:
         root = self.run_dir / "checkpoints"
@@ -365,6 +383,7 @@ def run_plain(cfg: PriorZeroConfig, run_dir: Path | str, iterations: Optional[in
     try:
         last = iterations or cfg.schedule.iterations
         for it in range(trainer.iteration + 1, last + 1):
+            trainer.begin_iteration(it)
             row: dict[str, float] = {"iteration": float(it)}
             prompts: Optional[Path] = None
             for stage in STAGES:
@@ -381,6 +400,8 @@ def run_plain(cfg: PriorZeroConfig, run_dir: Path | str, iterations: Optional[in
             history.append(row)
             with open(trainer.run_dir / "logs" / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
+            if trainer.stop_after(it):
+                break
     finally:
         trainer.close()
     return history

@@ -87,3 +87,15 @@ def test_llm_prior_is_used_for_search_and_trained_from_it(tmp_path):
     step = segs[0].steps[0]
     assert step.prompt and step.llm_prior is not None and len(step.llm_prior) == len(step.valid_actions)
     assert (tmp_path / "checkpoints" / "iter-000001" / "llm").is_dir()
+
+
+def test_time_budget_ends_training_with_an_evaluated_and_checkpointed_iteration(tmp_path):
+    cfg = load_config("debug", TINY + ["llm.enabled=false", "schedule.iterations=50", "eval.eval_freq=10",
+                                       "run.checkpoint_freq=10", "schedule.time_budget_s=0.001",
+                                       "eval.modes=[wm,random]"])
+    history = run_plain(cfg, tmp_path, progress=False)
+    assert [row["iteration"] for row in history] == [1, 2]  # 1 always runs; 2 ends past the budget
+    assert "evals/random/reward_mean" in history[0] and "evals/reward_mean" in history[1]
+    assert history[1]["evals/reward_mean"] == history[1]["evals/wm/reward_mean"]  # the first mode is the main one
+    _, manifest = ckpt.latest_valid(tmp_path / "checkpoints")
+    assert manifest["meta"]["iteration"] == 2
