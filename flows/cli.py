@@ -192,15 +192,23 @@ def play(
 
 
 @app.command("eval")
-def evaluate(run_dir: Annotated[Path, typer.Argument(help="A run directory made by `priorzero train`.")]) -> None:
-    """Evaluate a run's latest checkpoint and print its metrics and transcript path."""
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `priorzero train`.")],
+    more: MoreArgs = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a run's latest checkpoint and print its metrics and transcript path.
+
+    Overrides change only this evaluation (the run's config.yaml stays as it is), e.g. the random baseline
+    over the same valid actions: `priorzero eval runs/zork eval.modes=[random] eval.num_episodes=20`.
+    """
     from priorzero_core.config import load_config
     from priorzero_core.trainer import Trainer
 
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    trainer = Trainer(load_config(saved), run_dir, resume=True)
+    trainer = Trainer(load_config(saved, _overrides(set_, more)), run_dir, resume=True, record_config=False)
     try:
         result = trainer.evaluate(trainer.iteration)
     finally:

@@ -74,7 +74,8 @@ def pick_device(choice: str) -> torch.device:
 class Trainer:
     """Holds envs, models, replay and counters for one run directory."""
 
-    def __init__(self, cfg: PriorZeroConfig, run_dir: Path | str, *, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: PriorZeroConfig, run_dir: Path | str, *, resume: bool = False, progress: bool = True,
+                 record_config: bool = True):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
@@ -114,7 +115,8 @@ class Trainer:
         self.collector.record_env_state = self.ppo_enabled  # PPO rewards replay actions from saved states
         if resume:
             self._resume()
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        if record_config:  # False for a one-off evaluation with overrides: the run's own config stays
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
 
     # ------------------------------------------------------------------ setup
     def _check_run_dir(self) -> None:

@@ -85,3 +85,19 @@ def test_train_then_resume_continue_one_run_and_one_mlflow_run(prefect_server, d
     client = MlflowClient(next(o.split("=", 1)[1] for o in overrides if o.startswith("tracking.uri=")))
     (run,) = client.search_runs([client.get_experiment_by_name("priorzero-embedded").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "collect/total_env_steps")] == [1, 2, 3]
+
+
+def test_eval_overrides_apply_to_that_evaluation_only(tmp_path):
+    from priorzero_core.config import load_config
+    from priorzero_core.trainer import run_plain
+
+    run_dir = tmp_path / "run"
+    run_plain(load_config("debug", ["llm.enabled=false", "collect.steps_per_iteration=2", "mcts.num_simulations=2",
+                                    "eval.max_episode_steps=2", "schedule.iterations=1"]), run_dir, progress=False)
+    saved = (run_dir / "config.yaml").read_text()
+
+    result = runner.invoke(app, ["eval", str(run_dir), "eval.modes=[random]", "eval.num_episodes=3"])
+
+    assert result.exit_code == 0, result.output
+    assert "evals/random/reward_mean" in result.output and "evals/wm/reward_mean" not in result.output
+    assert (run_dir / "config.yaml").read_text() == saved
