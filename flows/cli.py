@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from priorzero_core.errors import ConfigError, PriorZeroError
+
+if TYPE_CHECKING:
+    from priorzero_core.config import PriorZeroConfig
 
 LOCAL_PREFECT_API = "http://127.0.0.1:4200/api"  # where `prefect server start --host 127.0.0.1` listens
 
@@ -70,6 +74,17 @@ def connect_prefect(require_server: bool) -> None:
                "runs live", err=True)
 
 
+def check_inputs(cfg: "PriorZeroConfig") -> None:
+    """The game's ROM and a user-given LLM, checked before a flow run starts (and logs a traceback for them)."""
+    from priorzero_core.games.catalog import EMBEDDED, resolve_rom
+    from priorzero_core.llm_prior import check_model
+
+    if cfg.game.name != EMBEDDED:
+        resolve_rom(cfg.game)
+    if cfg.llm.enabled:
+        check_model(cfg.llm)
+
+
 def _run_flow(**params: object) -> None:
     connect_prefect(require_server=False)
     from priorzero.flows.priorzero_flow import priorzero
@@ -94,7 +109,7 @@ def train(
     from priorzero_core.config import load_config
 
     overrides = _overrides(set_, more)
-    load_config(config, overrides)  # a bad config fails here, in one line, before Prefect starts
+    check_inputs(load_config(config, overrides))  # bad input fails here, in one line, before Prefect starts
     run_name = None
     if run_dir is not None:
         overrides.append(f"run.run_dir={run_dir.resolve().parent}")
@@ -219,7 +234,14 @@ def evaluate(
         typer.echo(f"{key} {path}")
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
+    # SIGTERM (kill, systemd, a scheduler stopping the job) unwinds like Ctrl-C: the flow's cleanup closes envs,
+    # workers and Ray, marks the MLflow run, and Prefect's ephemeral server stops, instead of being orphaned.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except PriorZeroError as err:

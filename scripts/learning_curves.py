@@ -1,0 +1,82 @@
+"""Learning curves of finished runs, read back from their MLflow runs, as one PNG (for docs/benchmarks.md).
+
+Each RUN_DIR is a run directory made by `priorzero train` (its mlflow_run.json names the MLflow run and the
+store). The left panel plots `evals/reward_mean` against env steps collected, the right one against wall-clock
+minutes; `--baseline LABEL=VALUE` draws a horizontal line (e.g. the random agent over the same valid actions,
+from `priorzero eval RUN_DIR eval.modes=[random] eval.num_episodes=20`). Also prints each run's table.
+
+    python scripts/learning_curves.py runs/debug-llm --baseline "random=2.75" --out docs/img/curve.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+REWARD, STEPS, SECONDS = "evals/reward_mean", "collect/total_env_steps", "timing/iteration_s"
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def curve(run_dir: Path) -> tuple[str, list[tuple[int, float, float, float]]]:
+    """(MLflow run id, [(iteration, env steps, minutes since start, reward)]) for one run directory."""
+    ref = json.loads((run_dir / "mlflow_run.json").read_text())
+    client = MlflowClient(tracking_uri=ref["tracking_uri"])
+    reward, steps = history(client, ref["run_id"], REWARD), history(client, ref["run_id"], STEPS)
+    seconds = history(client, ref["run_id"], SECONDS)
+    rows, elapsed = [], 0.0
+    for it in sorted(set(reward) | set(seconds)):
+        elapsed += seconds.get(it, 0.0)
+        if it in reward:
+            # Evaluation runs before collection in an iteration: the env steps it saw are the previous ones.
+            rows.append((it, steps.get(it - 1, 0.0), elapsed / 60, reward[it]))
+    return ref["run_id"], rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories to plot")
+    parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=VALUE",
+                        help="a horizontal reference line, e.g. random=2.75 (repeatable)")
+    parser.add_argument("--max-score", type=float, help="draw the game's max score as a dotted line")
+    parser.add_argument("--title", default="evaluation reward", help="figure title")
+    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    args = parser.parse_args()
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    by_steps, by_time = fig.subplots(1, 2, sharey=True)
+    for run_dir in args.run_dirs:
+        run_id, rows = curve(run_dir)
+        print(f"{run_dir} (MLflow run {run_id})")
+        print(f"{'iteration':>10}{'env steps':>11}{'minutes':>9}{'reward':>8}")
+        for it, steps, minutes, reward in rows:
+            print(f"{it:>10}{steps:>11.0f}{minutes:>9.1f}{reward:>8.2f}")
+        label = run_dir.name
+        by_steps.plot([r[1] for r in rows], [r[3] for r in rows], marker=".", label=label)
+        by_time.plot([r[2] for r in rows], [r[3] for r in rows], marker=".", label=label)
+    for item in args.baseline:
+        name, _, value = item.partition("=")
+        for ax in (by_steps, by_time):
+            ax.axhline(float(value), color="grey", linestyle="--", label=name)
+    if args.max_score is not None:
+        for ax in (by_steps, by_time):
+            ax.axhline(args.max_score, color="black", linestyle=":", label="max score")
+    by_steps.set(xlabel="env steps collected", ylabel=REWARD, title=args.title)
+    by_time.set(xlabel="wall-clock minutes (sum of iteration times)", title=args.title)
+    by_steps.legend(fontsize="small")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
