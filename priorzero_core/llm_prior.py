@@ -142,6 +142,12 @@ def _check_causal_lm(model_dir: Path) -> None:
         raise ModelError(f"llm.model {model_dir} is a {kind}, not a causal language model")
 
 
+def check_model(cfg: LLMConfig) -> None:
+    """Fail fast, without loading weights, if a user-given `llm.model` is missing or not a causal LM."""
+    if cfg.model not in BUILTIN_MODELS:
+        _check_causal_lm(resolve_model_dir(cfg))
+
+
 def load_tokenizer(model_dir: Path) -> Any:
     """The model's tokenizer; it must define an end-of-sequence token (it ends every action label)."""
     from transformers import AutoTokenizer
@@ -423,23 +429,52 @@ class LLMPrior(ABC):
         """Make scoring use the weights of `trained` (the trainer's module, maybe a PEFT wrapper)."""
 
 
+def scoring_dtype(cfg: LLMConfig, device: str | torch.device) -> torch.dtype:
+    """`llm.scoring_dtype`; "auto" is bfloat16 where the device has fast bf16 matmuls (a CUDA GPU that supports
+    it; a CPU with AVX512-BF16 or AMX, as oneDNN reports), else `llm.dtype`."""
+    if cfg.scoring_dtype != "auto":
+        return getattr(torch, cfg.scoring_dtype)
+    if torch.device(device).type == "cuda":
+        fast = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    else:
+        fast = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if fast else getattr(torch, cfg.dtype)
+
+
 class TransformersPrior(LLMPrior):
-    """Scores with the in-process transformers model; training updates that same module."""
+    """Scores with the in-process transformers model; training updates that module.
+
+    When the scoring dtype differs from the model's (bf16 scoring of an fp32 model: about 2.8x faster on a
+    CPU with AVX512-BF16, while training keeps fp32 weights, where small updates do not round away), scoring
+    runs on a copy in that dtype, refreshed by `sync_weights` after each training.
+    """
 
     backend = "transformers"
 
-    def __init__(self, model: nn.Module, tokenizer: Any, cfg: LLMConfig):
+    def __init__(self, model: nn.Module, tokenizer: Any, cfg: LLMConfig, dtype: Optional[torch.dtype] = None):
         super().__init__(tokenizer, cfg)
         self.model = model
+        dtype = dtype or next(model.parameters()).dtype
+        self.scorer = model if dtype == next(model.parameters()).dtype else copy.deepcopy(model).to(dtype).eval()
 
     def score_actions(self, batch: Sequence[ScoreRequest]) -> list[ActionScores]:
-        return score_batched(self.model, self.tokenizer, batch, self.cfg.prior_temperature)
+        return score_batched(self.scorer, self.tokenizer, batch, self.cfg.prior_temperature)
 
     def trainable_model(self) -> nn.Module:
         return self.model
 
     def sync_weights(self, trained: nn.Module) -> None:
-        """Nothing to copy: PEFT injects adapters into this module in place and full fine-tuning updates it."""
+        """Copy `trained`'s weights (LoRA merged in) into the scoring copy. Without a copy there is nothing to
+        do: PEFT injects adapters into this module in place and full fine-tuning updates it."""
+        if self.scorer is self.model:
+            return
+        from peft import PeftModel
+
+        plain = copy.deepcopy(trained).merge_and_unload() if isinstance(trained, PeftModel) else trained
+        weights = plain.state_dict()
+        with torch.no_grad():
+            for name, tensor in self.scorer.state_dict().items():
+                tensor.copy_(weights[name])
 
 
 class VLLMPrior(LLMPrior):
@@ -530,6 +565,8 @@ def make_llm_prior(cfg: LLMConfig, device: str | torch.device = "cpu") -> Option
     else:
         reason = "configured" if cfg.backend == "transformers" else "auto: vLLM not importable or no CUDA"
     model, tokenizer = load_causal_lm(cfg, device)
-    logger.info("LLM prior backend: transformers (%s, %s on %s, %s)", reason, cfg.model, device, cfg.dtype)
-    return TransformersPrior(model, tokenizer, cfg)
+    dtype = scoring_dtype(cfg, device)
+    logger.info("LLM prior backend: transformers (%s, %s on %s, %s, scoring in %s)", reason, cfg.model, device,
+                cfg.dtype, str(dtype).removeprefix("torch."))
+    return TransformersPrior(model, tokenizer, cfg, dtype)
 

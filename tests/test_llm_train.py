@@ -79,6 +79,30 @@ def test_training_moves_the_right_weights_and_the_prior_scores_with_them(smollm,
     assert any(not np.allclose(a, b, atol=1e-6) for a, b in zip(before_scores, after_scores))
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_bf16_scoring_copy_follows_the_fp32_weights_training_updates(smollm, lora):
+    model, tok = smollm
+    cfg = _cfg(lr=3e-4 if lora else 1e-4, updates_per_train=1, lora=LoraConfig(enabled=lora))
+    prior = TransformersPrior(copy.deepcopy(model), tok, cfg, torch.bfloat16)
+    assert next(prior.scorer.parameters()).dtype == torch.bfloat16
+    samples = _samples(prior)
+    batch = [(s.prompt, s.valid_actions) for s in samples]
+    fp32 = [s.log_prior for s in score_batched(prior.model, tok, batch, cfg.prior_temperature)]
+    before = prior.score(batch)
+    assert max(np.abs(a - b).max() for a, b in zip(fp32, before)) < 0.15  # bf16 rounding (≈0.1 nat), not another model
+
+    trainer = LLMTrainer(prior, cfg)
+    trainer.train(samples)  # ends with prior.sync_weights(trainer.model)
+
+    assert next(trainer.model.parameters()).dtype == torch.float32  # updates land on fp32 weights
+    plain = copy.deepcopy(trainer.model)
+    plain = (plain.merge_and_unload() if lora else plain).to(torch.bfloat16)
+    expected = [s.log_prior for s in score_batched(plain, tok, batch, cfg.prior_temperature)]
+    after = prior.score(batch)
+    assert all(np.allclose(a, e, atol=1e-6) for a, e in zip(after, expected))
+    assert any(not np.allclose(a, b, atol=1e-3) for a, b in zip(after, before))
+
+
 def test_sft_lowers_cross_entropy_to_the_visit_distribution(smollm):
     cfg = _cfg(rft_weight=0.0, updates_per_train=3)
     prior = _prior(smollm, cfg)
