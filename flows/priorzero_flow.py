@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prefect import Task, flow, get_run_logger
+from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture
 from prefect.logging.formatters import PrefectFormatter
 from prefect.runtime import flow_run
@@ -23,7 +24,7 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from priorzero.tasks import Tracker, close_trainer, configured_stages, open_trainer, skipped
-from priorzero_core.config import PriorZeroConfig, load_config, resolve_config_path
+from priorzero_core.config import PriorZeroConfig, is_plain_name, load_config, resolve_config_path
 from priorzero_core.errors import ConfigError
 from priorzero_core.trainer import Trainer
 
@@ -72,6 +73,14 @@ class Iteration:
                 err = state.result(raise_on_failure=False)
                 return f"{stage}-{self.number}: {type(err).__name__}: {err}"
         return None
+
+    def failure_tags(self) -> dict[str, str]:
+        """MLflow tags of a failed iteration: the stage that failed and why, and the stages skipped."""
+        failure = self.failure()
+        if failure is None:
+            return {}
+        skipped = [f"{stage}-{self.number}" for stage, state in self.states.items() if state.name == "Skipped"]
+        return {f"priorzero.failed.{self.number}": failure, f"priorzero.skipped.{self.number}": ", ".join(skipped)}
 
 
 def run_iteration(stages: dict[str, Task], trainer: Trainer, run_dir: str, n: int, mode: str) -> Iteration:
@@ -122,23 +131,28 @@ def train(cfg: PriorZeroConfig, trainer: Trainer, run_dir: Path, tracker: Tracke
     progress.last_ok = progress.last_checkpoint = trainer.iteration
     for n in range(trainer.iteration + 1, cfg.schedule.iterations + 1):
         started = time.perf_counter()
+        trainer.begin_iteration(n)
         it = run_iteration(stages, trainer, str(run_dir), n, cfg.schedule.mode)
         trainer.finish_iteration(n)
         it.metrics["timing/iteration_s"] = time.perf_counter() - started
-        tracker.log_iteration(n, it.metrics, it.artifacts)
         failure = it.failure()
+        tracker.log_iteration(n, it.metrics, it.artifacts, it.failure_tags())
+        if "checkpoint" in it.artifacts:
+            tracker.flush()
         if failure is None:
             failed_in_row = 0
             progress.last_ok = n
             progress.last_checkpoint = n if "checkpoint" in it.states else progress.last_checkpoint
             logger.info("iteration %d done in %.1f s", n, it.metrics["timing/iteration_s"])
-            continue
-        failed_in_row += 1
-        progress.failed.append(n)
-        logger.warning("iteration %d failed at %s; the stages that need it were skipped", n, failure)
-        if failed_in_row >= cfg.run.max_consecutive_failed_iterations:
-            raise TrainingFailed(f"{failed_in_row} iterations in a row failed (run.max_consecutive_failed_iterations); "
-                                 f"last: {failure}")
+        else:
+            failed_in_row += 1
+            progress.failed.append(n)
+            logger.warning("iteration %d failed at %s; the stages that need it were skipped", n, failure)
+            if failed_in_row >= cfg.run.max_consecutive_failed_iterations:
+                raise TrainingFailed(f"{failed_in_row} iterations in a row failed "
+                                     f"(run.max_consecutive_failed_iterations); last: {failure}")
+        if trainer.stop_after(n):
+            break
 
 
 def final_checkpoint(cfg: PriorZeroConfig, run_dir: Path, progress: Progress) -> None:
@@ -156,6 +170,8 @@ def resolve_run(config: str, overrides: list[str], iterations: Optional[int], re
     if resume and not (run_name or cfg.run.name):
         raise ConfigError("resume needs run_name: the run directory's name under run.run_dir")
     name = run_name or cfg.run.name or f"{resolve_config_path(config).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    if not is_plain_name(name):
+        raise ConfigError(f"run name {name!r} must be a directory name under run.run_dir, without '/' or '..'")
     run_dir = Path(cfg.run.run_dir).resolve() / name
     if resume:
         saved = run_dir / "config.yaml"
@@ -210,6 +226,9 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
         trainer = open_trainer(cfg, run_dir, resume=resume)
         train(cfg, trainer, run_dir, tracker, progress, logger)
         status = "FINISHED"
+    except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C; SIGTERM (Prefect's handler during a flow run)
+        status = "KILLED"
+        raise
     finally:
         # Independent steps: one failing is logged and the others still run.
         for what, step in (("final checkpoint", lambda: final_checkpoint(cfg, run_dir, progress)),

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from priorzero_core.errors import PriorZeroError
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -23,8 +25,17 @@ def _venv_bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def check_port_free(port: int) -> None:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise PriorZeroError(f"port {port} on 127.0.0.1 is in use; stop what listens there or pick another port") from None
+
+
 @contextmanager
 def _server(cmd: list[str], health_url: str, log: Path, env: dict[str, str], timeout: float) -> Iterator[None]:
+    check_port_free(int(health_url.split(":")[2].split("/")[0]))
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class CheckpointWriter:
         write(target)
 
     def commit(self, meta: dict[str, Any]) -> Path:
+        faults.inject("checkpoint-write", self.iteration)  # test hook: die with the parts written, no manifest
         files = sorted(p for p in self.tmp.rglob("*") if p.is_file())
         for p in files:
             fsync_path(p)

@@ -6,7 +6,6 @@ keyed by run directory, so tasks only pass run dirs, iteration numbers and paths
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -14,10 +13,9 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, State
 
+from priorzero_core import faults
 from priorzero_core.config import PriorZeroConfig, RunConfig
 from priorzero_core.trainer import StageResult, Trainer
-
-FAULTS_ENV = "PRIORZERO_FAULTS"
 
 _trainers: dict[Path, Trainer] = {}
 
@@ -37,15 +35,8 @@ def close_trainer(run_dir: Path) -> None:
         trainer.close()
 
 
-def _inject_fault(stage: str, iteration: int) -> None:
-    """Test hook: PRIORZERO_FAULTS=collect@2,train_world_model@5 makes those stage runs raise, every attempt."""
-    faults = {item.strip() for item in os.environ.get(FAULTS_ENV, "").split(",")}
-    if f"{stage}@{iteration}" in faults:
-        raise RuntimeError(f"injected fault {stage}@{iteration} (from ${FAULTS_ENV})")
-
-
 def _run_stage(stage: str, run_dir: str, iteration: int, *args: object) -> StageResult:
-    _inject_fault(stage, iteration)
+    faults.inject(stage, iteration)  # test hook, see priorzero_core/faults.py
     trainer = _trainers[Path(run_dir).resolve()]
     start = time.perf_counter()
     result: StageResult = getattr(trainer, stage)(iteration, *args)

@@ -77,6 +77,7 @@ class Tracker:
         self.client: Any = None
         self.run_id: Optional[str] = None
         self._off = not cfg.tracking.enabled
+        self._curves: dict[str, dict[int, float]] = {}  # what the learning curve plots: key -> {step: value}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-tracking")
 
     @property
@@ -87,10 +88,19 @@ class Tracker:
         """Open (or on resume, reopen) this run dir's MLflow run and log the resolved config."""
         self._submit("start", lambda: self._start(run_name, tags))
 
-    def log_iteration(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
-        """All of one iteration's metrics in one batch (step = iteration), then its artifacts."""
-        metrics, artifacts = dict(metrics), dict(artifacts)
-        self._submit("logging", lambda: self._log_iteration(iteration, metrics, artifacts))
+    def log_iteration(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path],
+                      tags: Optional[dict[str, str]] = None) -> None:
+        """All of one iteration's metrics and tags in one batch (step = iteration), then its artifacts."""
+        metrics, artifacts, tags = dict(metrics), dict(artifacts), dict(tags or {})
+        self._submit("logging", lambda: self._log_iteration(iteration, metrics, artifacts, tags))
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait (at most `timeout` s) until what is queued is written: after a checkpoint, so a kill -9
+        cannot leave a checkpointed iteration without its metrics (a resume would never log them again)."""
+        try:
+            self._worker.submit(lambda: None).result(timeout)
+        except Exception as err:  # a slow store: train on, the queue still drains in the background
+            self.log.warning("MLflow tracking is %s behind; training goes on", type(err).__name__)
 
     def end(self, status: str) -> None:
         """Mark the run FINISHED, FAILED or KILLED and wait until everything queued is written."""
@@ -119,7 +129,11 @@ class Tracker:
         run_id = self._previous_run_id()
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
-            known = self.client.get_run(run_id).data.params
+            data = self.client.get_run(run_id).data
+            known = data.params
+            for key in data.metrics:  # read once, so a resumed run's curve shows its whole history
+                if _plotted(key):
+                    self._curves[key] = {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
         else:
             run_id = self.client.create_run(self._experiment_id(), run_name=run_name).info.run_id
             (self.run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": self.uri, "run_id": run_id}))
@@ -159,12 +173,16 @@ class Tracker:
             self.client.log_batch(self.run_id, params=params[i:i + 100])
         self.client.log_text(self.run_id, dump_config(self.cfg), "config.yaml")
 
-    def _log_iteration(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
-        from mlflow.entities import Metric
+    def _log_iteration(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path],
+                       tags: dict[str, str]) -> None:
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, iteration) for key, value in sorted(metrics.items())]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self.client.log_batch(self.run_id, metrics=batch, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+        for key, value in metrics.items():
+            if _plotted(key):
+                self._curves.setdefault(key, {})[iteration] = float(value)
         if "transcript" in artifacts:
             self.client.log_artifact(self.run_id, str(artifacts["transcript"]), "transcripts")
         if "checkpoint" in artifacts:
@@ -175,18 +193,18 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(self._learning_curve()), "plots")
 
     def _learning_curve(self) -> Path:
-        """Reward and losses so far (read back from MLflow, so a resumed run plots its whole history)."""
+        """Reward and losses so far, from what this tracker logged (plus, on resume, the run's earlier history)."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        keys = sorted(k for k in self.client.get_run(self.run_id).data.metrics if "loss" in k)
+        keys = sorted(k for k in self._curves if k != CURVE_METRIC)
         fig = Figure(figsize=(10, 4), layout="constrained")
         FigureCanvasAgg(fig)
         reward, losses = fig.subplots(1, 2)
         for ax, names, title in ((reward, [CURVE_METRIC], "evaluation reward"), (losses, keys, "training losses")):
             for key in names:
-                history = sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.step)
-                ax.plot([m.step for m in history], [m.value for m in history], marker=".", label=key)
+                steps = sorted(self._curves.get(key, {}))
+                ax.plot(steps, [self._curves[key][s] for s in steps], marker=".", label=key)
             ax.set(title=title, xlabel="iteration")
             if names:
                 ax.legend(fontsize="small")
@@ -194,3 +212,7 @@ class Tracker:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)
         return path
+
+
+def _plotted(key: str) -> bool:
+    return key == CURVE_METRIC or "loss" in key
