@@ -234,6 +234,23 @@ def evaluate(
         typer.echo(f"{key} {path}")
 
 
+@app.command()
+def bench(
+    only: Annotated[Optional[list[str]], typer.Option(
+        help="Run only this benchmark (repeatable): env_throughput, llm_scoring, mcts, mcts_peers, "
+             "orchestration_overhead, ppo_throughput.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the ratio table as JSON here.")] = None,
+) -> None:
+    """Run the benchmarks (benchmarks/run_all.py) and print each ratio against its target."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+    if not script.is_file():
+        raise PriorZeroError(f"no {script}: the benchmarks live in the source checkout")
+    cmd = [sys.executable, str(script), *(a for name in only or [] for a in ("--only", name))]
+    raise typer.Exit(subprocess.run([*cmd, *(["--out", str(out)] if out else [])]).returncode)
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 

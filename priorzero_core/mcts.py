@@ -1,9 +1,10 @@
 """Batched MuZero search (PUCT) over a learned model, after mctx: small pure functions over one Tree.
 
 All B trees advance together: each simulation walks down every tree in a Python loop over depth
-(vectorised over the batch), makes ONE batched model call for the B new leaves, and backs the
-values up. Nodes are rows of preallocated [B, N, ...] tensors (N = simulations + 1, node 0 the root);
-the model's per-node state is a tuple of tensors stored the same way.
+(vectorised over the batch), makes ONE batched model call for the B new leaves, and backs the values
+up along the whole path at once. The tree statistics are numpy rows on the host (a numpy op costs a
+fraction of a torch op's dispatch, and a walk is a dozen tiny ops per level); the model's per-node
+state stays a tuple of tensors on the model's device.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from .config import MCTSConfig
 
-NodeState = tuple[Tensor, ...]  # each [B, ...]; the tree keeps each as [B, N, ...]
+NodeState = tuple[Tensor, ...]  # each [B, ...]; the tree keeps each as [B·N, ...]
 MASKED_LOGIT = -1e9
 NO_CHILD = -1
 
@@ -37,25 +38,45 @@ class RootOutput(NamedTuple):
 
 @dataclass
 class Tree:
-    """B search trees of N preallocated nodes; children use the root's action set."""
+    """B search trees of N nodes as rows of numpy arrays: env b's node n is row b·N + n.
 
-    visit_count: Tensor  # [B, N]
-    value_sum: Tensor  # [B, N] sum of backed-up values
-    prior: Tensor  # [B, N, A] probabilities
-    children: Tensor  # [B, N, A] node index, NO_CHILD if unexpanded
-    parent: Tensor  # [B, N], NO_CHILD at the root
-    action_from_parent: Tensor  # [B, N]
-    reward: Tensor  # [B, N] predicted reward on the edge into the node
-    depth: Tensor  # [B, N]
-    state: NodeState  # each [B, N, ...]
-    valid_mask: Tensor  # [B, A] the root's valid actions
-    min_value: Tensor  # [B] bounds of the Q values seen, for min-max normalisation
-    max_value: Tensor  # [B]
-    node_offset: Tensor  # [B] b·N: env b's node n is row b·N + n of a flattened [B, N, ...] array
+    The extra last row, `empty`, is a blank node: a walk that leaves its tree lands there and stays
+    (its scores are all 0 and it has no children), so all B walks go on without per-env branching.
+    Edge statistics are kept on the parent's row, one column per action, so PUCT reads one row.
+    """
 
-    def rows(self, x: Tensor, node: Tensor) -> Tensor:
-        """x[b, node[b]] for every env b, from a [B, N, ...] node array."""
-        return x.flatten(0, 1).index_select(0, node + self.node_offset)
+    visit_count: np.ndarray  # [R] R = B·N + 1
+    value_sum: np.ndarray  # [R] sum of backed-up values
+    reward: np.ndarray  # [R] predicted reward on the edge into the node
+    prior: np.ndarray  # [R, A] probabilities
+    children: np.ndarray  # [R, A] child's row, `empty` if unexpanded
+    child_visits: np.ndarray  # [R, A]
+    child_q: np.ndarray  # [R, A] reward + discount·value of visited children, 0 otherwise
+    explore: np.ndarray  # [R, A] PUCT's prior term c(N)·√N·P/(1 + n); -inf on invalid actions
+    parent: np.ndarray  # [R] node index, NO_CHILD at the root
+    action_from_parent: np.ndarray  # [R]
+    depth: np.ndarray  # [R]
+    state: NodeState  # each [B·N, ...] on the model's device
+    valid_mask: np.ndarray  # [B, A] the root's valid actions, which children share
+    min_value: np.ndarray  # [B] bounds of the Q values seen, for min-max normalisation
+    max_value: np.ndarray  # [B]
+    root: np.ndarray  # [B] row of each root, b·N
+    num_nodes: int  # N
+    empty: int  # the blank row, B·N
+    returns: np.ndarray  # [N + 1, N + 1] discounted_sums for backup
+
+
+class SearchedTree(NamedTuple):
+    """The finished trees as [B, N, ...] tensors (sharing the search's memory), for inspection."""
+
+    visit_count: Tensor
+    value_sum: Tensor
+    prior: Tensor
+    children: Tensor
+    parent: Tensor
+    action_from_parent: Tensor
+    reward: Tensor
+    depth: Tensor
 
 
 class SearchOutput(NamedTuple):
@@ -65,7 +86,7 @@ class SearchOutput(NamedTuple):
     root_value: Tensor  # [B] mean backed-up value at the root
     q_values: Tensor  # [B, A] reward + discount·value of root children; 0 where unvisited
     selected_action: Tensor  # [B]
-    tree: Tree
+    tree: SearchedTree
 
 
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
@@ -109,107 +130,143 @@ def dirichlet_noise(
     return (1 - weight) * prior + weight * noise
 
 
-def init_tree(root: RootOutput, valid_mask: Tensor, num_simulations: int, prior: Tensor) -> Tree:
+def init_tree(
+    root: RootOutput, valid_mask: Tensor, num_simulations: int, prior: Tensor, cfg: MCTSConfig, discount: float
+) -> Tree:
     """A tree per env holding only its root, counted as visited once with the model's value (as mctx does)."""
     B, A = valid_mask.shape
     N = num_simulations + 1
-    device = valid_mask.device
-    value = root.value.float()
+    R = B * N + 1
+    empty = B * N
     tree = Tree(
-        visit_count=torch.zeros(B, N, device=device),
-        value_sum=torch.zeros(B, N, device=device),
-        prior=torch.zeros(B, N, A, device=device),
-        children=torch.full((B, N, A), NO_CHILD, dtype=torch.long, device=device),
-        parent=torch.full((B, N), NO_CHILD, dtype=torch.long, device=device),
-        action_from_parent=torch.full((B, N), NO_CHILD, dtype=torch.long, device=device),
-        reward=torch.zeros(B, N, device=device),
-        depth=torch.zeros(B, N, dtype=torch.long, device=device),
-        state=tuple(s.new_zeros((B, N) + tuple(s.shape[1:])) for s in root.state),
-        valid_mask=valid_mask,
-        min_value=torch.full((B,), math.inf, device=device),
-        max_value=torch.full((B,), -math.inf, device=device),
-        node_offset=torch.arange(B, device=device) * N,
+        visit_count=np.zeros(R),
+        value_sum=np.zeros(R),
+        reward=np.zeros(R),
+        prior=np.zeros((R, A)),
+        children=np.full((R, A), empty),
+        child_visits=np.zeros((R, A)),
+        child_q=np.zeros((R, A)),
+        explore=np.zeros((R, A)),
+        parent=np.full(R, NO_CHILD),
+        action_from_parent=np.full(R, NO_CHILD),
+        depth=np.zeros(R, dtype=np.int64),
+        state=tuple(s.new_zeros((B * N,) + tuple(s.shape[1:])) for s in root.state),
+        valid_mask=valid_mask.cpu().numpy(),
+        min_value=np.full(B, math.inf),
+        max_value=np.full(B, -math.inf),
+        root=np.arange(B) * N,
+        num_nodes=N,
+        empty=empty,
+        returns=discounted_sums(N + 1, discount),
     )
-    tree.visit_count[:, 0] = 1
-    tree.value_sum[:, 0] = value
-    tree.prior[:, 0] = prior
+    tree.visit_count[tree.root] = 1
+    tree.value_sum[tree.root] = root.value.float().cpu().numpy()
+    tree.prior[tree.root] = prior.cpu().numpy()
+    rows = torch.from_numpy(tree.root).to(valid_mask.device)
     for buf, s in zip(tree.state, root.state):
-        buf[:, 0] = s
+        buf.index_copy_(0, rows, s)
+    refresh_explore(tree, tree.root, cfg)
     return tree
 
 
-def normalize(q: Tensor, tree: Tree) -> Tensor:
-    """Min-max normalise [B, A] Q values with each tree's own bounds (unchanged until bounds differ)."""
-    low, high = tree.min_value.unsqueeze(-1), tree.max_value.unsqueeze(-1)
-    return torch.where(high > low, (q - low) / (high - low), q)
+def refresh_explore(tree: Tree, rows: np.ndarray, cfg: MCTSConfig) -> None:
+    """Recompute PUCT's prior term on `rows` [M], whose visit counts changed."""
+    parent_visits = tree.visit_count[rows][:, None]
+    pb_c = np.log((parent_visits + cfg.pb_c_base + 1) / cfg.pb_c_base) + cfg.pb_c_init
+    term = pb_c * np.sqrt(parent_visits) * tree.prior[rows] / (tree.child_visits[rows] + 1)
+    tree.explore[rows] = np.where(tree.valid_mask[rows // tree.num_nodes], term, -math.inf)
 
 
-def child_stats(tree: Tree, node: Tensor, discount: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Children of `node` [B] -> [B, A] ids (or NO_CHILD), visit counts, Q = r + discount·V (0 if unvisited)."""
-    children = tree.rows(tree.children, node)
-    index = children.clamp(min=0)
-    visits = tree.visit_count.gather(1, index) * (children != NO_CHILD)
-    value = tree.value_sum.gather(1, index) / visits.clamp(min=1)
-    q = (tree.reward.gather(1, index) + discount * value) * (visits > 0)
-    return children, visits, q
+def q_bounds(tree: Tree) -> tuple[np.ndarray, np.ndarray]:
+    """(low, scale) [B, 1] that min-max normalise Q as (q − low)·scale; identity until a tree's bounds differ."""
+    spread = tree.max_value > tree.min_value
+    low = np.where(spread, tree.min_value, 0.0)
+    scale = 1 / np.where(spread, tree.max_value - tree.min_value, 1.0)
+    return low[:, None], scale[:, None]
 
 
-def puct_action(tree: Tree, node: Tensor, cfg: MCTSConfig, discount: float) -> tuple[Tensor, Tensor]:
-    """MuZero's PUCT choice at `node` [B] -> (action [B], the child it leads to or NO_CHILD)."""
-    children, child_visits, q = child_stats(tree, node, discount)
-    value_score = normalize(q, tree) * (child_visits > 0)  # unvisited children score 0
-    parent_visits = tree.rows(tree.visit_count, node).unsqueeze(-1)
-    pb_c = torch.log((parent_visits + cfg.pb_c_base + 1) / cfg.pb_c_base) + cfg.pb_c_init
-    prior_score = pb_c * parent_visits.sqrt() / (child_visits + 1) * tree.rows(tree.prior, node)
-    action = (prior_score + value_score).masked_fill(~tree.valid_mask, -math.inf).argmax(-1)
-    return action, children.gather(1, action.unsqueeze(-1)).squeeze(-1)
+def puct_action(tree: Tree, rows: np.ndarray, low: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """MuZero's PUCT choice at `rows` [B]: prior term + normalised Q of visited children (unvisited: 0)."""
+    visited = tree.child_visits[rows] > 0
+    value_score = np.where(visited, (tree.child_q[rows] - low) * scale, 0.0)
+    return (tree.explore[rows] + value_score).argmax(-1)
 
 
-def simulate(tree: Tree, cfg: MCTSConfig, discount: float) -> tuple[Tensor, Tensor]:
-    """Walk every tree down by PUCT to an unexpanded edge -> (its node [B], action [B])."""
-    node = torch.zeros_like(tree.node_offset)
-    action, child = puct_action(tree, node, cfg, discount)
+def simulate(tree: Tree) -> tuple[np.ndarray, np.ndarray]:
+    """Walk every tree down by PUCT to an unexpanded edge -> the rows walked [B, L] (`empty` after a walk's
+    end) and the actions taken from them [B, L]; each walk's last real row and action are the edge to expand."""
+    low, scale = q_bounds(tree)
+    rows = tree.root
+    path, actions = [], []
     while True:
-        descend = child != NO_CHILD
-        if not descend.any():  # one host sync per level
-            return node, action
-        node = torch.where(descend, child, node)
-        next_action, next_child = puct_action(tree, node, cfg, discount)
-        action = torch.where(descend, next_action, action)
-        child = next_child.masked_fill(~descend, NO_CHILD)
+        action = puct_action(tree, rows, low, scale)
+        path.append(rows)
+        actions.append(action)
+        rows = tree.children[rows, action]
+        if (rows == tree.empty).all():
+            return np.stack(path, 1), np.stack(actions, 1)
 
 
 def expand(
-    tree: Tree, recurrent_fn: RecurrentFn, new_node: int, parent: Tensor, action: Tensor
-) -> Tensor:
-    """One batched model call for the B new leaves; stores them as node `new_node` -> leaf value [B]."""
-    next_state, reward, logits, value = recurrent_fn(tuple(tree.rows(buf, parent) for buf in tree.state), action)
-    tree.children.flatten(0, 1)[parent + tree.node_offset, action] = new_node
-    tree.parent[:, new_node] = parent
-    tree.action_from_parent[:, new_node] = action
-    tree.reward[:, new_node] = reward.float()
-    tree.depth[:, new_node] = tree.rows(tree.depth, parent) + 1
-    tree.prior[:, new_node] = masked_softmax(logits.float(), tree.valid_mask)
+    tree: Tree, recurrent_fn: RecurrentFn, leaf: np.ndarray, parent: np.ndarray, action: np.ndarray, valid_mask: Tensor
+) -> np.ndarray:
+    """One batched model call for the B new leaves; stores them at rows `leaf` [B] -> leaf value [B]."""
+    device = valid_mask.device
+    parent_rows = torch.from_numpy(parent).to(device)
+    next_state, reward, logits, value = recurrent_fn(
+        tuple(buf.index_select(0, parent_rows) for buf in tree.state), torch.from_numpy(action).to(device))
+    tree.children[parent, action] = leaf
+    tree.parent[leaf] = parent - tree.root
+    tree.action_from_parent[leaf] = action
+    tree.reward[leaf] = reward.float().cpu().numpy()
+    tree.depth[leaf] = tree.depth[parent] + 1
+    tree.prior[leaf] = masked_softmax(logits.float(), valid_mask).cpu().numpy()
+    leaf_rows = torch.from_numpy(leaf).to(device)
     for buf, s in zip(tree.state, next_state):
-        buf[:, new_node] = s
-    return value.float()
+        buf.index_copy_(0, leaf_rows, s)
+    return value.float().cpu().numpy()
 
 
-def backup(tree: Tree, leaf: int, value: Tensor, discount: float) -> None:
-    """Add the discounted return to every node from `leaf` to the root and widen the min-max bounds."""
-    node = torch.full_like(tree.node_offset, leaf)
-    value_sum, visit_count = tree.value_sum.view(-1), tree.visit_count.view(-1)
-    for _ in range(int(tree.depth[:, leaf].max()) + 1):  # one host sync
-        on_path = node != NO_CHILD  # envs whose path was shorter have passed the root
-        flat = node.clamp(min=0) + tree.node_offset
-        value_sum.index_add_(0, flat, value * on_path)
-        visit_count.index_add_(0, flat, on_path.float())
-        reward = tree.reward.view(-1)[flat]
-        q = reward + discount * value_sum[flat] / visit_count[flat]
-        tree.min_value = torch.minimum(tree.min_value, q.masked_fill(~on_path, math.inf))
-        tree.max_value = torch.maximum(tree.max_value, q.masked_fill(~on_path, -math.inf))
-        value = reward + discount * value
-        node = tree.parent.view(-1)[flat]  # the root's parent is NO_CHILD, and so stays every passed env
+def discounted_sums(length: int, discount: float) -> np.ndarray:
+    """[L, L] matrix whose row j sums rewards after position j: discount^(i−j−1) at column i > j, else 0."""
+    i, j = np.arange(length)[None, :], np.arange(length)[:, None]
+    return np.where(i > j, discount ** np.maximum(i - j - 1, 0), 0.0)
+
+
+def backup(tree: Tree, path: np.ndarray, actions: np.ndarray, value: np.ndarray, discount: float,
+           cfg: MCTSConfig) -> None:
+    """Add each node's discounted return along `path` [B, L + 1] (root … new leaf, then `empty`), all depths at
+    once; update the edges walked (`actions` [B, L]), the PUCT prior terms and the min-max bounds."""
+    on = path != tree.empty
+    leaf_at = on.sum(1, keepdims=True) - 1
+    # return at position j: Σ_{i>j} discount^(i−j−1)·r_i + discount^(leaf−j)·v
+    length = path.shape[1]
+    returns = (tree.reward[path] * on) @ tree.returns[:length, :length].T
+    returns += discount ** np.maximum(leaf_at - np.arange(length), 0) * value[:, None]
+    rows = path[on]  # distinct: a walk never revisits a node
+    tree.value_sum[rows] += returns[on]
+    tree.visit_count[rows] += 1
+    q = np.zeros(path.shape)
+    q[on] = tree.reward[rows] + discount * tree.value_sum[rows] / tree.visit_count[rows]
+    tree.min_value = np.minimum(tree.min_value, np.min(q, 1, where=on, initial=math.inf))
+    tree.max_value = np.maximum(tree.max_value, np.max(q, 1, where=on, initial=-math.inf))
+    edge = on[:, 1:]
+    parents, taken = path[:, :-1][edge], actions[edge]
+    tree.child_visits[parents, taken] += 1
+    tree.child_q[parents, taken] = q[:, 1:][edge]
+    refresh_explore(tree, rows, cfg)
+
+
+def searched_tree(tree: Tree, device: torch.device) -> SearchedTree:
+    """The trees as [B, N, ...] tensors on `device`."""
+    B, N = len(tree.root), tree.num_nodes
+    node_of_row = np.append(np.arange(B * N) % N, NO_CHILD)
+    children = node_of_row[tree.children]
+    view = lambda x: torch.from_numpy(x[: B * N].reshape(B, N, *x.shape[1:])).to(device)  # noqa: E731
+    return SearchedTree(
+        visit_count=view(tree.visit_count).float(), value_sum=view(tree.value_sum).float(),
+        prior=view(tree.prior).float(), children=view(children), parent=view(tree.parent),
+        action_from_parent=view(tree.action_from_parent), reward=view(tree.reward).float(), depth=view(tree.depth))
 
 
 def one_step_q(lookahead_fn: RecurrentFn, state: NodeState, valid_mask: Tensor, discount: float) -> Tensor:
@@ -265,13 +322,21 @@ def search(
     prior = masked_softmax(root.prior_logits.float(), valid_mask)
     if add_noise:
         prior = dirichlet_noise(prior, valid_mask, cfg.root_dirichlet_alpha, cfg.root_noise_weight, rng)
-    tree = init_tree(root, valid_mask, cfg.num_simulations, prior)
-    for sim in range(cfg.num_simulations):
-        parent, action = simulate(tree, cfg, discount)
-        leaf_value = expand(tree, recurrent_fn, sim + 1, parent, action)
-        backup(tree, sim + 1, leaf_value, discount)
+    tree = init_tree(root, valid_mask, cfg.num_simulations, prior, cfg, discount)
+    envs = np.arange(len(tree.root))
+    for sim in range(1, cfg.num_simulations + 1):
+        path, actions = simulate(tree)
+        last = (path != tree.empty).sum(1) - 1
+        leaf = tree.root + sim
+        leaf_value = expand(tree, recurrent_fn, leaf, path[envs, last], actions[envs, last], valid_mask)
+        path = np.concatenate([path, np.full((len(envs), 1), tree.empty)], 1)
+        path[envs, last + 1] = leaf
+        backup(tree, path, actions, leaf_value, discount, cfg)
 
-    _, visit_counts, q_values = child_stats(tree, torch.zeros_like(tree.node_offset), discount)
+    device = valid_mask.device
+    visit_counts = torch.from_numpy(tree.child_visits[tree.root]).float().to(device)
+    q_values = torch.from_numpy(tree.child_q[tree.root]).float().to(device)
+    root_value = torch.from_numpy(tree.value_sum[tree.root] / tree.visit_count[tree.root]).float().to(device)
     temperature = cfg.collect_temperature if temperature is None else temperature
     visit_dist = visit_counts / visit_counts.sum(-1, keepdim=True)
     improved = visit_dist
@@ -283,8 +348,8 @@ def search(
         visit_counts=visit_counts,
         visit_dist=visit_dist,
         improved_policy=improved,
-        root_value=tree.value_sum[:, 0] / tree.visit_count[:, 0],
+        root_value=root_value,
         q_values=q_values,
         selected_action=select_action(act_from, temperature, rng),
-        tree=tree,
+        tree=searched_tree(tree, device),
     )
