@@ -21,13 +21,14 @@ from .llm_prior import (
     encode_labels,
     encode_prompt,
     grouped_label_logprobs,
-    kv_groups,
     label_token_logprobs,
     log_prior,
     pad_token_id,
 )
 
 WEIGHTS_FILE = "llm_weights.safetensors"
+# Label rows x prompt tokens backpropagated at once (their copies of the prompt's keys/values dominate memory).
+TRAIN_CACHED_TOKENS = 4096
 OPTIMIZER_FILE = "llm_optimizer.pt"
 METRIC_KEYS = (
     "train/llm_sft_loss",
@@ -123,10 +124,6 @@ class LLMTrainer:
 
     # ------------------------------------------------------------------------------------------ losses
 
-    def _sft_loss(self, lp: LabelLogprobs, e: _Encoded) -> torch.Tensor:
-        logq = log_prior(lp.mean(), self.cfg.prior_temperature)
-        return -(e.visits.to(logq.device) * logq).sum()
-
     def _rft_loss(
         self, new: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, advantage: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,30 +143,44 @@ class LLMTrainer:
         ref: Sequence[torch.Tensor],
         advantages: torch.Tensor,
     ) -> dict[str, float]:
-        """Backward over one minibatch, one prefix-KV group at a time (gradient accumulation)."""
+        """Backward over one minibatch, one sample at a time and a bounded chunk of its labels at a time.
+
+        Backpropagating through all K labels at once keeps K copies of the prompt's keys/values per layer
+        for the backward pass (Zork: 55 labels x 512 tokens, over 10 GB for SmolLM2-135M). The SFT loss couples
+        the labels only through the softmax over their mean log-probs m, so a no-grad pass gives
+        g = dL/dm = (softmax(m / T) - visits) / T, and each chunk backpropagates sum(g_chunk * m_chunk): the
+        same gradient, with memory bounded by TRAIN_CACHED_TOKENS. The executed label's RFT term goes with
+        its chunk.
+        """
         use_sft, use_rft = self.cfg.sft_weight > 0, self.cfg.rft_weight > 0
-        # SFT needs every valid action's score; RFT alone needs only the executed label.
-        prompts = [encoded[i].prompt for i in batch]
-        labels = [encoded[i].labels if use_sft else [encoded[i].labels[encoded[i].action_index]] for i in batch]
         totals = {"sft": 0.0, "rft": 0.0, "kl": 0.0}
-        for group in kv_groups(prompts, labels):
-            out = label_token_logprobs(self._lm, [prompts[j] for j in group], [labels[j] for j in group], self._pad_id)
-            loss = torch.zeros((), device=out[0].tokens.device)
-            for j, lp in zip(group, out):
-                i = batch[j]
-                if use_sft:
-                    sft = self._sft_loss(lp, encoded[i])
-                    loss = loss + self.cfg.sft_weight * sft
-                    totals["sft"] += sft.item()
-                if use_rft:
-                    row = encoded[i].action_index if use_sft else 0
-                    new = _executed_tokens(lp, row)
+        scale = 1.0 / len(batch)
+        for i in batch:
+            e = encoded[i]
+            rows = list(range(len(e.labels))) if use_sft else [e.action_index]
+            weights = None
+            if use_sft:
+                with torch.no_grad():
+                    means = label_token_logprobs(self._lm, [e.prompt], [e.labels], self._pad_id)[0].mean()
+                logq = log_prior(means, self.cfg.prior_temperature)
+                visits = e.visits.to(logq.device)
+                totals["sft"] += float(-(visits * logq).sum())
+                weights = (logq.exp() - visits) / self.cfg.prior_temperature
+            per_chunk = max(1, TRAIN_CACHED_TOKENS // len(e.prompt))
+            for start in range(0, len(rows), per_chunk):
+                chunk = rows[start : start + per_chunk]
+                lp = label_token_logprobs(self._lm, [e.prompt], [[e.labels[k] for k in chunk]], self._pad_id)[0]
+                loss = torch.zeros((), device=lp.tokens.device)
+                if weights is not None:
+                    loss = loss + self.cfg.sft_weight * (weights[chunk] * lp.mean()).sum()
+                if use_rft and e.action_index in chunk:
+                    new = _executed_tokens(lp, chunk.index(e.action_index))
                     rft, kl = self._rft_loss(new, old[i].to(new.device), ref[i].to(new.device), float(advantages[i]))
                     loss = loss + self.cfg.rft_weight * rft
                     totals["rft"] += rft.item()
                     totals["kl"] += kl.item()
-            (loss / len(batch)).backward()
-        return {key: value / len(batch) for key, value in totals.items()}
+                (loss * scale).backward()
+        return {key: value * scale for key, value in totals.items()}
 
     # ------------------------------------------------------------------------------------------ public
 

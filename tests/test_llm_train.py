@@ -149,3 +149,38 @@ def test_zero_loss_weights_are_a_config_error(smollm):
     cfg = _cfg(sft_weight=0.0, rft_weight=0.0)
     with pytest.raises(ConfigError, match="both 0"):
         LLMTrainer(_prior(smollm, cfg), cfg)
+
+
+def test_label_chunks_backpropagate_the_same_gradient_as_one_graph(tiny_llm_dir, monkeypatch):
+    """Training bounds memory by backpropagating a few labels at a time; the gradient must not change."""
+    from transformers import AutoModelForCausalLM
+
+    from priorzero_core import llm_train
+    from priorzero_core.llm_prior import label_token_logprobs, load_tokenizer, log_prior
+
+    cfg = LLMConfig(model=str(tiny_llm_dir), history_length=0, sft_weight=1.0, rft_weight=0.5, prior_temperature=2.0)
+    prior = TransformersPrior(AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval(), load_tokenizer(tiny_llm_dir), cfg)
+    trainer = LLMTrainer(prior, cfg)
+    samples = _samples(prior)
+    encoded = [trainer._encode(s) for s in samples]
+    old = trainer._executed_logprobs(encoded, reference=False)
+    ref = [o - 0.1 for o in old]  # a reference that differs, so the KL term has a gradient
+    adv = torch.tensor([1.0, -1.0, 0.5])
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    monkeypatch.setattr(llm_train, "TRAIN_CACHED_TOKENS", 1)  # one label per backward
+    trainer.model.zero_grad()
+    trainer._accumulate([0, 1, 2], encoded, old, ref, adv)
+    chunked = [p.grad.clone() for p in params]
+
+    trainer.model.zero_grad()
+    total = torch.zeros(())
+    for i, e in enumerate(encoded):
+        lp = label_token_logprobs(trainer._lm, [e.prompt], [e.labels], trainer._pad_id)[0]
+        total = total - (e.visits * log_prior(lp.mean(), cfg.prior_temperature)).sum()
+        new = lp.tokens[e.action_index][lp.mask[e.action_index]]
+        total = total + cfg.rft_weight * trainer._rft_loss(new, old[i], ref[i], float(adv[i]))[0]
+    (total / 3).backward()
+
+    assert all(torch.allclose(a, p.grad, atol=1e-6, rtol=1e-4) for a, p in zip(chunked, params))
+    assert any(a.abs().sum() > 0 for a in chunked)
