@@ -332,6 +332,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         return f"{source}: bad value for '{key}': {first['msg']}"
     value = first.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    if key == "tracking.uri":  # it may hold a password: never echo it
+        shown = "(not shown)"
     return f"{source}: bad value {shown} for '{key}': {first['msg']}"
 
 

@@ -6,6 +6,7 @@ An iteration is: evaluate (when due) → collect → train world model → train
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -265,11 +266,13 @@ class Trainer:
             segments = [seg for seg in self.replay.segments if seg.iteration > since and any(s.env_state for s in seg.steps)]
         if not segments:
             return StageResult(skipped=True)
-        path = self.ppo.adapt(segments, iteration)
+        with self._restart_ppo_on_failure():
+            path = self.ppo.adapt(segments, iteration)
         return StageResult(metrics={"ppo/prompt_segments": float(len(segments))}, artifacts={"prompts": path})
 
     def ppo_train(self, iteration: int, prompts: Path) -> StageResult:
-        metrics = self.ppo.train(prompts)
+        with self._restart_ppo_on_failure():
+            metrics = self.ppo.train(prompts)
         model = self.llm_prior.trainable_model()
         with self._lock:  # MCTS scores with the PPO-updated policy from the next collect on
             self.ppo.sync_to(model)
@@ -277,6 +280,26 @@ class Trainer:
         log.info("iteration %d PPO: reward %.3f, kl %.4f", iteration, metrics.get("train/ppo_reward_mean", 0.0),
                  metrics.get("train/ppo_kl", 0.0))
         return StageResult(metrics=metrics)
+
+    @contextlib.contextmanager
+    def _restart_ppo_on_failure(self) -> Iterator[None]:
+        """A PPO stage that fails (a dead Ray actor or node, an OOM-killed worker) takes its actors down with it:
+        the stage's retry, or the next PPO iteration, starts fresh ones (from the newest checkpoint's PPO state,
+        else from the policy the MCTS prior has) instead of calling dead actors forever."""
+        try:
+            yield
+        except Exception:
+            ppo, self._ppo = self._ppo, None
+            if ppo is not None:
+                try:
+                    ppo.close()
+                except Exception as err:  # noqa: BLE001 - the stage's own error is the one to report
+                    log.warning("closing the failed PPO actors: %s", err)
+            found = ckpt.latest_valid(self.run_dir / "checkpoints")
+            ppo_dir = found[0] / "ppo" if found is not None else None
+            self._ppo_resume_dir = ppo_dir if ppo_dir is not None and ppo_dir.is_dir() else None
+            log.warning("PPO stage failed: its actors are stopped; the next PPO stage starts new ones")
+            raise
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, iteration: int) -> StageResult:

@@ -1,7 +1,9 @@
 """Shared test fixtures: tiny models, games and servers used across test modules."""
 
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 
@@ -116,3 +118,30 @@ def zork_segment(rom_dir):
     from priorzero_core.ppo.walkthrough import walkthrough_segment
 
     return walkthrough_segment(GameConfig(name="zork1", rom_dir=str(rom_dir)), 12)
+
+
+def children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def still_running(pids: set[int], timeout: float = 60.0) -> list[psutil.Process]:
+    """Processes among `pids` still alive after up to `timeout` seconds (zombies count as gone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                proc = psutil.Process(pid)
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def process_tracker():
+    """`(children, still_running)` helpers for leak checks."""
+    return children, still_running

@@ -1,8 +1,5 @@
-"""PPO test helpers: the tiny-model config and a check that a process tree has really gone."""
+"""PPO test helpers: the tiny-model config."""
 
-import time
-
-import psutil
 import pytest
 
 from priorzero_core.config import PriorZeroConfig
@@ -23,30 +20,3 @@ def tiny_ppo_config(tiny_llm_dir, rom_dir):
         })
 
     return build
-
-
-def children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
-
-
-def still_running(pids: set[int], timeout: float = 60.0) -> list[psutil.Process]:
-    """Processes among `pids` still alive after up to `timeout` seconds (zombies count as gone)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                proc = psutil.Process(pid)
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(proc)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.5)
-
-
-@pytest.fixture
-def process_tracker():
-    """`(children, still_running)` helpers for leak checks."""
-    return children, still_running

@@ -152,6 +152,7 @@ def test_bad_input_is_refused_in_one_line_naming_what_to_fix(kind, rom_dir, fini
     with pytest.raises(PriorZeroError) as err:
         attempt(rom_dir, tmp_path)
     assert_one_line(err, message)
+    assert ":pw@" not in str(err.value)  # a refused password is not echoed either
     assert snapshot(finished) == before
 
 

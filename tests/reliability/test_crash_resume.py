@@ -8,6 +8,8 @@ steps of the checkpointed iterations. At the end: checkpoints 1-3 verify, every 
 and MLflow steps are 1, 2, 3 with no duplicates.
 """
 
+import pytest
+
 from priorzero_core import checkpoint as ckpt
 from priorzero_core.replay import ReplayBuffer
 
@@ -62,3 +64,46 @@ def test_kill_9_at_every_stage_then_resume_loses_no_checkpoint_replay_or_metric_
     assert len(list((run_dir / "replay").glob("iter-000002-*"))) == 4  # three killed collects' files kept + the last
     for key in ("timing/iteration_s", "collect/env_steps", "train/wm_total_loss"):
         assert metric_steps(uri, key) == [1, 2, 3], key
+
+
+PPO_OVERRIDES = [
+    "llm.enabled=true", "eval.modes=[wm]", "schedule.llm_train_freq=2", "schedule.mode=sequential",
+    "ppo.use_orz_trainer=true", "ppo.rollout_batch_size=3", "ppo.train_batch_size=3", "ppo.n_samples_per_prompt=2",
+    "ppo.critic_update_steps=2", "ppo.generate_max_tokens=8", "ppo.max_prompt_tokens=256", "ppo.history_length=1",
+    "ppo.think=false", "ppo.actor_num_cpus=0.5", "run.keep_checkpoints=10",
+]
+
+
+@pytest.mark.slow  # Ray + a tiny LLM: about 3 min on a loaded 2-core box
+def test_kill_9_in_adapt_and_ppo_train_then_resume_finishes_the_ppo_iteration(priorzero_cli, debug_overrides,
+                                                                              tiny_llm_dir, tmp_path):
+    """The PPO stages run Ray actors (policy, critic, reference, reward) beside the flow process: killing the
+    flow process must take them along, and the resumed run redoes iteration 2's adapt + ppo_train."""
+    run_dir = tmp_path / "runs" / "crash-ppo"
+    uri = tracking_uri(debug_overrides)
+    overrides = [o for o in debug_overrides if not o.startswith("run.run_dir=")]
+    command = ["train", "debug", "--iterations", "2", "--run-dir", str(run_dir), "--set", *overrides,
+               f"llm.model={tiny_llm_dir}", *PPO_OVERRIDES]
+    saved: dict[str, str] = {}
+    for fault in ("kill:adapt@2", "kill:ppo_train@2"):
+        code, output, sid = priorzero_cli(*command, env={"PRIORZERO_FAULTS": fault})
+        assert code == -9, f"{fault}: {output[-3000:]}"
+        # Ray's raylet and GCS die with the driver; its two per-node agents notice within 2 s but first try to
+        # flush logs to the dead GCS, and exit 40-70 s later (measured): wait for that, not forever.
+        assert not wait_gone(sid, timeout=150), f"{fault}: processes (Ray?) of the killed run outlived it"
+        now = saved_files(run_dir)
+        assert {k: now.get(k) for k in saved} == saved, f"{fault}: a saved file changed or vanished"
+        assert ckpt.latest_valid(run_dir / "checkpoints")[1]["meta"]["iteration"] == 1, fault
+        saved = now
+        command = ["resume", str(run_dir)]
+
+    code, output, sid = priorzero_cli(*command)
+
+    assert code == 0 and "trained to iteration 2" in output, output[-3000:]
+    assert not wait_gone(sid, timeout=60), "processes of the finished run outlived it"
+    now = saved_files(run_dir)
+    assert {k: now.get(k) for k in saved} == saved
+    path, manifest = ckpt.latest_valid(run_dir / "checkpoints")
+    assert manifest["meta"]["iteration"] == 2 and (path / "ppo").is_dir()
+    assert metric_steps(uri, "train/ppo_reward_mean") == [2]
+    assert metric_steps(uri, "timing/iteration_s") == [1, 2]
