@@ -295,24 +295,34 @@ def _padded(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) ->
     return ids.to(device), mask.to(device)
 
 
-def label_token_logprobs(
+def _cache_kwarg(model: nn.Module) -> str:
+    # transformers renamed `past_key_values` to `cache` within 5.x; the supported range has both.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prefix_pass(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, torch.Tensor]:
+    """The prompts' KV cache (all but each prompt's last token, right-padded) and their attention mask."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    # The prompt's last token goes with the labels so that every label token is predicted in the label pass.
+    prefix_ids, prefix_mask = _padded([p[:-1] for p in prompts], pad_id, device)
+    model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1,
+          **{_cache_kwarg(model): cache})
+    return cache, prefix_mask
+
+
+def label_pass(
     model: nn.Module,
+    cache: Any,
+    prefix_mask: torch.Tensor,
     prompts: Sequence[Sequence[int]],
     labels: Sequence[Sequence[Sequence[int]]],
     pad_id: int,
 ) -> list[LabelLogprobs]:
-    """Token log-probs of every label after its prompt: one forward over the prompts, then one over all
-    labels of all prompts reusing the prompts' KV cache. Differentiable unless run under no_grad."""
-    from transformers import DynamicCache
-
+    """Token log-probs of every label after its prompt, from `prefix_pass`'s cache (which this consumes)."""
     device = next(model.parameters()).device
-    # transformers renamed `past_key_values` to `cache` within 5.x; the supported range has both.
-    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    cache = DynamicCache(config=model.config)
-    # The prompt's last token goes with the labels so that every label token is predicted in pass two.
-    prefix_ids, prefix_mask = _padded([p[:-1] for p in prompts], pad_id, device)
-    model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
-
     env_of_row = torch.tensor([env for env, env_labels in enumerate(labels) for _ in env_labels], device=device)
     rows = [label for env_labels in labels for label in env_labels]
     label_inputs = [[prompts[env][-1], *label[:-1]] for env, label in zip(env_of_row.tolist(), rows)]
@@ -328,12 +338,24 @@ def label_token_logprobs(
         attention_mask=torch.cat([prefix_mask[env_of_row], label_mask], dim=1),
         position_ids=positions,
         use_cache=True,
-        **{cache_kwarg: cache},
+        **{_cache_kwarg(model): cache},
     ).logits
     token_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
     counts = [len(env_labels) for env_labels in labels]
     mask = label_mask.bool()
     return [LabelLogprobs(t, m) for t, m in zip(token_lp.split(counts), mask.split(counts))]
+
+
+def label_token_logprobs(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[Sequence[int]]],
+    pad_id: int,
+) -> list[LabelLogprobs]:
+    """Token log-probs of every label after its prompt: one forward over the prompts, then one over all
+    labels of all prompts reusing the prompts' KV cache. Differentiable unless run under no_grad."""
+    cache, prefix_mask = prefix_pass(model, prompts, pad_id)
+    return label_pass(model, cache, prefix_mask, prompts, labels, pad_id)
 
 
 def _encode_batch(tokenizer: Any, batch: Sequence[ScoreRequest]) -> tuple[list[list[int]], list[list[list[int]]]]:

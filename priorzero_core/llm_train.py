@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+from transformers import DynamicCache
 
 from .config import LLMConfig
 from .errors import CheckpointError, ConfigError
@@ -21,8 +22,10 @@ from .llm_prior import (
     encode_labels,
     encode_prompt,
     grouped_label_logprobs,
+    label_pass,
     label_token_logprobs,
     log_prior,
+    prefix_pass,
     pad_token_id,
 )
 
@@ -150,7 +153,7 @@ class LLMTrainer:
         the labels only through the softmax over their mean log-probs m, so a no-grad pass gives
         g = dL/dm = (softmax(m / T) - visits) / T, and each chunk backpropagates sum(g_chunk * m_chunk): the
         same gradient, with memory bounded by TRAIN_CACHED_TOKENS. The executed label's RFT term goes with
-        its chunk.
+        its chunk. The prompt itself runs forward and backward once per sample.
         """
         use_sft, use_rft = self.cfg.sft_weight > 0, self.cfg.rft_weight > 0
         totals = {"sft": 0.0, "rft": 0.0, "kl": 0.0}
@@ -166,10 +169,17 @@ class LLMTrainer:
                 visits = e.visits.to(logq.device)
                 totals["sft"] += float(-(visits * logq).sum())
                 weights = (logq.exp() - visits) / self.cfg.prior_temperature
+            # The prompt runs forward once; each chunk backpropagates into detached copies of its keys/values,
+            # whose summed gradients then flow through the prompt's graph in one backward.
+            cache, prefix_mask = prefix_pass(self._lm, [e.prompt], self._pad_id)
+            prompt_kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+            leaves = [t.detach().requires_grad_() for t in prompt_kv]
             per_chunk = max(1, TRAIN_CACHED_TOKENS // len(e.prompt))
             for start in range(0, len(rows), per_chunk):
                 chunk = rows[start : start + per_chunk]
-                lp = label_token_logprobs(self._lm, [e.prompt], [[e.labels[k] for k in chunk]], self._pad_id)[0]
+                chunk_cache = DynamicCache(ddp_cache_data=zip(leaves[0::2], leaves[1::2]), config=self._lm.config)
+                lp = label_pass(self._lm, chunk_cache, prefix_mask, [e.prompt], [[e.labels[k] for k in chunk]],
+                                self._pad_id)[0]
                 loss = torch.zeros((), device=lp.tokens.device)
                 if weights is not None:
                     loss = loss + self.cfg.sft_weight * (weights[chunk] * lp.mean()).sum()
@@ -180,6 +190,8 @@ class LLMTrainer:
                     totals["rft"] += rft.item()
                     totals["kl"] += kl.item()
                 (loss * scale).backward()
+            grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+            torch.autograd.backward(prompt_kv, grads)
         return {key: value * scale for key, value in totals.items()}
 
     # ------------------------------------------------------------------------------------------ public

@@ -64,8 +64,8 @@ def test_unwritable_run_dir_is_a_one_line_error(tmp_path):
 
 def test_schedule_modes():
     cfg = load_config("debug", TINY + ["llm.enabled=false"])
-    trainer = Trainer.__new__(Trainer)  # due() reads only the config and the LLM trainer
-    trainer.cfg, trainer.llm_trainer = cfg, object()
+    trainer = Trainer.__new__(Trainer)  # due() reads only the config, the LLM trainer and the time budget's end
+    trainer.cfg, trainer.llm_trainer, trainer._final = cfg, object(), None
     cfg.schedule.llm_train_freq = 2
     cfg.schedule.mode = "alternating"
     assert [trainer.due("train_world_model", i) for i in (1, 2, 3, 4)] == [True, False, True, False]
