@@ -55,7 +55,7 @@ BENCHES = {
     "llm_scoring": Bench("llm_scoring.py", ("--repeats", "3")),
     "mcts": Bench("mcts.py", ("--repeats", "3")),
     "mcts_peers": Bench("mcts_peers.py", ("--repeats", "5"), peers_missing),
-    "orchestration_overhead": Bench("orchestration_overhead.py", ("--iterations", "5", "--repeats", "2")),
+    "orchestration_overhead": Bench("orchestration_overhead.py", ("--iterations", "20", "--repeats", "2")),
     "ppo_throughput": Bench("ppo_throughput.py", ("--steps", "1"), trl_missing),
 }
 

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -77,7 +77,8 @@ class Tracker:
         self.client: Any = None
         self.run_id: Optional[str] = None
         self._off = not cfg.tracking.enabled
-        self._curves: dict[str, dict[int, float]] = {}  # what the learning curve plots: key -> {step: value}
+        self._curves: dict[str, dict[int, float]] = {}
+        self._metrics_written: Optional[Future] = None  # what the learning curve plots: key -> {step: value}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-tracking")
 
     @property
@@ -92,13 +93,17 @@ class Tracker:
                       tags: Optional[dict[str, str]] = None) -> None:
         """All of one iteration's metrics and tags in one batch (step = iteration), then its artifacts."""
         metrics, artifacts, tags = dict(metrics), dict(artifacts), dict(tags or {})
-        self._submit("logging", lambda: self._log_iteration(iteration, metrics, artifacts, tags))
+        self._metrics_written = self._submit("logging", lambda: self._log_metrics(iteration, metrics, tags))
+        self._submit("logging", lambda: self._log_artifacts(iteration, metrics, artifacts))
 
     def flush(self, timeout: float = 60.0) -> None:
-        """Wait (at most `timeout` s) until what is queued is written: after a checkpoint, so a kill -9
-        cannot leave a checkpointed iteration without its metrics (a resume would never log them again)."""
+        """Wait (at most `timeout` s) until the last iteration's metrics are written: after a checkpoint, so a
+        kill -9 cannot leave a checkpointed iteration without its metrics (a resume would never log them
+        again). Its artifacts (transcript, learning-curve PNG) may still be on their way."""
+        if self._metrics_written is None:
+            return
         try:
-            self._worker.submit(lambda: None).result(timeout)
+            self._metrics_written.result(timeout)
         except Exception as err:  # a slow store: train on, the queue still drains in the background
             self.log.warning("MLflow tracking is %s behind; training goes on", type(err).__name__)
 
@@ -107,9 +112,9 @@ class Tracker:
         self._submit("end", lambda: self.client.set_terminated(self.run_id, status=status))
         self._worker.shutdown(wait=True)
 
-    def _submit(self, what: str, call: Callable[[], None]) -> None:
+    def _submit(self, what: str, call: Callable[[], None]) -> Future:
         # The caller's context goes along: Prefect keeps its settings and run context in context variables.
-        self._worker.submit(contextvars.copy_context().run, self._guard, what, call)
+        return self._worker.submit(contextvars.copy_context().run, self._guard, what, call)
 
     def _guard(self, what: str, call: Callable[[], None]) -> None:
         if self._off:
@@ -173,8 +178,7 @@ class Tracker:
             self.client.log_batch(self.run_id, params=params[i:i + 100])
         self.client.log_text(self.run_id, dump_config(self.cfg), "config.yaml")
 
-    def _log_iteration(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path],
-                       tags: dict[str, str]) -> None:
+    def _log_metrics(self, iteration: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
@@ -183,6 +187,8 @@ class Tracker:
         for key, value in metrics.items():
             if _plotted(key):
                 self._curves.setdefault(key, {})[iteration] = float(value)
+
+    def _log_artifacts(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
         if "transcript" in artifacts:
             self.client.log_artifact(self.run_id, str(artifacts["transcript"]), "transcripts")
         if "checkpoint" in artifacts:

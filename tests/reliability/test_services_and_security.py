@@ -56,14 +56,14 @@ def test_mlflow_server_dying_mid_run_leaves_training_and_saved_data_intact(prefe
     with ExitStack() as server:
         url = server.enter_context(mlflow_ui(store, tmp_path / "mlflow.log"))
         assert set(listeners(urlparse(url).port)) == {"127.0.0.1"}
-        log_iteration = Tracker._log_iteration
+        log_artifacts = Tracker._log_artifacts
 
         def then_stop_the_server(self, iteration, *args):
-            log_iteration(self, iteration, *args)
+            log_artifacts(self, iteration, *args)
             if iteration == 1:
                 server.close()  # terminates `mlflow ui`; the store behind it keeps what it has
 
-        monkeypatch.setattr(Tracker, "_log_iteration", then_stop_the_server)
+        monkeypatch.setattr(Tracker, "_log_artifacts", then_stop_the_server)
         overrides = [o for o in debug_overrides if not o.startswith("tracking.uri=")] + [f"tracking.uri={url}"]
         state = priorzero(config="debug", iterations=3, run_name="mlflow-dies", return_state=True, overrides=overrides)
 
