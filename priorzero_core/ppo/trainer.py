@@ -153,6 +153,8 @@ class PPOTrainer:
         if not records:
             raise ValueError(f"prompt file {path} is empty")
         rows = [self._rollout_and_train(self._draw(path, records)) for _ in range(self.ppo.rollouts_per_train)]
+        if self.ppo.refresh_reference:  # as ORZ at the end of each episode: KL is measured from this policy on
+            self.reference.call_one("load_weights", self.policy_state_dict())
         return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
 
     def evaluate(self, prompts_path: Path | str, samples_per_prompt: int = 1) -> dict[str, float]:

@@ -43,6 +43,15 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
 
         trainer.save(tmp_path / "ckpt")
         trainer.train(prompts)
+        # ORZ's refresh: each stage ends with the reference holding the policy it trained
+        import ray
+
+        reference = ray.get(trainer.reference.actors[0].__ray_call__.remote(
+            lambda actor: {k: v.cpu() for k, v in actor.model.state_dict().items()}))
+        policy = trainer.policy_state_dict()
+        assert all(torch.equal(reference[k], v) for k, v in policy.items())
+        if algorithm == "ppo":  # (GRPO's groups here may all tie, leaving no advantage to move the policy)
+            assert any(not torch.equal(policy[k], v) for k, v in trained.items())  # and that policy moved on
         trainer.load(tmp_path / "ckpt")
         assert trainer.global_step == 1
         assert all(torch.equal(trainer.policy_state_dict()[k], v) for k, v in trained.items())
