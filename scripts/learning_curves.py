@@ -31,10 +31,10 @@ def curve(run_dir: Path) -> tuple[str, list[tuple[int, float, float, float]]]:
     seconds = history(client, ref["run_id"], SECONDS)
     rows, elapsed = [], 0.0
     for it in sorted(set(reward) | set(seconds)):
-        elapsed += seconds.get(it, 0.0)
         if it in reward:
-            # Evaluation runs before collection in an iteration: the env steps it saw are the previous ones.
+            # Evaluation opens an iteration: it sees the env steps and the time of the iterations before.
             rows.append((it, steps.get(it - 1, 0.0), elapsed / 60, reward[it]))
+        elapsed += seconds.get(it, 0.0)
     return ref["run_id"], rows
 
 
@@ -71,7 +71,7 @@ def main() -> None:
         for ax in (by_steps, by_time):
             ax.axhline(args.max_score, color="black", linestyle=":", label="max score")
     by_steps.set(xlabel="env steps collected", ylabel=REWARD, title=args.title)
-    by_time.set(xlabel="wall-clock minutes (sum of iteration times)", title=args.title)
+    by_time.set(xlabel="training minutes before the evaluation (sum of iteration times)", title=args.title)
     by_steps.legend(fontsize="small")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)
