@@ -27,6 +27,9 @@ def _venv_bin(name: str) -> str:
 
 def check_port_free(port: int) -> None:
     with socket.socket() as sock:
+        # As the servers themselves bind: connections of a server that just stopped (TIME_WAIT) do not
+        # count, a listening socket does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
