@@ -74,9 +74,9 @@ class Iteration:
                 return f"{stage}-{self.number}: {type(err).__name__}: {err}"
         return None
 
-    def failure_tags(self) -> dict[str, str]:
-        """MLflow tags of a failed iteration: the stage that failed and why, and the stages skipped."""
-        failure = self.failure()
+    def failure_tags(self, failure: Optional[str]) -> dict[str, str]:
+        """MLflow tags of an iteration that failed with `failure` (see `failure`): the stage that failed and
+        why, and the stages skipped."""
         if failure is None:
             return {}
         skipped = [f"{stage}-{self.number}" for stage, state in self.states.items() if state.name == "Skipped"]
@@ -136,7 +136,7 @@ def train(cfg: PriorZeroConfig, trainer: Trainer, run_dir: Path, tracker: Tracke
         trainer.finish_iteration(n)
         it.metrics["timing/iteration_s"] = time.perf_counter() - started
         failure = it.failure()
-        tracker.log_iteration(n, it.metrics, it.artifacts, it.failure_tags())
+        tracker.log_iteration(n, it.metrics, it.artifacts, it.failure_tags(failure))
         if "checkpoint" in it.artifacts:
             tracker.flush()
         if failure is None:

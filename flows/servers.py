@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +39,7 @@ def check_port_free(port: int) -> None:
 
 @contextmanager
 def _server(cmd: list[str], health_url: str, log: Path, env: dict[str, str], timeout: float) -> Iterator[None]:
-    check_port_free(int(health_url.split(":")[2].split("/")[0]))
+    check_port_free(urllib.parse.urlsplit(health_url).port)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -23,10 +23,9 @@ from .llm_prior import (
     encode_prompt,
     grouped_label_logprobs,
     label_pass,
-    label_token_logprobs,
     log_prior,
-    prefix_pass,
     pad_token_id,
+    prefix_pass,
 )
 
 WEIGHTS_FILE = "llm_weights.safetensors"
@@ -161,25 +160,28 @@ class LLMTrainer:
         for i in batch:
             e = encoded[i]
             rows = list(range(len(e.labels))) if use_sft else [e.action_index]
-            weights = None
-            if use_sft:
-                with torch.no_grad():
-                    means = label_token_logprobs(self._lm, [e.prompt], [e.labels], self._pad_id)[0].mean()
-                logq = log_prior(means, self.cfg.prior_temperature)
-                visits = e.visits.to(logq.device)
-                totals["sft"] += float(-(visits * logq).sum())
-                weights = (logq.exp() - visits) / self.cfg.prior_temperature
             # The prompt runs forward once; each chunk backpropagates into detached copies of its keys/values,
             # whose summed gradients then flow through the prompt's graph in one backward.
             cache, prefix_mask = prefix_pass(self._lm, [e.prompt], self._pad_id)
             prompt_kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]
             leaves = [t.detach().requires_grad_() for t in prompt_kv]
+
+            def label_logprobs(labels: list[list[int]]) -> LabelLogprobs:
+                leaf_cache = DynamicCache(ddp_cache_data=zip(leaves[0::2], leaves[1::2]), config=self._lm.config)
+                return label_pass(self._lm, leaf_cache, prefix_mask, [e.prompt], [labels], self._pad_id)[0]
+
+            weights = None
+            if use_sft:
+                with torch.no_grad():
+                    means = label_logprobs(e.labels).mean()
+                logq = log_prior(means, self.cfg.prior_temperature)
+                visits = e.visits.to(logq.device)
+                totals["sft"] += float(-(visits * logq).sum())
+                weights = (logq.exp() - visits) / self.cfg.prior_temperature
             per_chunk = max(1, TRAIN_CACHED_TOKENS // len(e.prompt))
             for start in range(0, len(rows), per_chunk):
                 chunk = rows[start : start + per_chunk]
-                chunk_cache = DynamicCache(ddp_cache_data=zip(leaves[0::2], leaves[1::2]), config=self._lm.config)
-                lp = label_pass(self._lm, chunk_cache, prefix_mask, [e.prompt], [[e.labels[k] for k in chunk]],
-                                self._pad_id)[0]
+                lp = label_logprobs([e.labels[k] for k in chunk])
                 loss = torch.zeros((), device=lp.tokens.device)
                 if weights is not None:
                     loss = loss + self.cfg.sft_weight * (weights[chunk] * lp.mean()).sum()

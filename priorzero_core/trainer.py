@@ -171,8 +171,7 @@ class Trainer:
     # ------------------------------------------------------------------ schedule
     def due(self, stage: str, iteration: int) -> bool:
         """Whether `stage` runs in `iteration` (1-based), from the schedule in the config."""
-        sch = self.cfg.schedule
-        last = iteration in (sch.iterations, self._final)
+        sch, last = self.cfg.schedule, self.stop_after(iteration)
         llm_turn = self.llm_trainer is not None and iteration % sch.llm_train_freq == 0
         if stage == "evaluate":
             return (iteration - 1) % self.cfg.eval.eval_freq == 0 or last

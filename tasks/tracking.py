@@ -77,8 +77,8 @@ class Tracker:
         self.client: Any = None
         self.run_id: Optional[str] = None
         self._off = not cfg.tracking.enabled
-        self._curves: dict[str, dict[int, float]] = {}
-        self._metrics_written: Optional[Future] = None  # what the learning curve plots: key -> {step: value}
+        self._curves: dict[str, dict[int, float]] = {}  # what the learning curve plots: key -> {step: value}
+        self._metrics_written: Optional[Future] = None  # the last iteration's metrics batch, for flush()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-tracking")
 
     @property
