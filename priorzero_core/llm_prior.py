@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -101,9 +102,21 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@functools.lru_cache(maxsize=16)
+def _content_key(path: Path, size: int, mtime_ns: int) -> str:
+    """The file's sha256 (first 12 hex digits); memoised per (path, size, mtime) so a process hashes it once."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def _gguf_dir(gguf: Path, cfg: LLMConfig) -> Path:
+    # Keyed by content, not path: every checkout's venv holds its own copy of the same file, and a path key
+    # made each fresh clone convert (and keep) another 0.5 GB copy.
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = _content_key(gguf.resolve(), stat.st_size, stat.st_mtime_ns)
     target = _cache_root(cfg) / f"{gguf.stem}-{key}"
     if not (target / "config.json").is_file():
         _convert_gguf(gguf, target)

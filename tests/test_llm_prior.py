@@ -134,6 +134,21 @@ def test_conversion_race_keeps_the_first_finished_copy(tmp_path):
     assert (target / "config.json").read_text() == "first" and not tmp.exists()
 
 
+
+def test_conversion_cache_is_keyed_by_content_not_path(tmp_path, monkeypatch):
+    """Each clone's venv holds its own copy of the GGUF; all copies must share one conversion."""
+    converted = []
+    monkeypatch.setattr(llm_prior, "_convert_gguf", lambda gguf, target: (converted.append(gguf), target.mkdir(parents=True),
+                                                                         (target / "config.json").write_text("{}")))
+    cfg = LLMConfig(cache_dir=str(tmp_path / "cache"))
+    copies = []
+    for venv, data in (("a", b"GGUF same"), ("b", b"GGUF same"), ("c", b"GGUF other")):
+        (tmp_path / venv).mkdir()
+        copies.append(tmp_path / venv / "model.gguf")
+        copies[-1].write_bytes(data)
+    dirs = [llm_prior._gguf_dir(path, cfg) for path in copies]
+    assert dirs[0] == dirs[1] != dirs[2] and converted == [copies[0], copies[2]]
+
 @pytest.mark.slow
 def test_gguf_converts_once_to_safetensors_with_identical_logits(tmp_path, smollm):
     from transformers import AutoModelForCausalLM
