@@ -32,7 +32,9 @@ class Critic(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
-        self.trunk.activation_checkpointing_enable(**kwargs)
+        from .strategy import enable_checkpointing
+
+        enable_checkpointing(self.trunk)
 
     def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
         """V(state before each response token), [B, R] in fp32."""

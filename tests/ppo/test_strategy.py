@@ -45,3 +45,23 @@ def test_deepspeed_strategy_runs_a_ppo_step_on_cpu(tiny_llm_dir):
 
 def test_auto_strategy_is_torch_on_cpu():
     assert isinstance(make_strategy(PPOConfig(), torch.device("cpu")), TorchStrategy)
+
+
+def test_checkpointing_works_with_either_transformers_method_name(tiny_llm_dir):
+    """transformers renamed gradient_checkpointing_enable to activation_checkpointing_enable; a GPU image with the
+    older name failed every DeepSpeed PPO actor before enable_checkpointing handled both."""
+    from priorzero_core.ppo.models import Critic
+    from priorzero_core.ppo.strategy import enable_checkpointing
+    from priorzero_core.llm_prior import load_causal_lm
+
+    lm, _ = load_causal_lm(LLMConfig(model=str(tiny_llm_dir)))
+    calls = []
+
+    class OldName(torch.nn.Module):
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs):
+            calls.append(gradient_checkpointing_kwargs)
+
+    enable_checkpointing(OldName())
+    assert calls == [{"use_reentrant": False}]
+    Critic(lm).activation_checkpointing_enable()
+    assert lm.model.gradient_checkpointing
