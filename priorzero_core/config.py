@@ -70,6 +70,9 @@ class LLMConfig(_Section):
     prior_temperature: float = Field(default=1.0, gt=0)
     history_length: int = Field(default=4, ge=0)
     max_prompt_tokens: int = Field(default=512, gt=16)
+    # Priors of prompts already scored since the weights last changed, kept in an LRU of this many entries
+    # (0: off). Collection repeats prompts often (33 % of Zork's, 83 % of detective's in a 2-hour run).
+    prior_cache_size: int = Field(default=4096, ge=0)
     cache_dir: Optional[str] = None  # converted checkpoints; default ~/.cache/priorzero
     # training from search
     train: bool = True

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import weakref
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -436,6 +437,9 @@ class LLMPrior(ABC):
     def __init__(self, tokenizer: Any, cfg: LLMConfig):
         self.tokenizer = tokenizer
         self.cfg = cfg
+        self._cache: OrderedDict[tuple[str, tuple[str, ...]], np.ndarray] = OrderedDict()
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     def build_prompt(self, history: Sequence[HistoryStep], observation: str, valid_actions: Sequence[str]) -> str:
         return build_prompt(
@@ -448,8 +452,39 @@ class LLMPrior(ABC):
         )
 
     def score(self, batch: Sequence[ScoreRequest]) -> list[np.ndarray]:
-        """Log-prior over each env's valid actions."""
-        return [s.log_prior for s in self.score_actions(batch)]
+        """Log-prior over each env's valid actions. A (prompt, actions) pair scored since the weights last
+        changed comes from an LRU cache of `llm.prior_cache_size` entries, emptied by `sync_weights`."""
+        if not self.cfg.prior_cache_size:
+            return [s.log_prior for s in self.score_actions(batch)]
+        keys = [(prompt, tuple(actions)) for prompt, actions in batch]
+        found: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
+        for key in keys:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                found[key] = self._cache[key]
+        todo = list(dict.fromkeys(k for k in keys if k not in found))  # each new pair once, in batch order
+        self.cache_hits += len(keys) - len(todo)
+        self.cache_misses += len(todo)
+        if todo:
+            for key, scores in zip(todo, self.score_actions([(p, list(a)) for p, a in todo])):
+                found[key] = self._cache[key] = scores.log_prior
+            while len(self._cache) > self.cfg.prior_cache_size:
+                self._cache.popitem(last=False)
+        return [found[key] for key in keys]
+
+    def cache_stats(self, reset: bool = True) -> tuple[int, int]:
+        """(hits, misses) of `score` since the last reset."""
+        stats = (self.cache_hits, self.cache_misses)
+        if reset:
+            self.cache_hits = self.cache_misses = 0
+        return stats
+
+    def sync_weights(self, trained: nn.Module) -> None:
+        """Make scoring use `trained`'s weights (after LLM training, PPO or a restore); drops cached priors."""
+        try:
+            self._sync_weights(trained)
+        finally:
+            self._cache.clear()
 
     @abstractmethod
     def score_actions(self, batch: Sequence[ScoreRequest]) -> list[ActionScores]:
@@ -460,7 +495,7 @@ class LLMPrior(ABC):
         """The transformers module that LLM training updates."""
 
     @abstractmethod
-    def sync_weights(self, trained: nn.Module) -> None:
+    def _sync_weights(self, trained: nn.Module) -> None:
         """Make scoring use the weights of `trained` (the trainer's module, maybe a PEFT wrapper)."""
 
 
@@ -498,7 +533,7 @@ class TransformersPrior(LLMPrior):
     def trainable_model(self) -> nn.Module:
         return self.model
 
-    def sync_weights(self, trained: nn.Module) -> None:
+    def _sync_weights(self, trained: nn.Module) -> None:
         """Copy `trained`'s weights (LoRA merged in) into the scoring copy. Without a copy there is nothing to
         do: PEFT injects adapters into this module in place and full fine-tuning updates it."""
         if self.scorer is self.model:
@@ -555,7 +590,7 @@ class VLLMPrior(LLMPrior):
             ).to("cuda" if torch.cuda.is_available() else "cpu")
         return self._trainable
 
-    def sync_weights(self, trained: nn.Module) -> None:
+    def _sync_weights(self, trained: nn.Module) -> None:
         """Reload vLLM's weights in place from a plain checkpoint of `trained`, LoRA merged in: vLLM
         cannot combine LoRA adapters with prompt_logprobs (vllm-project/vllm#16668)."""
         from peft import PeftModel

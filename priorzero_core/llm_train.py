@@ -237,7 +237,7 @@ class LLMTrainer:
                     sums[key] += value
         finally:
             self.model.eval()
-        self.prior.sync_weights(self.model)
+            self.prior.sync_weights(self.model)  # also after a failed update: some steps may have been applied
         n = self.cfg.updates_per_train
         return dict(zip(METRIC_KEYS, (sums[k] / n for k in ("sft", "rft", "total", "kl", "grad_norm"))))
 

@@ -208,6 +208,8 @@ class Trainer:
         return StageResult(metrics=result.metrics, artifacts={"transcript": path})
 
     def collect(self, iteration: int) -> StageResult:
+        if self.llm_prior is not None:
+            self.llm_prior.cache_stats()  # count this stage's lookups only (evaluation scores too)
         with torch.inference_mode():
             segments, stats = self.collector.collect(self.cfg.collect.steps_per_iteration, iteration, progress=self.progress)
         path = ReplayBuffer.segment_file(self.run_dir / "replay", iteration, uuid.uuid4().hex[:8])
@@ -217,6 +219,10 @@ class Trainer:
         self.env_steps += stats.env_steps
         self._steps_since_wm += stats.env_steps
         metrics = stats.metrics()
+        if self.llm_prior is not None:
+            hits, misses = self.llm_prior.cache_stats()
+            if hits + misses:
+                metrics["collect/llm_prior_cache_hit_rate"] = hits / (hits + misses)
         metrics["collect/total_env_steps"] = float(self.env_steps)
         metrics["replay/steps"] = float(len(self.replay))
         log.info("iteration %d collect: %d steps (%.1f/s), %d episodes ended", iteration, stats.env_steps,

@@ -217,3 +217,48 @@ def test_cache_root_follows_env_var(monkeypatch, tmp_path):
     monkeypatch.setenv("PRIORZERO_CACHE_DIR", str(tmp_path))
     assert llm_prior._cache_root(LLMConfig()) == Path(tmp_path) / "models"
     assert llm_prior._cache_root(LLMConfig(cache_dir=str(tmp_path / "x"))) == tmp_path / "x"
+
+
+class _CountingPrior(llm_prior.LLMPrior):
+    """Scores each action by its length; records every batch that reaches the backend."""
+
+    backend = "counting"
+
+    def __init__(self, cache_size: int):
+        super().__init__(tokenizer=None, cfg=LLMConfig(prior_cache_size=cache_size))
+        self.calls: list[list[str]] = []
+        self.offset = 0.0
+
+    def score_actions(self, batch):
+        self.calls.append([prompt for prompt, _ in batch])
+        return [llm_prior._scores(torch.tensor([len(a) + self.offset for a in acts], dtype=torch.float32), 1.0)
+                for _, acts in batch]
+
+    def trainable_model(self):
+        raise NotImplementedError
+
+    def _sync_weights(self, trained):
+        self.offset += 1.0
+
+
+def test_prior_cache_scores_each_new_prompt_once_until_the_weights_change():
+    prior = _CountingPrior(cache_size=2)
+    a, b, c = ("p1", ["north", "open mailbox"]), ("p2", ["west"]), ("p3", ["east", "up"])
+    first = prior.score([a, b, a])
+    assert prior.calls == [["p1", "p2"]]  # the repeated pair is scored once
+    assert np.array_equal(first[0], first[2]) and np.array_equal(first[0], prior.score_actions([a])[0].log_prior)
+    prior.calls.clear()
+    prior.score([b, a])
+    assert prior.calls == [] and prior.cache_stats() == (3, 2)  # hits: the repeat, then both
+    prior.score([c])  # LRU of 2: evicts the least recently used, b
+    prior.score([a])
+    prior.score([b])
+    assert prior.calls == [["p3"], ["p2"]]
+    prior.sync_weights(None)  # new weights: nothing cached survives
+    prior.calls.clear()
+    prior.score([a])
+    assert prior.calls == [["p1"]]
+    off = _CountingPrior(cache_size=0)
+    off.score([a, a])
+    off.score([a])
+    assert off.calls == [["p1", "p1"], ["p1"]]
