@@ -11,6 +11,7 @@ from `priorzero eval RUN_DIR eval.modes=[random] eval.num_episodes=20`). Also pr
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -63,10 +64,11 @@ def main() -> None:
         label = run_dir.name
         by_steps.plot([r[1] for r in rows], [r[3] for r in rows], marker=".", label=label)
         by_time.plot([r[2] for r in rows], [r[3] for r in rows], marker=".", label=label)
-    for item in args.baseline:
+    for item, style in zip(args.baseline, itertools.cycle(["--", "-.", ":"])):
         name, _, value = item.partition("=")
         for ax in (by_steps, by_time):
-            ax.axhline(float(value), color="grey", linestyle="--", label=name)
+            ax.axhline(float(value), color="grey", linestyle=style, label=name)
+            ax.margins(y=0.08)  # a reference line at the edge of the data stays visible
     if args.max_score is not None:
         for ax in (by_steps, by_time):
             ax.axhline(args.max_score, color="black", linestyle=":", label="max score")
