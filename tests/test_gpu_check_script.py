@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 SCRIPT = Path(__file__).parents[1] / "scripts" / "gpu_check.py"
 
 
@@ -20,6 +23,7 @@ def test_dry_run_scores_equal_naive_and_reports_a_missing_vllm_in_one_line(tiny_
     assert "checks passed 3/3" in proc.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu_is_a_usage_error():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "x", "--encoder", "y"], capture_output=True,
                           text=True, timeout=300)
