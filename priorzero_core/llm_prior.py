@@ -466,7 +466,7 @@ class LLMPrior(ABC):
         self.cache_hits += len(keys) - len(todo)
         self.cache_misses += len(todo)
         if todo:
-            for key, scores in zip(todo, self.score_actions([(p, list(a)) for p, a in todo])):
+            for key, scores in zip(todo, self.score_actions(todo)):
                 found[key] = self._cache[key] = scores.log_prior
             while len(self._cache) > self.cfg.prior_cache_size:
                 self._cache.popitem(last=False)

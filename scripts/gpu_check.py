@@ -225,12 +225,10 @@ def _ppo_update(cfg: Any, llm: Any, prompts: list[str]) -> dict:
     tokens = int(rollout.action_mask.sum())
     return {"policy": policy, "rollout": rollout, "times": times, "changed": changed, "finite": finite,
             "tokens": tokens, "policy_train_peak_gib": round(policy_peak / 2**30, 3),
-            "strategy": policy.strategy.name, "policy_stats": p_stats, "critic_stats": c_stats,
-            "actors": (policy, reference, critic)}
+            "strategy": policy.strategy.name, "policy_stats": p_stats, "critic_stats": c_stats}
 
 
 def _free(out: dict) -> None:
-    out.pop("actors", None)
     out.pop("policy", None)
     out.pop("rollout", None)
     empty_cache()
@@ -238,6 +236,8 @@ def _free(out: dict) -> None:
 
 @check("ppo_deepspeed")
 def ppo_deepspeed(model_dir: Path, work: Path) -> dict:
+    from transformers import AutoTokenizer
+
     from priorzero_core.config import LLMConfig, PPOConfig
     from priorzero_core.ppo.actors import PolicyActor
     from priorzero_core.ppo.strategy import DeepSpeedStrategy, make_strategy
@@ -248,7 +248,7 @@ def ppo_deepspeed(model_dir: Path, work: Path) -> dict:
                 strategy="auto" if DEVICE == "cuda" else "deepspeed")
     auto = make_strategy(PPOConfig(**base), torch.device(DEVICE))
     assert isinstance(auto, DeepSpeedStrategy), f"strategy {base['strategy']} on {DEVICE} gave {auto.name}"
-    tok = __import__("transformers").AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tok.apply_chat_template([{"role": "user", "content": f"You are in room {i}. North or south? "
                                          "Answer as <answer>move</answer>."}], tokenize=False, add_generation_prompt=True)
                for i in range(PPO_PROMPTS)]

@@ -68,6 +68,8 @@ def main() -> None:
         name, _, value = item.partition("=")
         for ax in (by_steps, by_time):
             ax.axhline(float(value), color="grey", linestyle=style, label=name)
+    if args.baseline:
+        for ax in (by_steps, by_time):
             ax.margins(y=0.08)  # a reference line at the edge of the data stays visible
     if args.max_score is not None:
         for ax in (by_steps, by_time):

@@ -8,6 +8,14 @@ from torch import nn
 from .experience import position_ids
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing; transformers renamed the method (gradient_ -> activation_)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def response_logprobs(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
     """log π(token) for the last `response_len` tokens of each row, [B, R] in fp32."""
     logits = model(
@@ -32,8 +40,6 @@ class Critic(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
-        from .strategy import enable_checkpointing
-
         enable_checkpointing(self.trunk)
 
     def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:

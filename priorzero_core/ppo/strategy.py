@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import PPOConfig
 from ..errors import BackendUnavailable
+from .models import enable_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +60,6 @@ class Strategy(ABC):
     def _checkpointing(self, model: nn.Module) -> None:
         if self.cfg.gradient_checkpointing:
             enable_checkpointing(model)
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing; transformers renamed the method (gradient_ -> activation_)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class _TorchTrainable(Trainable):

@@ -50,8 +50,7 @@ def test_auto_strategy_is_torch_on_cpu():
 def test_checkpointing_works_with_either_transformers_method_name(tiny_llm_dir):
     """transformers renamed gradient_checkpointing_enable to activation_checkpointing_enable; a GPU image with the
     older name failed every DeepSpeed PPO actor before enable_checkpointing handled both."""
-    from priorzero_core.ppo.models import Critic
-    from priorzero_core.ppo.strategy import enable_checkpointing
+    from priorzero_core.ppo.models import Critic, enable_checkpointing
     from priorzero_core.llm_prior import load_causal_lm
 
     lm, _ = load_causal_lm(LLMConfig(model=str(tiny_llm_dir)))
