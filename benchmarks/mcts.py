@@ -51,11 +51,13 @@ def main() -> None:
     parser.add_argument("--envs", type=int, default=8)
     parser.add_argument("--simulations", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, one per core, as training's run.torch_threads)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = load_config(args.config, overrides={"mcts.num_simulations": args.simulations}, debug=False)
     wm_cfg, actions = cfg.world_model, cfg.game.action_space_size or 55
@@ -72,7 +74,7 @@ def main() -> None:
     batched, sequential = best["batched"], best["sequential"]
     sims = args.envs * args.simulations
     print(f"world model D={wm_cfg.embed_dim} layers={wm_cfg.num_layers} context={wm_cfg.context_length}, "
-          f"A={actions}, {args.simulations} simulations, {args.envs} envs, device {device}, {args.threads} thread(s)")
+          f"A={actions}, {args.simulations} simulations, {args.envs} envs, device {device}, {torch.get_num_threads()} thread(s)")
     print(f"{'mode':<28}{'seconds':>10}{'sims/s':>12}")
     print(f"{'batched (1 search)':<28}{batched:>10.4f}{sims / batched:>12.0f}")
     print(f"{f'sequential ({args.envs} searches)':<28}{sequential:>10.4f}{sims / sequential:>12.0f}")

@@ -150,7 +150,7 @@ def init_tree(
         parent=np.full(R, NO_CHILD),
         action_from_parent=np.full(R, NO_CHILD),
         depth=np.zeros(R, dtype=np.int64),
-        state=tuple(s.new_zeros((B * N,) + tuple(s.shape[1:])) for s in root.state),
+        state=tuple(s.new_empty((B * N,) + tuple(s.shape[1:])) for s in root.state),  # rows are written before read
         valid_mask=valid_mask.cpu().numpy(),
         min_value=np.full(B, math.inf),
         max_value=np.full(B, -math.inf),

@@ -84,6 +84,26 @@ def test_root_and_recurrent_inference_shapes_and_masks(tiny_wm_config):
         assert (logits[~ctx.valid_mask] < -1e8).all()
 
 
+def test_cached_expansion_equals_rerunning_the_window(tiny_wm_config):
+    """A node's keys/values stand in for its window: each imagined step gives what re-running it gives."""
+    model = WorldModel(tiny_wm_config, input_dim=E).eval()
+    torch.nn.init.normal_(model.reward_head[-1].weight)  # zero at init: it would hide a mismatch
+    ctx = root_context(make_batch(tiny_wm_config, B=3), t=2, C=tiny_wm_config.context_length)
+    state, _, _ = model.root_inference(ctx)
+    batch = torch.arange(3)
+    for step in range(4):  # the window fills up, then slides
+        action = torch.tensor([step % A, (step + 1) % A, 0])
+        token = model.action_token(ctx.valid_emb[batch, action]).unsqueeze(1)
+        with torch.no_grad():
+            h = model.transformer(torch.cat([state.tokens, token], 1), state.length + 1)[:, -1]
+        expected = support_to_scalar(model.reward_head(h), tiny_wm_config.support_size)
+        state, reward, _, _ = model.recurrent_inference(state, action, ctx.valid_emb, ctx.valid_mask)
+        torch.testing.assert_close(reward, expected, atol=1e-5, rtol=1e-5)
+        assert reward.abs().min() > 1e-3
+    assert state.keys.shape == (3, tiny_wm_config.num_layers, tiny_wm_config.num_heads,
+                                state.tokens.shape[1], tiny_wm_config.embed_dim // tiny_wm_config.num_heads)
+
+
 def test_search_sees_exactly_what_training_sees(tiny_wm_config):
     model = WorldModel(tiny_wm_config, input_dim=E).eval()
     batch = make_batch(tiny_wm_config)
@@ -154,6 +174,7 @@ def test_learner_checkpoint_round_trip_continues_identically(tiny_wm_config):
 
 def test_search_runs_on_the_world_model_with_the_roots_valid_actions(tiny_wm_config):
     model = WorldModel(tiny_wm_config, input_dim=E).eval()
+    torch.nn.init.normal_(model.reward_head[-1].weight)  # zero at init: it would hide a mismatch
     ctx = root_context(make_batch(tiny_wm_config, B=3), t=2, C=tiny_wm_config.context_length)
     state, logits, value = model.root_inference(ctx)
     cfg = MCTSConfig(num_simulations=12)
