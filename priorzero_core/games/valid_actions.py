@@ -239,14 +239,17 @@ class ValidActions:
     def _compute(self, todo: dict[str, Any]) -> dict[str, Optional[list[str]]]:
         if self._local is not None:
             return {key: compute_valid_actions(self._local, state) for key, state in todo.items()}
-        # Fewer new states than workers: split each across all workers. Otherwise whole states, which spares
-        # the workers listing the same candidates twice.
-        parts = len(self._workers) if len(todo) < len(self._workers) else 1
-        jobs = deque((key, part, parts, state) for key, state in todo.items() for part in range(parts))
+        # Whole states while every worker gets one (which spares the workers listing the same candidates
+        # twice); the states left over, fewer than the workers, are each split across all workers, so no
+        # worker idles while another finishes a last whole state.
+        workers, items = len(self._workers), list(todo.items())
+        whole = len(items) - len(items) % workers
+        parts = {key: 1 if i < whole else workers for i, (key, _) in enumerate(items)}
+        jobs = deque((key, part, parts[key], state) for key, state in items for part in range(parts[key]))
         answers = self._run(jobs)
         results: dict[str, Optional[list[str]]] = {}
         for key in todo:
-            chunks = [answers.get((key, i)) for i in range(parts)]
+            chunks = [answers.get((key, i)) for i in range(parts[key])]
             results[key] = None if None in chunks else pick_actions(chunks)  # type: ignore[arg-type]
         return results
 

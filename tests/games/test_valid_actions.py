@@ -82,6 +82,8 @@ def test_cached_and_worker_results_equal_uncached_calls(rom_dir, zork, states):
     service = va.ValidActions(rom, workers=2, timeout_s=60)
     try:
         service.cache.clear()
+        # 3 new states on 2 workers: two go whole, the third is split across both
+        assert service.batch(states[:3]) == expected[:3]
         first = service.batch(states + states[:2])  # duplicates inside a batch are computed once
         assert first == expected + expected[:2]
         assert all(service.cache.get(h) == e for (h, _), e in zip(states, expected))
