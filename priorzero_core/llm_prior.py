@@ -499,16 +499,24 @@ class LLMPrior(ABC):
         """Make scoring use the weights of `trained` (the trainer's module, maybe a PEFT wrapper)."""
 
 
-def scoring_dtype(cfg: LLMConfig, device: str | torch.device) -> torch.dtype:
-    """`llm.scoring_dtype`; "auto" is bfloat16 where the device has fast bf16 matmuls (a CUDA GPU that supports
-    it; a CPU with AVX512-BF16 or AMX, as oneDNN reports), else `llm.dtype`."""
-    if cfg.scoring_dtype != "auto":
-        return getattr(torch, cfg.scoring_dtype)
+def fast_bf16(device: str | torch.device) -> bool:
+    """Whether `device` has fast bf16 matmuls: a CUDA GPU that supports them, a CPU with AVX512-BF16 or AMX
+    (as oneDNN reports)."""
     if torch.device(device).type == "cuda":
-        fast = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    else:
-        fast = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if fast else getattr(torch, cfg.dtype)
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_dtype(setting: str, cfg: LLMConfig, device: str | torch.device) -> torch.dtype:
+    """A dtype setting ("auto", "float32", "bfloat16"); "auto" is bfloat16 where `fast_bf16`, else `llm.dtype`."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    return torch.bfloat16 if fast_bf16(device) else getattr(torch, cfg.dtype)
+
+
+def scoring_dtype(cfg: LLMConfig, device: str | torch.device) -> torch.dtype:
+    """`llm.scoring_dtype` resolved for `device`."""
+    return resolve_dtype(cfg.scoring_dtype, cfg, device)
 
 
 class TransformersPrior(LLMPrior):

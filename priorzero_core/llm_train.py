@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,7 +27,10 @@ from .llm_prior import (
     log_prior,
     pad_token_id,
     prefix_pass,
+    resolve_dtype,
 )
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "llm_weights.safetensors"
 # Label rows x prompt tokens backpropagated at once (their copies of the prompt's keys/values dominate memory).
@@ -107,6 +111,17 @@ class LLMTrainer:
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self._params, lr=cfg.lr)
         self._generator = torch.Generator().manual_seed(seed)
+        self._device = next(self._lm.parameters()).device
+        weights_dtype = next(self._lm.parameters()).dtype
+        self._compute_dtype = resolve_dtype(cfg.train_dtype, cfg, self._device)
+        if self._compute_dtype != weights_dtype:
+            log.info("LLM training: forwards and backwards in %s (autocast), weights in %s",
+                     self._compute_dtype, weights_dtype)
+
+    def _autocast(self) -> torch.autocast:
+        """`llm.train_dtype` as an autocast context (disabled where it is the weights' own dtype)."""
+        enabled = self._compute_dtype != next(self._lm.parameters()).dtype
+        return torch.autocast(self._device.type, dtype=self._compute_dtype, enabled=enabled)
 
     # ------------------------------------------------------------------------------------------ forwards
 
@@ -216,11 +231,13 @@ class LLMTrainer:
         advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
         if len(samples) > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        # `old` and `ref` are taken under the same autocast as the updates, so the RFT ratio compares like with like.
         old: list[torch.Tensor] = []
         ref: list[torch.Tensor] = []
         if self.cfg.rft_weight > 0:
-            old = self._executed_logprobs(encoded, reference=False)
-            ref = self._executed_logprobs(encoded, reference=True)
+            with self._autocast():
+                old = self._executed_logprobs(encoded, reference=False)
+                ref = self._executed_logprobs(encoded, reference=True)
 
         sums = dict.fromkeys(("sft", "rft", "kl", "total", "grad_norm"), 0.0)
         self.model.train()
@@ -228,7 +245,8 @@ class LLMTrainer:
             for _ in range(self.cfg.updates_per_train):
                 batch = torch.randperm(len(samples), generator=self._generator)[: self.cfg.batch_size].tolist()
                 self.optimizer.zero_grad(set_to_none=True)
-                step = self._accumulate(batch, encoded, old, ref, advantages)
+                with self._autocast():
+                    step = self._accumulate(batch, encoded, old, ref, advantages)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip)
                 self.optimizer.step()
                 step["total"] = self.cfg.sft_weight * step["sft"] + self.cfg.rft_weight * step["rft"]

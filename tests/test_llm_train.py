@@ -103,6 +103,23 @@ def test_a_bf16_scoring_copy_follows_the_fp32_weights_training_updates(smollm, l
     assert any(not np.allclose(a, b, atol=1e-3) for a, b in zip(after, before))
 
 
+def test_bf16_autocast_training_matches_fp32_and_keeps_fp32_weights(smollm, caplog):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        prior = _prior(smollm, _cfg(updates_per_train=1, train_dtype=dtype))
+        with caplog.at_level("INFO", logger="priorzero_core.llm_train"):
+            caplog.clear()
+            trainer = LLMTrainer(prior, prior.cfg)
+            runs[dtype] = trainer.train(_samples(prior))
+        assert ("autocast" in caplog.text) == (dtype == "bfloat16")
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    fp32, bf16 = runs["float32"], runs["bfloat16"]
+    assert fp32 != bf16  # the setting changes the arithmetic
+    assert bf16["train/llm_sft_loss"] == pytest.approx(fp32["train/llm_sft_loss"], rel=0.02)
+    assert bf16["train/llm_grad_norm"] == pytest.approx(fp32["train/llm_grad_norm"], rel=0.05)
+    assert bf16["train/llm_kl"] < 1e-2
+
+
 def test_sft_lowers_cross_entropy_to_the_visit_distribution(smollm):
     cfg = _cfg(rft_weight=0.0, updates_per_train=3)
     prior = _prior(smollm, cfg)
