@@ -3,8 +3,9 @@
 All B trees advance together: each simulation walks down every tree in a Python loop over depth
 (vectorised over the batch), makes ONE batched model call for the B new leaves, and backs the values
 up along the whole path at once. The tree statistics are numpy rows on the host (a numpy op costs a
-fraction of a torch op's dispatch, and a walk is a dozen tiny ops per level); the model's per-node
-state stays a tuple of tensors on the model's device.
+fraction of a torch op's dispatch); the model's per-node state stays a tuple of tensors on the model's
+device. Each row keeps its current PUCT choice, which backup recomputes for the rows whose statistics
+changed (and for a whole tree when its Q bounds move), so a level of the walk is two lookups.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Tree:
     child_visits: np.ndarray  # [R, A]
     child_q: np.ndarray  # [R, A] reward + discount·value of visited children, 0 otherwise
     explore: np.ndarray  # [R, A] PUCT's prior term c(N)·√N·P/(1 + n); -inf on invalid actions
+    best: np.ndarray  # [R] PUCT's choice at each row under its tree's current Q bounds
     parent: np.ndarray  # [R] node index, NO_CHILD at the root
     action_from_parent: np.ndarray  # [R]
     depth: np.ndarray  # [R]
@@ -64,6 +66,7 @@ class Tree:
     num_nodes: int  # N
     empty: int  # the blank row, B·N
     returns: np.ndarray  # [N + 1, N + 1] discounted_sums for backup
+    expanded: int = 1  # nodes in each tree so far (every simulation adds one to each)
 
 
 class SearchedTree(NamedTuple):
@@ -147,6 +150,7 @@ def init_tree(
         child_visits=np.zeros((R, A)),
         child_q=np.zeros((R, A)),
         explore=np.zeros((R, A)),
+        best=np.zeros(R, dtype=np.int64),
         parent=np.full(R, NO_CHILD),
         action_from_parent=np.full(R, NO_CHILD),
         depth=np.zeros(R, dtype=np.int64),
@@ -166,6 +170,7 @@ def init_tree(
     for buf, s in zip(tree.state, root.state):
         buf.index_copy_(0, rows, s)
     refresh_explore(tree, tree.root, cfg)
+    refresh_best(tree, tree.root)
     return tree
 
 
@@ -185,21 +190,25 @@ def q_bounds(tree: Tree) -> tuple[np.ndarray, np.ndarray]:
     return low[:, None], scale[:, None]
 
 
-def puct_action(tree: Tree, rows: np.ndarray, low: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """MuZero's PUCT choice at `rows` [B]: prior term + normalised Q of visited children (unvisited: 0)."""
+def refresh_best(tree: Tree, rows: np.ndarray) -> None:
+    """MuZero's PUCT choice at `rows` [M], whose statistics or Q bounds changed: prior term + min-max
+    normalised Q of visited children (unvisited: 0)."""
+    low, scale = q_bounds(tree)
+    env = rows // tree.num_nodes
     visited = tree.child_visits[rows] > 0
-    value_score = np.where(visited, (tree.child_q[rows] - low) * scale, 0.0)
-    return (tree.explore[rows] + value_score).argmax(-1)
+    value_score = np.where(visited, (tree.child_q[rows] - low[env]) * scale[env], 0.0)
+    tree.best[rows] = (tree.explore[rows] + value_score).argmax(-1)
 
 
 def simulate(tree: Tree) -> tuple[np.ndarray, np.ndarray]:
     """Walk every tree down by PUCT to an unexpanded edge -> the rows walked [B, L] (`empty` after a walk's
-    end) and the actions taken from them [B, L]; each walk's last real row and action are the edge to expand."""
-    low, scale = q_bounds(tree)
+    end) and the actions taken from them [B, L]; each walk's last real row and action are the edge to expand.
+
+    Each row's choice is kept up to date by `backup`, so a level of the walk is two lookups."""
     rows = tree.root
     path, actions = [], []
     while True:
-        action = puct_action(tree, rows, low, scale)
+        action = tree.best[rows]
         path.append(rows)
         actions.append(action)
         rows = tree.children[rows, action]
@@ -216,6 +225,7 @@ def expand(
     next_state, reward, logits, value = recurrent_fn(
         tuple(buf.index_select(0, parent_rows) for buf in tree.state), torch.from_numpy(action).to(device))
     tree.children[parent, action] = leaf
+    tree.expanded += 1
     tree.parent[leaf] = parent - tree.root
     tree.action_from_parent[leaf] = action
     tree.reward[leaf] = reward.float().cpu().numpy()
@@ -248,13 +258,18 @@ def backup(tree: Tree, path: np.ndarray, actions: np.ndarray, value: np.ndarray,
     tree.visit_count[rows] += 1
     q = np.zeros(path.shape)
     q[on] = tree.reward[rows] + discount * tree.value_sum[rows] / tree.visit_count[rows]
-    tree.min_value = np.minimum(tree.min_value, np.min(q, 1, where=on, initial=math.inf))
-    tree.max_value = np.maximum(tree.max_value, np.max(q, 1, where=on, initial=-math.inf))
+    low, high = np.minimum(tree.min_value, np.min(q, 1, where=on, initial=math.inf)), np.maximum(
+        tree.max_value, np.max(q, 1, where=on, initial=-math.inf))
+    rescaled = np.flatnonzero((low != tree.min_value) | (high != tree.max_value))  # trees whose Q bounds moved
+    tree.min_value, tree.max_value = low, high
     edge = on[:, 1:]
     parents, taken = path[:, :-1][edge], actions[edge]
     tree.child_visits[parents, taken] += 1
     tree.child_q[parents, taken] = q[:, 1:][edge]
     refresh_explore(tree, rows, cfg)
+    if len(rescaled):  # every node of those trees compares normalised Qs anew (a row twice does no harm)
+        rows = np.concatenate([rows, (tree.root[rescaled, None] + np.arange(tree.expanded)).ravel()])
+    refresh_best(tree, rows)
 
 
 def searched_tree(tree: Tree, device: torch.device) -> SearchedTree:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from priorzero_core.config import MCTSConfig
+from priorzero_core import mcts
 from priorzero_core.mcts import (
     NO_CHILD,
     RootOutput,
@@ -108,6 +109,38 @@ def test_batched_search_equals_separate_searches():
             one = search(model, root, mask[b : b + 1], cfg, rng, add_noise, discount=0.997, temperature=0)
             assert torch.equal(one.visit_counts[0], batched.visit_counts[b])
             torch.testing.assert_close(one.root_value[0], batched.root_value[b])
+
+
+def test_each_rows_kept_choice_is_the_fresh_puct_argmax_after_every_simulation():
+    """The walk reads choices that backup keeps; recomputing PUCT everywhere must always agree with them."""
+    g = torch.Generator().manual_seed(0)
+    B, D, N = 3, 8, 40
+    w = torch.randn(D + A, D, generator=g)
+
+    def model(state, action):  # a random deterministic model whose rewards and values move the Q bounds
+        x = torch.tanh(torch.cat([state[0], torch.nn.functional.one_hot(action, A).float()], -1) @ w)
+        return (x,), x[:, 0] * 2, x[:, 1:1 + A] * 3, x[:, -1]
+
+    cfg = MCTSConfig(num_simulations=N)
+    mask = torch.ones(B, A, dtype=torch.bool)
+    mask[0, 3] = False
+    root = RootOutput((torch.randn(B, D, generator=g),), torch.randn(B, A, generator=g), torch.zeros(B))
+    tree = mcts.init_tree(root, mask, N, masked_softmax(root.prior_logits, mask), cfg, 0.997)
+    envs = np.arange(B)
+    for sim in range(1, N + 1):
+        path, actions = mcts.simulate(tree)
+        last = (path != tree.empty).sum(1) - 1
+        leaf = tree.root + sim
+        value = mcts.expand(tree, model, leaf, path[envs, last], actions[envs, last], mask)
+        path = np.concatenate([path, np.full((B, 1), tree.empty)], 1)
+        path[envs, last + 1] = leaf
+        mcts.backup(tree, path, actions, value, 0.997, cfg)
+        rows = (tree.root[:, None] + np.arange(sim + 1)).ravel()
+        low, scale = mcts.q_bounds(tree)
+        env = rows // tree.num_nodes
+        score = tree.explore[rows] + np.where(tree.child_visits[rows] > 0, (tree.child_q[rows] - low[env]) * scale[env], 0)
+        np.testing.assert_array_equal(tree.best[rows], score.argmax(-1))
+    assert (tree.max_value > tree.min_value).all() and tree.child_visits[tree.root][0, 3] == 0
 
 
 def test_select_action_argmax_at_zero_temperature_and_samples_by_counts_otherwise():
