@@ -104,19 +104,21 @@ def test_a_bf16_scoring_copy_follows_the_fp32_weights_training_updates(smollm, l
 
 
 def test_bf16_autocast_training_matches_fp32_and_keeps_fp32_weights(smollm, caplog):
-    runs = {}
+    runs, grads = {}, {}
     for dtype in ("float32", "bfloat16"):
         prior = _prior(smollm, _cfg(updates_per_train=1, train_dtype=dtype))
         with caplog.at_level("INFO", logger="priorzero_core.llm_train"):
             caplog.clear()
+            torch.manual_seed(0)  # the same LoRA initialisation in both
             trainer = LLMTrainer(prior, prior.cfg)
             runs[dtype] = trainer.train(_samples(prior))
         assert ("autocast" in caplog.text) == (dtype == "bfloat16")
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+        grads[dtype] = torch.cat([p.grad.flatten() for p in trainer._params])  # the update's (clipped) gradient
     fp32, bf16 = runs["float32"], runs["bfloat16"]
-    assert fp32 != bf16  # the setting changes the arithmetic
+    assert fp32 != bf16  # the setting changes the arithmetic, not the update
     assert bf16["train/llm_sft_loss"] == pytest.approx(fp32["train/llm_sft_loss"], rel=0.02)
-    assert bf16["train/llm_grad_norm"] == pytest.approx(fp32["train/llm_grad_norm"], rel=0.05)
+    assert torch.nn.functional.cosine_similarity(grads["float32"], grads["bfloat16"], dim=0) > 0.98
     assert bf16["train/llm_kl"] < 1e-2
 
 
