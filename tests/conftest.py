@@ -1,10 +1,19 @@
 """Shared test fixtures: tiny models, games and servers used across test modules."""
 
+import faulthandler
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Keep a fault handler on through interpreter exit (pytest's own stops with the session): one CI run
+    segfaulted after every test had passed, and this names the threads if it happens again."""
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
 
 
 @pytest.fixture(scope="session")
