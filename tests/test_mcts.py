@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from priorzero_core.config import MCTSConfig
 from priorzero_core import mcts
+from priorzero_core.config import MCTSConfig
 from priorzero_core.mcts import (
     NO_CHILD,
     RootOutput,

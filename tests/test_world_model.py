@@ -174,7 +174,6 @@ def test_learner_checkpoint_round_trip_continues_identically(tiny_wm_config):
 
 def test_search_runs_on_the_world_model_with_the_roots_valid_actions(tiny_wm_config):
     model = WorldModel(tiny_wm_config, input_dim=E).eval()
-    torch.nn.init.normal_(model.reward_head[-1].weight)  # zero at init: it would hide a mismatch
     ctx = root_context(make_batch(tiny_wm_config, B=3), t=2, C=tiny_wm_config.context_length)
     state, logits, value = model.root_inference(ctx)
     cfg = MCTSConfig(num_simulations=12)
