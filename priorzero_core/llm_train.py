@@ -114,14 +114,14 @@ class LLMTrainer:
         self._device = next(self._lm.parameters()).device
         weights_dtype = next(self._lm.parameters()).dtype
         self._compute_dtype = resolve_dtype(cfg.train_dtype, cfg, self._device)
-        if self._compute_dtype != weights_dtype:
+        self._use_autocast = self._compute_dtype != weights_dtype
+        if self._use_autocast:
             log.info("LLM training: forwards and backwards in %s (autocast), weights in %s",
                      self._compute_dtype, weights_dtype)
 
     def _autocast(self) -> torch.autocast:
         """`llm.train_dtype` as an autocast context (disabled where it is the weights' own dtype)."""
-        enabled = self._compute_dtype != next(self._lm.parameters()).dtype
-        return torch.autocast(self._device.type, dtype=self._compute_dtype, enabled=enabled)
+        return torch.autocast(self._device.type, dtype=self._compute_dtype, enabled=self._use_autocast)
 
     # ------------------------------------------------------------------------------------------ forwards
 
