@@ -79,7 +79,9 @@ def raw_episode(envs: list[jericho.FrotzEnv], actions: list[Episode], seen: set[
 
 def main() -> None:
     args = parse_args()
-    cfg = GameConfig(name=args.game, rom_dir=args.rom_dir, valid_action_workers=args.workers)
+    # The episodes end at --steps, so their last states are truncated and need no valid actions, as in training.
+    cfg = GameConfig(name=args.game, rom_dir=args.rom_dir, valid_action_workers=args.workers,
+                     max_episode_steps=args.steps)
     t0 = time.perf_counter()
     pool = EnvPool(cfg, args.envs, seed=args.seed)
     assert pool.valid_actions is not None, "a Jericho game is needed"

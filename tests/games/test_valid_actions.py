@@ -67,6 +67,26 @@ def test_lru_cache_forgets_the_least_recently_used():
     assert cache.get("b") is None and cache.get("a") == ["x"] and len(cache) == 2
 
 
+def test_candidates_are_the_ones_jericho_lists(zork, rom_dir):
+    """The faster lister makes Jericho's own candidate list, on states across the first rooms of the game."""
+    walker = jericho.FrotzEnv(str(rom_dir / "zork1.z5"))
+    walker.reset()
+    visited = []
+    for action in walker.get_walkthrough()[:40]:
+        visited.append(walker.get_state())
+        walker.step(action)
+    walker.close()
+    lister = va.CandidateLister(zork)
+    for state in visited + visited[:3]:  # the repeats come from the lister's expansion cache
+        zork.set_state(state)
+        groups = zork._identify_interactive_objects(use_object_tree=True)
+        names = zork._score_object_names({desc: sorted(objs) for desc, objs in sorted(groups.items())})
+        ours = lister(state)
+        assert ours == zork.act_gen.generate_actions(names)
+        ours.clear()  # callers own what they get
+    assert lister(visited[0]) and len({tuple(lister(s)) for s in visited}) > 5
+
+
 def test_same_choices_as_jericho_get_valid_actions(zork, states):
     for _, state in states:
         ours = va.compute_valid_actions(zork, state)
@@ -82,8 +102,9 @@ def test_cached_and_worker_results_equal_uncached_calls(rom_dir, zork, states):
     service = va.ValidActions(rom, workers=2, timeout_s=60)
     try:
         service.cache.clear()
-        # 3 new states on 2 workers: two go whole, the third is split across both
-        assert service.batch(states[:3]) == expected[:3]
+        assert service.batch(states[1:2]) == expected[1:2]  # one new state: its candidates shared by both
+        service.cache.clear()
+        assert service.batch(states[:3]) == expected[:3]  # three, each split across both workers
         first = service.batch(states + states[:2])  # duplicates inside a batch are computed once
         assert first == expected + expected[:2]
         assert all(service.cache.get(h) == e for (h, _), e in zip(states, expected))
@@ -94,9 +115,10 @@ def test_cached_and_worker_results_equal_uncached_calls(rom_dir, zork, states):
         service.close()
 
 
-def test_a_hang_kills_and_replaces_the_worker_and_ends_only_that_episode(rom_dir, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])  # with 2, a worker hangs after sharing the candidates
+def test_a_hang_kills_and_replaces_the_worker_and_ends_only_that_episode(rom_dir, monkeypatch, workers):
     monkeypatch.setattr(va, "filter_candidates", hang_north_of_house)
-    cfg = GameConfig(name="zork1", rom_dir=str(rom_dir), valid_action_workers=1, valid_action_timeout_s=3)
+    cfg = GameConfig(name="zork1", rom_dir=str(rom_dir), valid_action_workers=workers, valid_action_timeout_s=3)
     pool = EnvPool(cfg, 2)
     pool.valid_actions.cache.clear()  # earlier tests cached the state that hangs here
     try:
