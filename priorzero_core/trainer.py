@@ -210,6 +210,9 @@ class Trainer:
     def collect(self, iteration: int) -> StageResult:
         if self.llm_prior is not None:
             self.llm_prior.cache_stats()  # count this stage's lookups only (evaluation scores too)
+        valid_actions = self.collect_pool.valid_actions
+        if valid_actions is not None:
+            valid_actions.stats()
         with torch.inference_mode():
             segments, stats = self.collector.collect(self.cfg.collect.steps_per_iteration, iteration, progress=self.progress)
         path = ReplayBuffer.segment_file(self.run_dir / "replay", iteration, uuid.uuid4().hex[:8])
@@ -223,6 +226,11 @@ class Trainer:
             hits, misses = self.llm_prior.cache_stats()
             if hits + misses:
                 metrics["collect/llm_prior_cache_hit_rate"] = hits / (hits + misses)
+        if valid_actions is not None:  # Jericho games: how much of the step's main cost the cache saved
+            hits, misses, seconds = valid_actions.stats()
+            if hits + misses:
+                metrics["collect/valid_actions_cache_hit_rate"] = hits / (hits + misses)
+                metrics["collect/valid_actions_s"] = seconds
         metrics["collect/total_env_steps"] = float(self.env_steps)
         metrics["replay/steps"] = float(len(self.replay))
         log.info("iteration %d collect: %d steps (%.1f/s), %d episodes ended", iteration, stats.env_steps,

@@ -44,6 +44,14 @@ def test_plain_loop_trains_checkpoints_and_resumes_where_it_stopped(tmp_path):
     assert "iteration 3 checkpoint" in (tmp_path / "logs" / "train.log").read_text()
 
 
+def test_a_jericho_run_logs_what_the_valid_action_cache_saved(tmp_path, rom_dir):
+    cfg = load_config("zork", TINY + ["llm.enabled=false", f"game.rom_dir={rom_dir}", "game.valid_action_workers=1"])
+    first = run_plain(cfg, tmp_path, iterations=1, progress=False)[0]
+    # Both envs start in the same state: one of the first two requests is a hit, and later ones may be.
+    assert 1 / 8 <= first["collect/valid_actions_cache_hit_rate"] < 1
+    assert first["collect/valid_actions_s"] > 0
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     cfg = load_config("debug", TINY + ["llm.enabled=false"])
     run_plain(cfg, tmp_path, iterations=1, progress=False)

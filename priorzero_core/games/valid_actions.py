@@ -286,6 +286,8 @@ class ValidActions:
             self._ctx = mp.get_context("spawn")
             self._workers = [_Worker(self._ctx, self.rom) for _ in range(workers)]
         self._finalizer = weakref.finalize(self, _stop_all, self._workers)  # also runs at interpreter exit
+        self.hits = self.misses = 0
+        self.compute_s = 0.0
 
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process.pid is not None]
@@ -294,6 +296,14 @@ class ValidActions:
         """Block until every worker has loaded the game (otherwise the first batch waits for them)."""
         for worker in self._workers:
             worker.wait_ready()
+
+    def stats(self, reset: bool = True) -> tuple[int, int, float]:
+        """(cache hits, states computed, seconds computing them) since the last reset."""
+        out = (self.hits, self.misses, self.compute_s)
+        if reset:
+            self.hits = self.misses = 0
+            self.compute_s = 0.0
+        return out
 
     def get(self, state_hash: str, state: Any) -> Optional[list[str]]:
         return self.batch([(state_hash, state)])[0]
@@ -304,7 +314,11 @@ class ValidActions:
         for state_hash, state in requests:
             if self.cache.get(state_hash) is None:
                 todo.setdefault(state_hash, state)
+        self.hits += len(requests) - len(todo)
+        self.misses += len(todo)
+        t0 = time.perf_counter()
         computed = self._compute(todo) if todo else {}
+        self.compute_s += time.perf_counter() - t0
         results: list[Optional[list[str]]] = []
         for state_hash, _ in requests:
             actions = self.cache.get(state_hash)

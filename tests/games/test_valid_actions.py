@@ -105,8 +105,11 @@ def test_cached_and_worker_results_equal_uncached_calls(rom_dir, zork, states):
         assert service.batch(states[1:2]) == expected[1:2]  # one new state: its candidates shared by both
         service.cache.clear()
         assert service.batch(states[:3]) == expected[:3]  # three, each split across both workers
+        service.stats()
         first = service.batch(states + states[:2])  # duplicates inside a batch are computed once
         assert first == expected + expected[:2]
+        hits, computed, seconds = service.stats()
+        assert (hits, computed) == (5, 3) and seconds > 0
         assert all(service.cache.get(h) == e for (h, _), e in zip(states, expected))
         assert service.batch(states) == expected
         again = va.ValidActions(rom, workers=0)  # another user of the game shares the cache
