@@ -1,11 +1,12 @@
 """Jericho valid actions, the cost of a step: a per-game LRU cache and a pool of worker processes.
 
 A request is `(world_state_hash, frotz_state)`. Hits come from a cache shared by every `ValidActions`
-of the same ROM in this process. Each new state is split across all workers: the worker that gets the state
-lists Jericho's candidate commands for it (cheap), sends the list back and tests its share; the other shares
-go to the other workers as explicit command lists. So the list is made once per state, and every state's
-testing (the expensive part) is spread over every worker, which keeps them equally busy whether one state
-is new or many. Only the 14 kB interpreter state and the commands cross the pipe. A worker that overruns the
+of the same ROM in this process. Each new state is split across all workers, so they stay equally busy
+whether one state is new or many: each tests an interleaved share of Jericho's candidate commands (the
+expensive part). Listing the candidates is cheap; with fewer new states than workers every worker lists them
+itself (it would wait idle for the list otherwise), and with more the worker that gets a state first lists
+it, sends the list back and tests its share while the other shares go to the other workers as explicit
+command lists. Only the 14 kB interpreter state and the commands cross the pipe. A worker that overruns the
 timeout (Jericho hangs on some Zork 1 states) is killed and replaced, and its request answers `None`.
 """
 
@@ -190,9 +191,9 @@ def shared_cache(rom: Path, maxsize: int) -> LRUCache:
 
 
 def _serve(conn: Connection, rom: str, filter_fn: Callable[[jericho.FrotzEnv, Any, list[str]], Diffs]) -> None:
-    """Worker loop: answer (state, share, part, parts) until the parent sends None or goes away.
+    """Worker loop: answer (state, share, part, parts, share_list) until the parent sends None or goes away.
 
-    With `share` None the worker lists the state's candidates itself and, when `parts` > 1, first sends
+    With `share` None the worker lists the state's candidates itself and, with `share_list`, first sends
     ("candidates", list) so the parent can hand the other shares out. Either way it then sends ("ok", ranked)
     for `filter_fn` over its share, every `parts`-th candidate from `part` on: Jericho groups candidates by
     template, whose costs differ a lot, so interleaved shares take about equally long where chunks do not.
@@ -212,10 +213,10 @@ def _serve(conn: Connection, rom: str, filter_fn: Callable[[jericho.FrotzEnv, An
         if job is None:
             return
         try:
-            state, share, part, parts = job
+            state, share, part, parts, share_list = job
             if share is None:
                 candidates = candidate_actions(env, state)
-                if parts > 1:
+                if share_list:
                     conn.send(("candidates", candidates))
                 share = candidates[part::parts]
             conn.send(("ok", ranked(filter_fn(env, state, share), share, part, parts)))
@@ -332,7 +333,13 @@ class ValidActions:
         if self._local is not None:
             return {key: compute_valid_actions(self._local, state) for key, state in todo.items()}
         parts = len(self._workers)
-        answers = self._run(deque((key, state, None, 0, parts) for key, state in todo.items()))
+        if len(todo) < parts:
+            # Fewer new states than workers: every worker lists each state itself (it would wait idle for
+            # the list otherwise) and tests its own share.
+            jobs = deque((key, state, None, p, parts, False) for key, state in todo.items() for p in range(parts))
+        else:
+            jobs = deque((key, state, None, 0, parts, parts > 1) for key, state in todo.items())
+        answers = self._run(jobs)
         results: dict[str, Optional[list[str]]] = {}
         for key in todo:
             shares = [answers.get((key, i)) for i in range(parts)]
@@ -340,9 +347,9 @@ class ValidActions:
         return results
 
     def _run(self, jobs: deque) -> dict[tuple[str, int], Optional[Ranked]]:
-        """Run (key, state, share, part, parts) jobs on the workers; a share that fails or overruns gives None.
+        """Run (key, state, share, part, parts, share_list) jobs; a share that fails or overruns gives None.
 
-        A job with share None also lists the state's candidates; when that list arrives, the state's other
+        A job with share None also lists the state's candidates; when it shares the list, the state's other
         shares go to the front of the queue, so the next idle worker takes one and a state is finished before
         the next is started.
         """
@@ -354,19 +361,19 @@ class ValidActions:
                 worker = idle.popleft()
                 worker.wait_ready()
                 job = jobs.popleft()
-                key, state, share, part, parts = job
-                worker.conn.send((state, share, part, parts))
+                key, state, share, part, parts, share_list = job
+                worker.conn.send((state, share, part, parts, share_list))
                 busy[worker.conn] = (worker, job, time.monotonic() + self.timeout_s)
             next_deadline = min(deadline for _, _, deadline in busy.values())
             for conn in wait(list(busy), timeout=max(0.0, next_deadline - time.monotonic())):
                 worker, job, deadline = busy.pop(conn)  # type: ignore[index]
-                key, state, _, part, parts = job
+                key, state, _, part, parts, _ = job
                 try:
                     status, value = conn.recv()  # type: ignore[union-attr]
                 except (EOFError, OSError):
                     status, value = "error", "worker exited"
                 if status == "candidates":
-                    jobs.extendleft((key, state, value[p::parts], p, parts) for p in reversed(range(1, parts)))
+                    jobs.extendleft((key, state, value[p::parts], p, parts, False) for p in reversed(range(1, parts)))
                     busy[conn] = (worker, job, deadline)  # still testing its own share
                 elif status == "ok":
                     out[(key, part)] = value

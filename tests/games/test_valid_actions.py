@@ -102,9 +102,9 @@ def test_cached_and_worker_results_equal_uncached_calls(rom_dir, zork, states):
     service = va.ValidActions(rom, workers=2, timeout_s=60)
     try:
         service.cache.clear()
-        assert service.batch(states[1:2]) == expected[1:2]  # one new state: its candidates shared by both
+        assert service.batch(states[1:2]) == expected[1:2]  # one new state: both workers list it, each tests half
         service.cache.clear()
-        assert service.batch(states[:3]) == expected[:3]  # three, each split across both workers
+        assert service.batch(states[:3]) == expected[:3]  # three: each listed once, the list shared, tests split
         service.stats()
         first = service.batch(states + states[:2])  # duplicates inside a batch are computed once
         assert first == expected + expected[:2]
