@@ -47,7 +47,7 @@ class CandidateLister:
     the candidates and the tie-breaks in `pick_actions`, the same in every process whatever its hash seed.
     """
 
-    def __init__(self, env: jericho.FrotzEnv, cache_size: int = 256):
+    def __init__(self, env: jericho.FrotzEnv, cache_size: int = 64):
         self.env = env
         words = [w.word for w in env.get_dictionary()] if env.act_gen is not None else []
         self.dictionary = frozenset(words)
