@@ -69,7 +69,8 @@ class LLMConfig(_Section):
     scoring_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # SFT/RFT forwards and backwards under torch.autocast in this dtype, weights and optimizer kept in `dtype`;
     # "auto": bfloat16 where the device has fast bf16 matmuls, else `dtype`. bfloat16 trains ≈ 1.5-2x faster on
-    # an AVX512-BF16 CPU, but its rounding reaches the RFT ratio (KL ≈ 1e-3 at the first step), so it is opt-in.
+    # an AVX512-BF16 CPU but is opt-in: its forwards round the weights to bf16, and an update of lr 1e-5 is below
+    # that resolution, so the RFT ratio and KL see the policy change plus rounding noise (docs/benchmarks.md).
     train_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     prior_temperature: float = Field(default=1.0, gt=0)
     history_length: int = Field(default=4, ge=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,7 +23,6 @@ from .llm_prior import (
     LLMPrior,
     encode_labels,
     encode_prompt,
-    grouped_label_logprobs,
     label_pass,
     log_prior,
     pad_token_id,
@@ -125,19 +125,30 @@ class LLMTrainer:
 
     # ------------------------------------------------------------------------------------------ forwards
 
+    def _chunks(self, e: _Encoded) -> list[list[int]]:
+        """The label rows of one sample, in the chunks `_accumulate` backpropagates one at a time."""
+        rows = list(range(len(e.labels))) if self.cfg.sft_weight > 0 else [e.action_index]
+        per_chunk = max(1, TRAIN_CACHED_TOKENS // len(e.prompt))
+        return [rows[start : start + per_chunk] for start in range(0, len(rows), per_chunk)]
+
     @torch.no_grad()
     def _executed_logprobs(self, encoded: Sequence[_Encoded], reference: bool) -> list[torch.Tensor]:
-        """Token log-probs of each executed label under the current policy or the frozen reference."""
-        prompts = [e.prompt for e in encoded]
-        labels = [[e.labels[e.action_index]] for e in encoded]
-        if not reference:
-            out = grouped_label_logprobs(self._lm, prompts, labels, self._pad_id)
-        elif self._reference is not None:
-            out = grouped_label_logprobs(self._reference, prompts, labels, self._pad_id)
-        else:
-            with self.model.disable_adapter():  # LoRA: the base model is the reference
-                out = grouped_label_logprobs(self._lm, prompts, labels, self._pad_id)
-        return [_executed_tokens(lp, 0) for lp in out]
+        """Token log-probs of each executed label under the current policy or the frozen reference.
+
+        Computed as `_accumulate` computes the new ones: one prompt at a time, with the executed label's chunk
+        of labels. Under bf16 autocast another batch shape rounds differently (up to 0.16 nat a token on the
+        test prompts, prompts batched with padding), which the RFT ratio and KL would read as a policy change.
+        """
+        lm = self._reference if reference and self._reference is not None else self._lm
+        adapter_off = self.model.disable_adapter() if reference and self._reference is None else nullcontext()
+        out = []
+        with adapter_off:  # LoRA: the base model is the reference
+            for e in encoded:
+                chunk = next(c for c in self._chunks(e) if e.action_index in c)
+                cache, prefix_mask = prefix_pass(lm, [e.prompt], self._pad_id)
+                lp = label_pass(lm, cache, prefix_mask, [e.prompt], [[e.labels[k] for k in chunk]], self._pad_id)[0]
+                out.append(_executed_tokens(lp, chunk.index(e.action_index)))
+        return out
 
     # ------------------------------------------------------------------------------------------ losses
 
@@ -174,7 +185,6 @@ class LLMTrainer:
         scale = 1.0 / len(batch)
         for i in batch:
             e = encoded[i]
-            rows = list(range(len(e.labels))) if use_sft else [e.action_index]
             # The prompt runs forward once; each chunk backpropagates into detached copies of its keys/values,
             # whose summed gradients then flow through the prompt's graph in one backward.
             cache, prefix_mask = prefix_pass(self._lm, [e.prompt], self._pad_id)
@@ -193,9 +203,7 @@ class LLMTrainer:
                 visits = e.visits.to(logq.device)
                 totals["sft"] += float(-(visits * logq).sum())
                 weights = (logq.exp() - visits) / self.cfg.prior_temperature
-            per_chunk = max(1, TRAIN_CACHED_TOKENS // len(e.prompt))
-            for start in range(0, len(rows), per_chunk):
-                chunk = rows[start : start + per_chunk]
+            for chunk in self._chunks(e):
                 lp = label_logprobs([e.labels[k] for k in chunk])
                 loss = torch.zeros((), device=lp.tokens.device)
                 if weights is not None:
