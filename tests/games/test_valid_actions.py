@@ -140,6 +140,20 @@ def test_a_hang_kills_and_replaces_the_worker_and_ends_only_that_episode(rom_dir
     assert _gone(replacement)
 
 
+def test_a_lone_new_state_that_hangs_both_workers_answers_none_and_replaces_both(rom_dir, monkeypatch, states):
+    monkeypatch.setattr(va, "filter_candidates", hang_north_of_house)
+    service = va.ValidActions(rom_dir / "zork1.z5", workers=2, timeout_s=3)
+    try:
+        service.cache.clear()
+        service.wait_ready()
+        hung = service.worker_pids()
+        assert service.batch(states[1:2]) == [None]  # north of the house, listed and half-tested by each worker
+        assert _gone(hung) and not set(service.worker_pids()) & set(hung)
+        assert "open mailbox" in service.batch(states[:1])[0]  # the replacements answer
+    finally:
+        service.close()
+
+
 def test_workers_stop_at_interpreter_exit_without_close(rom_dir):
     script = (
         "from priorzero_core.games.valid_actions import ValidActions\n"
