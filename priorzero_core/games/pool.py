@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, cast
+from typing import Any, Iterable, Iterator, Optional, Sequence, cast
 
 from ..config import GameConfig
 from .base import GameEnv, GameSpec, TimeStep
 from .catalog import game_spec
 from .jericho_env import JerichoEnv
 from .textworld_env import TextWorldEnv, embedded_game
-from .valid_actions import ValidActions
+from .valid_actions import Request, ValidActions
 
 
 def valid_actions_for(spec: GameSpec, game_cfg: GameConfig) -> ValidActions:
@@ -54,7 +54,7 @@ class EnvPool:
         indices = list(indices)
         if self.valid_actions is None:
             return [self.envs[i].reset() for i in indices]
-        return self._with_valid_actions(indices, [self._jericho(i).restart() for i in indices])
+        return self._with_valid_actions(indices, (self._jericho(i).restart() for i in indices))
 
     def step(self, actions: Sequence[Optional[str]], indices: Optional[Sequence[int]] = None) -> list[TimeStep]:
         """Play `actions[k]` in env `indices[k]` (default: all envs); a None action leaves that env as it is."""
@@ -65,16 +65,27 @@ class EnvPool:
         if self.valid_actions is None:
             stepped = [self.envs[i].step(a) for i, a in moving]
         else:
-            stepped = self._with_valid_actions([i for i, _ in moving], [self._jericho(i).advance(a) for i, a in moving])
+            stepped = self._with_valid_actions([i for i, _ in moving], (self._jericho(i).advance(a) for i, a in moving))
         new = dict(zip((i for i, _ in moving), stepped))
         return [new[i] if i in new else cast(TimeStep, self.envs[i].last) for i in indices]
 
-    def _with_valid_actions(self, indices: list[int], steps: list[TimeStep]) -> list[TimeStep]:
-        live = [(i, ts) for i, ts in zip(indices, steps) if not ts.done]
+    def _with_valid_actions(self, indices: list[int], steps: Iterable[TimeStep]) -> list[TimeStep]:
+        """Attach valid actions to `steps`, taken lazily: each env steps inside the request generator, so the
+        workers start on a new state while the next env steps."""
         assert self.valid_actions is not None
-        answers = self.valid_actions.batch([self._jericho(i).valid_action_request() for i, _ in live])
+        taken: list[TimeStep] = []
+        live: list[tuple[int, TimeStep]] = []
+
+        def requests() -> Iterator[Request]:
+            for i, ts in zip(indices, steps):
+                taken.append(ts)
+                if not ts.done:
+                    live.append((i, ts))
+                    yield self._jericho(i).valid_action_request()
+
+        answers = self.valid_actions.batch(requests())
         attached = {i: self._jericho(i).attach(ts, actions) for (i, ts), actions in zip(live, answers)}
-        return [attached.get(i, ts) for i, ts in zip(indices, steps)]
+        return [attached.get(i, ts) for i, ts in zip(indices, taken)]
 
     def _jericho(self, i: int) -> JerichoEnv:
         return cast(JerichoEnv, self.envs[i])

@@ -6,8 +6,10 @@ whether one state is new or many: each tests an interleaved share of Jericho's c
 expensive part). Listing the candidates is cheap; with fewer new states than workers every worker lists them
 itself (it would wait idle for the list otherwise), and with more the worker that gets a state first lists
 it, sends the list back and tests its share while the other shares go to the other workers as explicit
-command lists. Only the 14 kB interpreter state and the commands cross the pipe. A worker that overruns the
-timeout (Jericho hangs on some Zork 1 states) is killed and replaced, and its request answers `None`.
+command lists. `batch` draws its requests lazily, so the workers start on a new state while the caller (an
+`EnvPool` stepping its envs) makes the next request. Only the 14 kB interpreter state and the commands cross
+the pipe. A worker that overruns the timeout (Jericho hangs on some Zork 1 states) is killed and replaced,
+and its request answers `None`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import weakref
 from collections import OrderedDict, defaultdict, deque
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import jericho
 import numpy as np
@@ -309,19 +311,39 @@ class ValidActions:
     def get(self, state_hash: str, state: Any) -> Optional[list[str]]:
         return self.batch([(state_hash, state)])[0]
 
-    def batch(self, requests: Sequence[Request]) -> list[Optional[list[str]]]:
-        """Valid actions per request, in order; None where the computation timed out or failed."""
+    def batch(self, requests: Iterable[Request]) -> list[Optional[list[str]]]:
+        """Valid actions per request, in order; None where the computation timed out or failed.
+
+        `requests` may be a generator: it is drawn one request at a time, and each new state goes to the
+        workers as soon as it is drawn, so they start on it while the caller makes the next request
+        (`EnvPool` steps its envs inside the generator).
+        """
+        keys: list[str] = []
         todo: dict[str, Any] = {}
-        for state_hash, state in requests:
-            if self.cache.get(state_hash) is None:
-                todo.setdefault(state_hash, state)
-        self.hits += len(requests) - len(todo)
-        self.misses += len(todo)
+        drawing_s = 0.0  # time spent in the caller's generator, not computing
+
+        def new_states() -> Iterator[tuple[str, Any]]:
+            nonlocal drawing_s
+            source = iter(requests)
+            while True:
+                t0 = time.perf_counter()
+                request = next(source, None)
+                drawing_s += time.perf_counter() - t0
+                if request is None:
+                    return
+                state_hash, state = request
+                keys.append(state_hash)
+                if state_hash not in todo and self.cache.get(state_hash) is None:
+                    todo[state_hash] = state
+                    yield state_hash, state
+
         t0 = time.perf_counter()
-        computed = self._compute(todo) if todo else {}
-        self.compute_s += time.perf_counter() - t0
+        computed = self._compute(new_states())
+        self.compute_s += time.perf_counter() - t0 - drawing_s
+        self.hits += len(keys) - len(todo)
+        self.misses += len(todo)
         results: list[Optional[list[str]]] = []
-        for state_hash, _ in requests:
+        for state_hash in keys:
             actions = self.cache.get(state_hash)
             if actions is None and computed.get(state_hash) is not None:
                 actions = computed[state_hash]
@@ -329,34 +351,33 @@ class ValidActions:
             results.append(list(actions) if actions is not None else None)
         return results
 
-    def _compute(self, todo: dict[str, Any]) -> dict[str, Optional[list[str]]]:
+    def _compute(self, new_states: Iterator[tuple[str, Any]]) -> dict[str, Optional[list[str]]]:
         if self._local is not None:
-            return {key: compute_valid_actions(self._local, state) for key, state in todo.items()}
+            return {key: compute_valid_actions(self._local, state) for key, state in new_states}
         parts = len(self._workers)
-        if len(todo) < parts:
-            # Fewer new states than workers: every worker lists each state itself (it would wait idle for
-            # the list otherwise) and tests its own share.
-            jobs = deque((key, state, None, p, parts, False) for key, state in todo.items() for p in range(parts))
-        else:
-            jobs = deque((key, state, None, 0, parts, parts > 1) for key, state in todo.items())
-        answers = self._run(jobs)
+        keys: list[str] = []
+        answers = self._run(new_states, keys)
         results: dict[str, Optional[list[str]]] = {}
-        for key in todo:
+        for key in keys:
             shares = [answers.get((key, i)) for i in range(parts)]
             results[key] = None if None in shares else pick_actions(shares)  # type: ignore[arg-type]
         return results
 
-    def _run(self, jobs: deque) -> dict[tuple[str, int], Optional[Ranked]]:
-        """Run (key, state, share, part, parts, share_list) jobs; a share that fails or overruns gives None.
+    def _run(self, new_states: Iterator[tuple[str, Any]], keys: list[str]) -> dict[tuple[str, int], Optional[Ranked]]:
+        """Compute the drawn states on the workers, appending their keys to `keys`; a failed share gives None.
 
-        A job with share None also lists the state's candidates; when it shares the list, the state's other
-        shares go to the front of the queue, so the next idle worker takes one and a state is finished before
-        the next is started.
+        Jobs are (key, state, share, part, parts, share_list). A state drawn while every worker is free goes
+        to all of them, each listing its candidates itself (the others would wait idle for one worker's list).
+        Otherwise one worker lists it and shares the list; the state's other shares then go to the front of
+        the queue, so the next idle worker takes one and a state is finished before the next is started.
         """
+        parts = len(self._workers)
+        jobs: deque = deque()
         idle = deque(self._workers)
         busy: dict[Connection, tuple[_Worker, tuple, float]] = {}
         out: dict[tuple[str, int], Optional[Ranked]] = {}
-        while jobs or busy:
+        drawing = True
+        while drawing or jobs or busy:
             while jobs and idle:
                 worker = idle.popleft()
                 worker.wait_ready()
@@ -364,8 +385,23 @@ class ValidActions:
                 key, state, share, part, parts, share_list = job
                 worker.conn.send((state, share, part, parts, share_list))
                 busy[worker.conn] = (worker, job, time.monotonic() + self.timeout_s)
-            next_deadline = min(deadline for _, _, deadline in busy.values())
-            for conn in wait(list(busy), timeout=max(0.0, next_deadline - time.monotonic())):
+            if drawing:
+                drawn = next(new_states, None)
+                if drawn is None:
+                    drawing = False
+                else:
+                    key, state = drawn
+                    keys.append(key)
+                    if len(idle) == parts and not jobs:
+                        jobs.extend((key, state, None, p, parts, False) for p in range(parts))
+                    else:
+                        jobs.append((key, state, None, 0, parts, parts > 1))
+                timeout = 0.0  # keep drawing; only take the answers already there
+            elif busy:
+                timeout = max(0.0, min(deadline for _, _, deadline in busy.values()) - time.monotonic())
+            else:
+                continue
+            for conn in wait(list(busy), timeout=timeout) if busy else []:
                 worker, job, deadline = busy.pop(conn)  # type: ignore[index]
                 key, state, _, part, parts, _ = job
                 try:

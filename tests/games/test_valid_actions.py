@@ -118,6 +118,29 @@ def test_cached_and_worker_results_equal_uncached_calls(rom_dir, zork, states):
         service.close()
 
 
+def test_workers_start_on_a_new_state_while_the_caller_makes_the_next_request(rom_dir, zork, states):
+    expected = [va.compute_valid_actions(zork, state) for _, state in states[:2]]
+    service = va.ValidActions(rom_dir / "zork1.z5", workers=2, timeout_s=60)
+    try:
+        service.cache.clear()
+        service.wait_ready()
+        workers = [psutil.Process(pid) for pid in service.worker_pids()]
+        idle_cpu = sum(sum(p.cpu_times()[:2]) for p in workers)
+        started = []
+
+        def requests():  # as EnvPool steps its envs: the second request is made after the first is handed out
+            yield states[0]
+            deadline = time.monotonic() + 30
+            while sum(sum(p.cpu_times()[:2]) for p in workers) == idle_cpu and time.monotonic() < deadline:
+                time.sleep(0.01)
+            started.append(sum(sum(p.cpu_times()[:2]) for p in workers) > idle_cpu)
+            yield states[1]
+
+        assert service.batch(requests()) == expected and started == [True]
+    finally:
+        service.close()
+
+
 @pytest.mark.parametrize("workers", [1, 2])  # with 2, a worker hangs after sharing the candidates
 def test_a_hang_kills_and_replaces_the_worker_and_ends_only_that_episode(rom_dir, monkeypatch, workers):
     monkeypatch.setattr(va, "filter_candidates", hang_north_of_house)
