@@ -377,55 +377,63 @@ class ValidActions:
         busy: dict[Connection, tuple[_Worker, tuple, float]] = {}
         out: dict[tuple[str, int], Optional[Ranked]] = {}
         drawing = True
-        while drawing or jobs or busy:
-            while jobs and idle:
-                worker = idle.popleft()
-                worker.wait_ready()
-                job = jobs.popleft()
-                key, state, share, part, parts, share_list = job
-                worker.conn.send((state, share, part, parts, share_list))
-                busy[worker.conn] = (worker, job, time.monotonic() + self.timeout_s)
-            if drawing:
-                drawn = next(new_states, None)
-                if drawn is None:
-                    drawing = False
-                else:
-                    key, state = drawn
-                    keys.append(key)
-                    if len(idle) == parts and not jobs:
-                        jobs.extend((key, state, None, p, parts, False) for p in range(parts))
+        try:
+            while drawing or jobs or busy:
+                while jobs and idle:
+                    worker = idle.popleft()
+                    worker.wait_ready()
+                    job = jobs.popleft()
+                    key, state, share, part, parts, share_list = job
+                    worker.conn.send((state, share, part, parts, share_list))
+                    busy[worker.conn] = (worker, job, time.monotonic() + self.timeout_s)
+                if drawing:
+                    drawn = next(new_states, None)
+                    if drawn is None:
+                        drawing = False
                     else:
-                        jobs.append((key, state, None, 0, parts, parts > 1))
-                timeout = 0.0  # keep drawing; only take the answers already there
-            elif busy:
-                timeout = max(0.0, min(deadline for _, _, deadline in busy.values()) - time.monotonic())
-            else:
-                continue
-            for conn in wait(list(busy), timeout=timeout) if busy else []:
-                worker, job, deadline = busy.pop(conn)  # type: ignore[index]
-                key, state, _, part, parts, _ = job
-                try:
-                    status, value = conn.recv()  # type: ignore[union-attr]
-                except (EOFError, OSError):
-                    status, value = "error", "worker exited"
-                if status == "candidates":
-                    jobs.extendleft((key, state, value[p::parts], p, parts, False) for p in reversed(range(1, parts)))
-                    busy[conn] = (worker, job, deadline)  # still testing its own share
-                elif status == "ok":
-                    out[(key, part)] = value
-                    idle.append(worker)
+                        key, state = drawn
+                        keys.append(key)
+                        if len(idle) == parts and not jobs:
+                            jobs.extend((key, state, None, p, parts, False) for p in range(parts))
+                        else:
+                            jobs.append((key, state, None, 0, parts, parts > 1))
+                    timeout = 0.0  # keep drawing; only take the answers already there
+                elif busy:
+                    timeout = max(0.0, min(deadline for _, _, deadline in busy.values()) - time.monotonic())
                 else:
-                    log.warning("valid actions failed for state %s: %s; restarting the worker", key, value)
-                    out[(key, part)] = None
-                    idle.append(self._replace(worker))
-            now = time.monotonic()
-            for conn, (worker, job, deadline) in list(busy.items()):
-                if now >= deadline:
-                    log.warning("valid actions for state %s took over %.1f s; killing worker %s",
-                                job[0], self.timeout_s, worker.process.pid)
-                    del busy[conn]
-                    out[(job[0], job[3])] = None
-                    idle.append(self._replace(worker))
+                    continue
+                for conn in wait(list(busy), timeout=timeout) if busy else []:
+                    worker, job, deadline = busy.pop(conn)  # type: ignore[index]
+                    key, state, _, part, parts, _ = job
+                    try:
+                        status, value = conn.recv()  # type: ignore[union-attr]
+                    except (EOFError, OSError):
+                        status, value = "error", "worker exited"
+                    if status == "candidates":
+                        others = reversed(range(1, parts))
+                        jobs.extendleft((key, state, value[p::parts], p, parts, False) for p in others)
+                        busy[conn] = (worker, job, deadline)  # still testing its own share
+                    elif status == "ok":
+                        out[(key, part)] = value
+                        idle.append(worker)
+                    else:
+                        log.warning("valid actions failed for state %s: %s; restarting the worker", key, value)
+                        out[(key, part)] = None
+                        idle.append(self._replace(worker))
+                now = time.monotonic()
+                for conn, (worker, job, deadline) in list(busy.items()):
+                    if now >= deadline:
+                        log.warning("valid actions for state %s took over %.1f s; killing worker %s",
+                                    job[0], self.timeout_s, worker.process.pid)
+                        del busy[conn]
+                        out[(job[0], job[3])] = None
+                        idle.append(self._replace(worker))
+        except BaseException:
+            # The caller's generator raised, or the stage was interrupted: a busy worker's answer would be read
+            # as the answer to a later job, so those workers are replaced before the error goes on.
+            for worker, _, _ in list(busy.values()):
+                self._replace(worker)
+            raise
         return out
 
     def _replace(self, worker: _Worker) -> _Worker:

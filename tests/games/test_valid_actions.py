@@ -141,6 +141,24 @@ def test_workers_start_on_a_new_state_while_the_caller_makes_the_next_request(ro
         service.close()
 
 
+def test_an_error_while_drawing_requests_leaves_no_answer_behind_for_the_next_batch(rom_dir, zork, states):
+    expected = [va.compute_valid_actions(zork, state) for _, state in states[:3]]
+    service = va.ValidActions(rom_dir / "zork1.z5", workers=2, timeout_s=60)
+    try:
+        service.cache.clear()
+
+        def failing():  # an env that raises while its state's predecessor is being computed
+            yield states[0]
+            raise RuntimeError("the env failed")
+
+        with pytest.raises(RuntimeError, match="the env failed"):
+            service.batch(failing())
+        assert service.batch(states[1:3]) == expected[1:3]
+        assert service.batch(states[:1]) == expected[:1]
+    finally:
+        service.close()
+
+
 @pytest.mark.parametrize("workers", [1, 2])  # with 2, a worker hangs after sharing the candidates
 def test_a_hang_kills_and_replaces_the_worker_and_ends_only_that_episode(rom_dir, monkeypatch, workers):
     monkeypatch.setattr(va, "filter_candidates", hang_north_of_house)
