@@ -301,7 +301,10 @@ class ValidActions:
             worker.wait_ready()
 
     def stats(self, reset: bool = True) -> tuple[int, int, float]:
-        """(cache hits, states computed, seconds computing them) since the last reset."""
+        """(cache hits, states computed, seconds `batch` spent on them) since the last reset.
+
+        The seconds leave out the caller's own work inside a request generator (an `EnvPool` stepping its envs).
+        """
         out = (self.hits, self.misses, self.compute_s)
         if reset:
             self.hits = self.misses = 0
