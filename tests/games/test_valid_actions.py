@@ -43,6 +43,22 @@ def zork(rom_dir):
     env.close()
 
 
+@pytest.fixture(scope="module")
+def expected(zork, states):
+    """In-process valid actions of `states`, what the workers must answer."""
+    return [va.compute_valid_actions(zork, state) for _, state in states]
+
+
+@pytest.fixture
+def service(rom_dir):
+    """Two workers, ready, with the game's shared cache emptied."""
+    service = va.ValidActions(rom_dir / "zork1.z5", workers=2, timeout_s=60)
+    service.cache.clear()
+    service.wait_ready()
+    yield service
+    service.close()
+
+
 def _outcomes(env, state, actions):
     """The (world state, score) each action leads to from `state`."""
     out = set()
@@ -96,67 +112,46 @@ def test_same_choices_as_jericho_get_valid_actions(zork, states):
         assert len(ours) == len(theirs) and _outcomes(zork, state, ours) == _outcomes(zork, state, theirs)
 
 
-def test_cached_and_worker_results_equal_uncached_calls(rom_dir, zork, states):
-    rom = rom_dir / "zork1.z5"
-    expected = [va.compute_valid_actions(zork, state) for _, state in states]
-    service = va.ValidActions(rom, workers=2, timeout_s=60)
-    try:
-        service.cache.clear()
-        assert service.batch(states[1:2]) == expected[1:2]  # one new state: both workers list it, each tests half
-        service.cache.clear()
-        assert service.batch(states[:3]) == expected[:3]  # three: each listed once, the list shared, tests split
-        service.stats()
-        first = service.batch(states + states[:2])  # duplicates inside a batch are computed once
-        assert first == expected + expected[:2]
-        hits, computed, seconds = service.stats()
-        assert (hits, computed) == (5, 3) and seconds > 0
-        assert all(service.cache.get(h) == e for (h, _), e in zip(states, expected))
-        assert service.batch(states) == expected
-        again = va.ValidActions(rom, workers=0)  # another user of the game shares the cache
-        assert again.cache is service.cache and again.batch(states[:1]) == expected[:1]
-    finally:
-        service.close()
+def test_cached_and_worker_results_equal_uncached_calls(service, expected, states):
+    assert service.batch(states[1:2]) == expected[1:2]  # one new state: both workers list it, each tests half
+    service.cache.clear()
+    assert service.batch(states[:3]) == expected[:3]  # three: each listed once, the list shared, tests split
+    service.stats()
+    first = service.batch(states + states[:2])  # duplicates inside a batch are computed once
+    assert first == expected + expected[:2]
+    hits, computed, seconds = service.stats()
+    assert (hits, computed) == (5, 3) and seconds > 0
+    assert all(service.cache.get(h) == e for (h, _), e in zip(states, expected))
+    assert service.batch(states) == expected
+    again = va.ValidActions(service.rom, workers=0)  # another user of the game shares the cache
+    assert again.cache is service.cache and again.batch(states[:1]) == expected[:1]
 
 
-def test_workers_start_on_a_new_state_while_the_caller_makes_the_next_request(rom_dir, zork, states):
-    expected = [va.compute_valid_actions(zork, state) for _, state in states[:2]]
-    service = va.ValidActions(rom_dir / "zork1.z5", workers=2, timeout_s=60)
-    try:
-        service.cache.clear()
-        service.wait_ready()
-        workers = [psutil.Process(pid) for pid in service.worker_pids()]
-        idle_cpu = sum(sum(p.cpu_times()[:2]) for p in workers)
-        started = []
+def test_workers_start_on_a_new_state_while_the_caller_makes_the_next_request(service, expected, states):
+    workers = [psutil.Process(pid) for pid in service.worker_pids()]
+    idle_cpu = sum(sum(p.cpu_times()[:2]) for p in workers)
+    started = []
 
-        def requests():  # as EnvPool steps its envs: the second request is made after the first is handed out
-            yield states[0]
-            deadline = time.monotonic() + 30
-            while sum(sum(p.cpu_times()[:2]) for p in workers) == idle_cpu and time.monotonic() < deadline:
-                time.sleep(0.01)
-            started.append(sum(sum(p.cpu_times()[:2]) for p in workers) > idle_cpu)
-            yield states[1]
+    def requests():  # as EnvPool steps its envs: the second request is made after the first is handed out
+        yield states[0]
+        deadline = time.monotonic() + 30
+        while sum(sum(p.cpu_times()[:2]) for p in workers) == idle_cpu and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started.append(sum(sum(p.cpu_times()[:2]) for p in workers) > idle_cpu)
+        yield states[1]
 
-        assert service.batch(requests()) == expected and started == [True]
-    finally:
-        service.close()
+    assert service.batch(requests()) == expected[:2] and started == [True]
 
 
-def test_an_error_while_drawing_requests_leaves_no_answer_behind_for_the_next_batch(rom_dir, zork, states):
-    expected = [va.compute_valid_actions(zork, state) for _, state in states[:3]]
-    service = va.ValidActions(rom_dir / "zork1.z5", workers=2, timeout_s=60)
-    try:
-        service.cache.clear()
+def test_an_error_while_drawing_requests_leaves_no_answer_behind_for_the_next_batch(service, expected, states):
+    def failing():  # an env that raises while its state's predecessor is being computed
+        yield states[0]
+        raise RuntimeError("the env failed")
 
-        def failing():  # an env that raises while its state's predecessor is being computed
-            yield states[0]
-            raise RuntimeError("the env failed")
-
-        with pytest.raises(RuntimeError, match="the env failed"):
-            service.batch(failing())
-        assert service.batch(states[1:3]) == expected[1:3]
-        assert service.batch(states[:1]) == expected[:1]
-    finally:
-        service.close()
+    with pytest.raises(RuntimeError, match="the env failed"):
+        service.batch(failing())
+    assert service.batch(states[1:3]) == expected[1:3]
+    assert service.batch(states[:1]) == expected[:1]
 
 
 @pytest.mark.parametrize("workers", [1, 2])  # with 2, a worker hangs after sharing the candidates
