@@ -358,18 +358,17 @@ class ValidActions:
         if self._local is not None:
             return {key: compute_valid_actions(self._local, state) for key, state in new_states}
         parts = len(self._workers)
-        keys: list[str] = []
-        answers = self._run(new_states, keys)
+        answers = self._run(new_states)
         results: dict[str, Optional[list[str]]] = {}
-        for key in keys:
+        for key in {key for key, _ in answers}:  # every drawn state has an answer, None where it failed
             shares = [answers.get((key, i)) for i in range(parts)]
             results[key] = None if None in shares else pick_actions(shares)  # type: ignore[arg-type]
         return results
 
-    def _run(self, new_states: Iterator[tuple[str, Any]], keys: list[str]) -> dict[tuple[str, int], Optional[Ranked]]:
-        """Compute the drawn states on the workers, appending their keys to `keys`; a failed share gives None.
+    def _run(self, new_states: Iterator[tuple[str, Any]]) -> dict[tuple[str, int], Optional[Ranked]]:
+        """Compute the drawn states on the workers: {(key, part): ranked share}, None where a share failed.
 
-        Jobs are (key, state, share, part, parts, share_list). A state drawn while every worker is free goes
+        Jobs are (key, state, share, part, share_list). A state drawn while every worker is free goes
         to all of them, each listing its candidates itself (the others would wait idle for one worker's list).
         Otherwise one worker lists it and shares the list; the state's other shares then go to the front of
         the queue, so the next idle worker takes one and a state is finished before the next is started.
@@ -386,7 +385,7 @@ class ValidActions:
                     worker = idle.popleft()
                     worker.wait_ready()
                     job = jobs.popleft()
-                    key, state, share, part, parts, share_list = job
+                    key, state, share, part, share_list = job
                     worker.conn.send((state, share, part, parts, share_list))
                     busy[worker.conn] = (worker, job, time.monotonic() + self.timeout_s)
                 if drawing:
@@ -395,11 +394,10 @@ class ValidActions:
                         drawing = False
                     else:
                         key, state = drawn
-                        keys.append(key)
                         if len(idle) == parts and not jobs:
-                            jobs.extend((key, state, None, p, parts, False) for p in range(parts))
+                            jobs.extend((key, state, None, p, False) for p in range(parts))
                         else:
-                            jobs.append((key, state, None, 0, parts, parts > 1))
+                            jobs.append((key, state, None, 0, parts > 1))
                     timeout = 0.0  # keep drawing; only take the answers already there
                 elif busy:
                     timeout = max(0.0, min(deadline for _, _, deadline in busy.values()) - time.monotonic())
@@ -407,14 +405,14 @@ class ValidActions:
                     continue
                 for conn in wait(list(busy), timeout=timeout) if busy else []:
                     worker, job, deadline = busy.pop(conn)  # type: ignore[index]
-                    key, state, _, part, parts, _ = job
+                    key, state, _, part, _ = job
                     try:
                         status, value = conn.recv()  # type: ignore[union-attr]
                     except (EOFError, OSError):
                         status, value = "error", "worker exited"
                     if status == "candidates":
                         others = reversed(range(1, parts))
-                        jobs.extendleft((key, state, value[p::parts], p, parts, False) for p in others)
+                        jobs.extendleft((key, state, value[p::parts], p, False) for p in others)
                         busy[conn] = (worker, job, deadline)  # still testing its own share
                     elif status == "ok":
                         out[(key, part)] = value
