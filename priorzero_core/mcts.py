@@ -258,8 +258,8 @@ def backup(tree: Tree, path: np.ndarray, actions: np.ndarray, value: np.ndarray,
     tree.visit_count[rows] += 1
     q = np.zeros(path.shape)
     q[on] = tree.reward[rows] + discount * tree.value_sum[rows] / tree.visit_count[rows]
-    low, high = np.minimum(tree.min_value, np.min(q, 1, where=on, initial=math.inf)), np.maximum(
-        tree.max_value, np.max(q, 1, where=on, initial=-math.inf))
+    low = np.minimum(tree.min_value, np.min(q, 1, where=on, initial=math.inf))
+    high = np.maximum(tree.max_value, np.max(q, 1, where=on, initial=-math.inf))
     rescaled = np.flatnonzero((low != tree.min_value) | (high != tree.max_value))  # trees whose Q bounds moved
     tree.min_value, tree.max_value = low, high
     edge = on[:, 1:]
