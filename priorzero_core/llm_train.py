@@ -152,6 +152,10 @@ class LLMTrainer:
 
     # ------------------------------------------------------------------------------------------ losses
 
+    def _label_scores(self, lp: LabelLogprobs) -> torch.Tensor:
+        """The labels' scores as the prior computes them (`llm.label_score`)."""
+        return lp.score(self.cfg.label_score, self.cfg.label_length_penalty)
+
     def _rft_loss(
         self, new: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, advantage: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +179,7 @@ class LLMTrainer:
 
         Backpropagating through all K labels at once keeps K copies of the prompt's keys/values per layer
         for the backward pass (Zork: 55 labels x 512 tokens, over 10 GB for SmolLM2-135M). The SFT loss couples
-        the labels only through the softmax over their mean log-probs m, so a no-grad pass gives
+        the labels only through the softmax over their scores m (`llm.label_score`), so a no-grad pass gives
         g = dL/dm = (softmax(m / T) - visits) / T, and each chunk backpropagates sum(g_chunk * m_chunk): the
         same gradient, with memory bounded by TRAIN_CACHED_TOKENS. The executed label's RFT term goes with
         its chunk. The prompt itself runs forward and backward once per sample.
@@ -198,8 +202,8 @@ class LLMTrainer:
             weights = None
             if use_sft:
                 with torch.no_grad():
-                    means = label_logprobs(e.labels).mean()
-                logq = log_prior(means, self.cfg.prior_temperature)
+                    scores = self._label_scores(label_logprobs(e.labels))
+                logq = log_prior(scores, self.cfg.prior_temperature)
                 visits = e.visits.to(logq.device)
                 totals["sft"] += float(-(visits * logq).sum())
                 weights = (logq.exp() - visits) / self.cfg.prior_temperature
@@ -207,7 +211,7 @@ class LLMTrainer:
                 lp = label_logprobs([e.labels[k] for k in chunk])
                 loss = torch.zeros((), device=lp.tokens.device)
                 if weights is not None:
-                    loss = loss + self.cfg.sft_weight * (weights[chunk] * lp.mean()).sum()
+                    loss = loss + self.cfg.sft_weight * (weights[chunk] * self._label_scores(lp)).sum()
                 if use_rft and e.action_index in chunk:
                     new = _executed_tokens(lp, chunk.index(e.action_index))
                     rft, kl = self._rft_loss(new, old[i].to(new.device), ref[i].to(new.device), float(advantages[i]))

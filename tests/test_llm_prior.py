@@ -76,7 +76,8 @@ def test_prompt_then_keeps_the_observation_tail_at_token_boundaries(smollm):
     assert any(tok.decode(tail_ids[-n:]) == kept for n in range(1, len(tail_ids)))
 
 
-def test_batched_prefix_kv_scores_equal_naive_scores(smollm):
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_batched_prefix_kv_scores_equal_naive_scores(smollm, reduction):
     model, tok = smollm
     envs = [
         (HISTORY, WEST_OF_HOUSE, ["open mailbox", "north", "south", "west", "go around house"]),
@@ -86,12 +87,36 @@ def test_batched_prefix_kv_scores_equal_naive_scores(smollm):
     ]
     batch = [(_prompt(tok, h, o, a), a) for h, o, a in envs]
     assert len({_num_tokens(tok, p) for p, _ in batch}) == 3
-    batched, naive = score_batched(model, tok, batch, 1.0), score_naive(model, tok, batch, 1.0)
+    scoring = {"reduction": reduction, "length_penalty": 0.5}
+    batched, naive = score_batched(model, tok, batch, 1.0, **scoring), score_naive(model, tok, batch, 1.0, **scoring)
     for fast, slow, (_, actions) in zip(batched, naive, batch):
         assert fast.label_logprob.shape == fast.log_prior.shape == (len(actions),)
         np.testing.assert_allclose(fast.label_logprob, slow.label_logprob, atol=1e-4)
         np.testing.assert_allclose(fast.log_prior, slow.log_prior, atol=1e-4)
         assert np.exp(fast.log_prior).sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_sum_score_is_the_labels_token_log_probs_minus_a_penalty_per_token(smollm):
+    """`llm.label_score: sum` with its length penalty, against the mean that favoured long commands."""
+    model, tok = smollm
+    actions = ["north", "put down all"]
+    batch = [(_prompt(tok, [], WEST_OF_HOUSE, actions), actions)]
+    (mean,) = score_batched(model, tok, batch, 1.0, reduction="mean")
+    (total,) = score_batched(model, tok, batch, 1.0, reduction="sum")
+    (penalised,) = score_batched(model, tok, batch, 1.0, reduction="sum", length_penalty=1.0)
+    lengths = np.array([len(ids) for ids in llm_prior.encode_labels(tok, actions)])
+    np.testing.assert_allclose(total.label_logprob, mean.label_logprob * lengths, rtol=1e-4)
+    np.testing.assert_allclose(penalised.label_logprob, total.label_logprob - lengths, rtol=1e-5)
+
+
+def test_prior_prompt_lists_valid_actions_only_when_configured(smollm):
+    model, tok = smollm
+    actions = ["open mailbox", "north"]
+    shown = TransformersPrior(model, tok, LLMConfig(prompt_valid_actions=True)).build_prompt([], WEST_OF_HOUSE, actions)
+    hidden = TransformersPrior(model, tok, LLMConfig()).build_prompt(HISTORY, WEST_OF_HOUSE, actions)
+    assert "[Valid Actions] open mailbox, north" in shown
+    assert "[Valid Actions]" not in hidden and WEST_OF_HOUSE in hidden
+    assert "[History]" not in hidden  # history_length 0 by default: a state's prompt is the same however reached
 
 
 def test_prior_is_log_softmax_of_label_scores_over_temperature(smollm):

@@ -82,12 +82,13 @@ def test_training_moves_the_right_weights_and_the_prior_scores_with_them(smollm,
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_a_bf16_scoring_copy_follows_the_fp32_weights_training_updates(smollm, lora):
     model, tok = smollm
-    cfg = _cfg(lr=3e-4 if lora else 1e-4, updates_per_train=1, lora=LoraConfig(enabled=lora))
+    # Mean scores: bf16 rounds each token's log-prob by ≈0.1 nat, which a sum over the label would add up.
+    cfg = _cfg(lr=3e-4 if lora else 1e-4, updates_per_train=1, lora=LoraConfig(enabled=lora), label_score="mean")
     prior = TransformersPrior(copy.deepcopy(model), tok, cfg, torch.bfloat16)
     assert next(prior.scorer.parameters()).dtype == torch.bfloat16
     samples = _samples(prior)
     batch = [(s.prompt, s.valid_actions) for s in samples]
-    fp32 = [s.log_prior for s in score_batched(prior.model, tok, batch, cfg.prior_temperature)]
+    fp32 = [s.log_prior for s in score_batched(prior.model, tok, batch, cfg.prior_temperature, cfg.label_score, cfg.label_length_penalty)]
     before = prior.score(batch)
     assert max(np.abs(a - b).max() for a, b in zip(fp32, before)) < 0.15  # bf16 rounding (≈0.1 nat), not another model
 
@@ -97,7 +98,7 @@ def test_a_bf16_scoring_copy_follows_the_fp32_weights_training_updates(smollm, l
     assert next(trainer.model.parameters()).dtype == torch.float32  # updates land on fp32 weights
     plain = copy.deepcopy(trainer.model)
     plain = (plain.merge_and_unload() if lora else plain).to(torch.bfloat16)
-    expected = [s.log_prior for s in score_batched(plain, tok, batch, cfg.prior_temperature)]
+    expected = [s.log_prior for s in score_batched(plain, tok, batch, cfg.prior_temperature, cfg.label_score, cfg.label_length_penalty)]
     after = prior.score(batch)
     assert all(np.allclose(a, e, atol=1e-6) for a, e in zip(after, expected))
     assert any(not np.allclose(a, b, atol=1e-3) for a, b in zip(after, before))
@@ -172,14 +173,16 @@ def test_zero_loss_weights_are_a_config_error(smollm):
         LLMTrainer(_prior(smollm, cfg), cfg)
 
 
-def test_label_chunks_backpropagate_the_same_gradient_as_one_graph(tiny_llm_dir, monkeypatch):
+@pytest.mark.parametrize("label_score", ["sum", "mean"])
+def test_label_chunks_backpropagate_the_same_gradient_as_one_graph(tiny_llm_dir, monkeypatch, label_score):
     """Training bounds memory by backpropagating a few labels at a time; the gradient must not change."""
     from transformers import AutoModelForCausalLM
 
     from priorzero_core import llm_train
     from priorzero_core.llm_prior import label_token_logprobs, load_tokenizer, log_prior
 
-    cfg = LLMConfig(model=str(tiny_llm_dir), history_length=0, sft_weight=1.0, rft_weight=0.5, prior_temperature=2.0)
+    cfg = LLMConfig(model=str(tiny_llm_dir), history_length=0, sft_weight=1.0, rft_weight=0.5, prior_temperature=2.0,
+                    label_score=label_score, label_length_penalty=0.7)
     prior = TransformersPrior(AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval(), load_tokenizer(tiny_llm_dir), cfg)
     trainer = LLMTrainer(prior, cfg)
     samples = _samples(prior)
@@ -198,7 +201,8 @@ def test_label_chunks_backpropagate_the_same_gradient_as_one_graph(tiny_llm_dir,
     total = torch.zeros(())
     for i, e in enumerate(encoded):
         lp = label_token_logprobs(trainer._lm, [e.prompt], [e.labels], trainer._pad_id)[0]
-        total = total - (e.visits * log_prior(lp.mean(), cfg.prior_temperature)).sum()
+        scores = lp.score(cfg.label_score, cfg.label_length_penalty)
+        total = total - (e.visits * log_prior(scores, cfg.prior_temperature)).sum()
         new = lp.tokens[e.action_index][lp.mask[e.action_index]]
         total = total + cfg.rft_weight * trainer._rft_loss(new, old[i], ref[i], float(adv[i]))[0]
     (total / 3).backward()
