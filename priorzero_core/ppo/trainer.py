@@ -41,8 +41,14 @@ def ray_available() -> bool:
 
 
 def orz_enabled(cfg: PriorZeroConfig) -> bool:
-    """`ppo.use_orz_trainer`, or when unset: on exactly when Ray is importable."""
-    return ray_available() if cfg.ppo.use_orz_trainer is None else cfg.ppo.use_orz_trainer
+    """`ppo.use_orz_trainer`, or when unset: on when Ray is importable and a CUDA GPU is there. On a CPU a PPO
+    stage (rollouts, 4 actor copies, 12 critic updates) takes tens of minutes where SFT/RFT takes one or two,
+    so unset means SFT/RFT there."""
+    if cfg.ppo.use_orz_trainer is not None:
+        return cfg.ppo.use_orz_trainer
+    import torch
+
+    return ray_available() and torch.cuda.is_available()
 
 
 def _connect_ray(cfg: PriorZeroConfig, actors: int) -> bool:

@@ -11,9 +11,16 @@ METRICS = ("train/ppo_policy_loss", "train/ppo_value_loss", "train/ppo_kl", "tra
            "train/ppo_response_len", "train/ppo_tokens_per_s")
 
 
-def test_use_orz_trainer_auto_follows_ray():
-    assert orz_enabled(PriorZeroConfig()) is True
+def test_use_orz_trainer_auto_needs_ray_and_a_gpu(monkeypatch):
+    """Unset, PPO trains the LLM only where it is fast enough to pay: Ray importable and a CUDA GPU present."""
+    from priorzero_core.ppo import trainer as ppo_trainer
+
+    for ray, gpu, expected in ((True, True, True), (True, False, False), (False, True, False)):
+        monkeypatch.setattr(ppo_trainer, "ray_available", lambda: ray)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        assert orz_enabled(PriorZeroConfig()) is expected
     assert orz_enabled(PriorZeroConfig.model_validate({"ppo": {"use_orz_trainer": False}})) is False
+    assert orz_enabled(PriorZeroConfig.model_validate({"ppo": {"use_orz_trainer": True}})) is True
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
