@@ -126,9 +126,11 @@ class Agent:
             logits = root_prior(wm_logits, llm_lp, ctx.valid_mask, prior_mode, self.cfg.mcts.mix_weight)
             temperature = self.cfg.mcts.collect_temperature if mode == "collect" else 0.0
             width = ctx.valid_mask.shape[1]
+            # "visits": no lookahead, so the improved policy is the visit distribution, for acting and as target
             lookahead = functools.partial(self.model.recurrent_inference,
                                           valid_emb=ctx.valid_emb.repeat_interleave(width, 0),
-                                          valid_mask=ctx.valid_mask.repeat_interleave(width, 0))
+                                          valid_mask=ctx.valid_mask.repeat_interleave(width, 0)) \
+                if self.cfg.mcts.policy_target == "improved" else None
             out = search(self.model.search_fn(ctx), RootOutput(state, logits, value), ctx.valid_mask, self.cfg.mcts,
                          self.rng, add_noise=mode == "collect", discount=self.cfg.world_model.discount,
                          temperature=temperature, lookahead_fn=lookahead)
@@ -170,28 +172,38 @@ class Agent:
 
     def llm_samples(self, picks: Sequence[tuple[GameSegment, int]], targets: Sequence[float],
                     contexts: Sequence[SampledSequence]) -> list[LLMSample]:
-        """SFT/RFT samples: advantage = n-step value target − the world model's current value."""
+        """SFT/RFT samples: the SFT target is the world model's own (the step's policy target: the improved policy,
+        the visit distribution, or a demonstration's action); advantage = n-step value target − current value."""
         values = self.values(contexts)
         out = []
         for (seg, t), target, value in zip(picks, targets, values):
             step = seg.steps[t]
+            policy = step.policy_target if step.policy_target is not None else step.visit_dist
             out.append(LLMSample(prompt=step.prompt, valid_actions=step.valid_actions,
-                                 visit_dist=np.asarray(step.visit_dist, dtype=np.float32),
+                                 visit_dist=np.asarray(policy, dtype=np.float32),
                                  action_index=step.action_index, advantage=float(target - value)))
         return out
 
 
 def sequences_to_wm_batch(seqs: Sequence[SampledSequence], encoder: TextEncoder, A: int,
-                          device: torch.device) -> WMBatch:
-    """Replay sequences → tensors; every text is embedded once per batch (and cached by the encoder)."""
-    B, L = len(seqs), len(seqs[0].steps)
+                          device: torch.device, history: int = 0) -> WMBatch:
+    """Replay sequences → tensors; every text is embedded once per batch (and cached by the encoder).
+
+    The first `history` positions hold each sequence's context steps (right-aligned, missing ones unknown):
+    they fill the training windows of the first sampled steps as a search root's history does, and get no loss.
+    """
+    B, L = len(seqs), history + len(seqs[0].steps)
     texts: dict[str, int] = {}
+    rows: list[list[tuple[int, StepRecord]]] = []  # (position, step) per sequence
     for seq in seqs:
-        for s in seq.steps:
-            if s is not None:
-                texts.setdefault(s.observation, len(texts)), texts.setdefault(s.action, len(texts))
-                for a in s.valid_actions[:A]:
-                    texts.setdefault(a, len(texts))
+        context = seq.context[max(0, len(seq.context) - history):] if history else []
+        row = [(history - len(context) + i, s) for i, s in enumerate(context)]
+        row += [(history + t, s) for t, s in enumerate(seq.steps) if s is not None]
+        rows.append(row)
+        for _, s in row:
+            texts.setdefault(s.observation, len(texts)), texts.setdefault(s.action, len(texts))
+            for a in s.valid_actions[:A]:
+                texts.setdefault(a, len(texts))
     emb = encoder.encode(list(texts)).to(device)
     obs_idx = torch.zeros(B, L, dtype=torch.long)
     act_idx = torch.zeros(B, L, dtype=torch.long)
@@ -200,11 +212,11 @@ def sequences_to_wm_batch(seqs: Sequence[SampledSequence], encoder: TextEncoder,
     rewards = torch.zeros(B, L)
     policy = torch.zeros(B, L, A)
     step_mask = torch.zeros(B, L, dtype=torch.bool)
-    for b, seq in enumerate(seqs):
-        for t, s in enumerate(seq.steps):
-            if s is None:
-                continue
-            step: StepRecord = s
+    known = torch.zeros(B, L, dtype=torch.bool)
+    value_targets = torch.zeros(B, L)
+    for b, (seq, row) in enumerate(zip(seqs, rows)):
+        value_targets[b, history:] = torch.from_numpy(seq.value_targets)
+        for t, step in row:
             k = min(len(step.valid_actions), A)
             obs_idx[b, t] = texts[step.observation]
             act_idx[b, t] = texts[step.action]
@@ -214,7 +226,8 @@ def sequences_to_wm_batch(seqs: Sequence[SampledSequence], encoder: TextEncoder,
             target = step.policy_target if step.policy_target is not None else step.visit_dist
             dist = torch.tensor(target[:k], dtype=torch.float32)
             policy[b, t, :k] = dist / dist.sum().clamp(min=1e-8)
-            step_mask[b, t] = True
+            known[b, t] = True
+            step_mask[b, t] = t >= history
     valid_emb = emb[valid_idx.to(device)] * valid_mask.to(device).unsqueeze(-1)
     return WMBatch(
         obs_emb=emb[obs_idx.to(device)],
@@ -222,8 +235,8 @@ def sequences_to_wm_batch(seqs: Sequence[SampledSequence], encoder: TextEncoder,
         valid_emb=valid_emb,
         valid_mask=valid_mask.to(device),
         rewards=rewards.to(device),
-        value_targets=torch.from_numpy(np.stack([seq.value_targets for seq in seqs])).to(device),
+        value_targets=value_targets.to(device),
         policy_targets=policy.to(device),
         step_mask=step_mask.to(device),
+        known=known.to(device),
     )
-

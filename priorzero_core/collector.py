@@ -1,16 +1,23 @@
-"""Collector: N envs stepped together, one batched search per step, finished steps cut into segments."""
+"""Collector: N envs stepped together, one batched search per step, finished steps cut into segments.
+
+With an `Archive` (Go-Explore), an episode starts either from the game's start or from an archived cell,
+restored from its snapshot with the trajectory that reached it as history, and explores `explore.steps`
+steps from there; every state reached is offered to the archive.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .agent import Agent, EnvView
+from .agent import Agent, Decision, EnvView
+from .archive import Archive, Trace, trace_steps
+from .config import ExploreConfig
 from .ppo.env_state import encode_state
 from .games.base import TimeStep
 from .replay import GameSegment, StepRecord
@@ -25,6 +32,8 @@ class _Running:
     segment: GameSegment
     episode_return: float = 0.0
     steps: int = 0
+    trace: Optional[Trace] = None  # the steps from the game's start (through the archived ones it returned to)
+    steps_left: Optional[int] = None  # an episode that returned to a cell explores this many more steps
 
 
 @dataclass
@@ -35,6 +44,7 @@ class CollectStats:
     scores: list[int] = field(default_factory=list)
     wins: int = 0
     seconds: float = 0.0
+    returns_to_cells: int = 0
 
     def metrics(self) -> dict[str, float]:
         out = {
@@ -42,35 +52,76 @@ class CollectStats:
             "collect/episodes": float(self.episodes),
             "collect/steps_per_s": self.env_steps / max(self.seconds, 1e-9),
         }
-        if self.returns:
+        if self.returns:  # episodes from the game's start
             out["collect/episode_return_mean"] = float(np.mean(self.returns))
-            out["collect/score_max"] = float(max(self.scores))
             out["collect/win_rate"] = self.wins / len(self.returns)
+        if self.scores:
+            out["collect/score_max"] = float(max(self.scores))
+        out["explore/returns_to_cells"] = float(self.returns_to_cells)
         return out
 
 
 class Collector:
     """Plays `pool` with the agent's search policy; episodes continue across collect calls."""
 
-    def __init__(self, pool, agent: Agent, segment_length: int, epsilon: float, rng: np.random.Generator):
+    def __init__(self, pool, agent: Agent, segment_length: int, epsilon: float, rng: np.random.Generator,
+                 archive: Optional[Archive] = None, explore: Optional[ExploreConfig] = None, context: int = 0):
         self.pool = pool
         self.agent = agent
         self.segment_length = segment_length
         self.epsilon = epsilon
         self.rng = rng
+        self.archive = archive
+        self.explore = explore or ExploreConfig(enabled=archive is not None)
+        self.context = context  # steps of a returned-to trajectory kept as its episode's history in the replay
         self._running: list[Optional[_Running]] = []
         self.record_env_state = False  # ~13 KB per Zork step; only PPO's reward needs it
 
-    def _start(self, ts: TimeStep) -> _Running:
-        eid = uuid.uuid4().hex[:12]
-        return _Running(eid, EnvView(history=[], timestep=ts), GameSegment(eid, 0, 0))
+    def _start(self, indices: list[int], stats: CollectStats) -> list[_Running]:
+        """New episodes in envs `indices`: each from an archived cell, or (a `from_start` share, and always
+        without an archive) from the game's start."""
+        restored: dict[int, _Running] = {}
+        fresh = []
+        for i in indices:
+            if self.archive is None or not len(self.archive) or self.rng.random() < self.explore.from_start:
+                fresh.append(i)
+                continue
+            cell = self.archive.choose()
+            ts = self.pool.set_state(i, cell.state)
+            path = trace_steps(cell.trace)
+            history = [(s.observation, s.action, s.reward) for s in path]
+            # How that trajectory's own episode ended is not this one's business: no flags in its history.
+            recent = path[max(0, len(path) - self.context):] if self.context else []
+            context = [replace(s, terminal=False, truncated=False) for s in recent]
+            eid = uuid.uuid4().hex[:12]
+            segment = GameSegment(eid, 0, cell.length, context=context)
+            restored[i] = _Running(eid, EnvView(history=history, timestep=ts), segment, steps=cell.length,
+                                   trace=cell.trace, steps_left=self.explore.steps)
+            stats.returns_to_cells += 1
+        for i, ts in zip(fresh, self.pool.reset(fresh)):
+            eid = uuid.uuid4().hex[:12]
+            restored[i] = _Running(eid, EnvView(history=[], timestep=ts), GameSegment(eid, 0, 0))
+            self._offer(i, restored[i])
+        return [restored[i] for i in indices]
+
+    def _explore_action(self, d: Decision) -> int:
+        """An action to try after a return: drawn from the LLM's prior when search had one, else uniformly."""
+        if d.llm_prior is None:
+            return int(self.rng.integers(len(d.valid_actions)))
+        p = np.exp(np.asarray(d.llm_prior, dtype=np.float64))
+        return int(self.rng.choice(len(p), p=p / p.sum()))
+
+    def _offer(self, i: int, r: _Running) -> None:
+        """Tell the archive about env i's current state (not a finished episode's: nothing follows it)."""
+        if self.archive is not None and not r.view.timestep.done:
+            self.archive.visit(self.pool.cell_key(i), r.view.timestep.score, r.trace, lambda: self.pool.get_state(i))
 
     def collect(self, num_steps: int, iteration: int = 0, progress: bool = False) -> tuple[list[GameSegment], CollectStats]:
         """`num_steps` steps in each env; returns finished segments (and the partial ones, so nothing waits)."""
         stats = CollectStats()
         t0 = time.perf_counter()
         if not self._running:
-            self._running = [self._start(ts) for ts in self.pool.reset_all()]
+            self._running = self._start(list(range(self.pool.size)), stats)
         done_segments: list[GameSegment] = []
         bar = tqdm(total=num_steps * len(self._running), desc=f"collect {iteration}", unit="step", disable=not progress, leave=False)
         for _ in range(num_steps):
@@ -80,48 +131,55 @@ class Collector:
                 idx = d.action_index
                 if self.epsilon and self.rng.random() < self.epsilon:
                     idx = int(self.rng.integers(len(d.valid_actions)))
+                elif r.steps_left is not None and self.rng.random() < self.explore.epsilon:
+                    idx = self._explore_action(d)
                 actions.append(d.valid_actions[idx])
                 d.action_index, d.action = idx, d.valid_actions[idx]
             states = [encode_state(self.pool.get_state(i)) for i in range(len(actions))] if self.record_env_state else None
             next_steps = self.pool.step(actions)
             resets: list[int] = []
             for i, (d, r, ts) in enumerate(zip(decisions, self._running, next_steps)):
-                truncated = ts.done and ts.truncated
-                r.segment.steps.append(
-                    StepRecord(
-                        observation=r.view.timestep.observation,
-                        valid_actions=d.valid_actions,
-                        action_index=d.action_index,
-                        action=d.action,
-                        reward=float(ts.reward),
-                        score=int(ts.score),
-                        visit_dist=[float(x) for x in d.visit_dist],
-                        root_value=float(d.root_value),
-                        policy_target=[float(x) for x in d.policy_target],
-                        llm_prior=None if d.llm_prior is None else [float(x) for x in d.llm_prior],
-                        prompt=d.prompt,
-                        terminal=bool(ts.done and not truncated),
-                        truncated=bool(truncated),
-                        env_state=states[i] if states else None,
-                    )
+                if r.steps_left is not None:
+                    r.steps_left -= 1
+                out_of_steps = not ts.done and r.steps_left == 0  # its exploration budget is spent
+                truncated = (ts.done and ts.truncated) or out_of_steps
+                record = StepRecord(
+                    observation=r.view.timestep.observation,
+                    valid_actions=d.valid_actions,
+                    action_index=d.action_index,
+                    action=d.action,
+                    reward=float(ts.reward),
+                    score=int(ts.score),
+                    visit_dist=[float(x) for x in d.visit_dist],
+                    root_value=float(d.root_value),
+                    policy_target=[float(x) for x in d.policy_target],
+                    llm_prior=None if d.llm_prior is None else [float(x) for x in d.llm_prior],
+                    prompt=d.prompt,
+                    terminal=bool(ts.done and not truncated),
+                    truncated=bool(truncated),
+                    env_state=states[i] if states else None,
                 )
+                r.segment.steps.append(record)
+                r.trace = Trace.extend(r.trace, record) if self.archive is not None else None
                 r.view.history.append((r.view.timestep.observation, d.action, float(ts.reward)))
                 r.view.timestep = ts
                 r.episode_return += ts.reward
                 r.steps += 1
                 stats.env_steps += 1
-                if ts.done:
+                self._offer(i, r)
+                if ts.done or out_of_steps:
                     stats.episodes += 1
-                    stats.returns.append(r.episode_return)
                     stats.scores.append(ts.score)
-                    stats.wins += int(ts.won)
+                    if r.steps_left is None:
+                        stats.returns.append(r.episode_return)
+                        stats.wins += int(ts.won)
                     done_segments.append(r.segment)
                     resets.append(i)
                 elif len(r.segment.steps) >= self.segment_length:
                     done_segments.append(r.segment)
                     r.segment = GameSegment(r.episode_id, r.segment.index + 1, r.steps)
-            for i, ts in zip(resets, self.pool.reset(resets)):
-                self._running[i] = self._start(ts)
+            for i, r in zip(resets, self._start(resets, stats)):
+                self._running[i] = r
             bar.update(len(self._running))
         bar.close()
         # Partial segments are handed over too; the episode's next steps continue the chain.

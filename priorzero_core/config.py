@@ -164,16 +164,35 @@ class CollectConfig(_Section):
     epsilon: float = Field(default=0.0, ge=0, le=1)  # chance of a uniformly random valid action
 
 
+class ExploreConfig(_Section):
+    """Go-Explore in collection (never in evaluation): episodes return to archived states by restoring them and
+    explore from there with the agent's own search; the learners imitate the best trajectory found."""
+
+    enabled: bool = True
+    from_start: float = Field(default=0.25, ge=0, le=1)  # share of collection episodes that start from the start
+    steps: int = Field(default=30, gt=0)  # steps an episode explores after returning to an archived state
+    # Chance that a step after a return tries an action drawn from the LLM prior (uniform without an LLM) instead
+    # of the search's choice: search alone keeps to what the imitated trajectory taught it and finds few new cells.
+    epsilon: float = Field(default=0.5, ge=0, le=1)
+    best_score_bonus: float = Field(default=1.0, ge=0)  # selection weight added to the cells at the best score
+    # Share of each world-model batch (and of the LLM's SFT samples) drawn from the best trajectory found, whose
+    # policy target is the action it took and whose value is the return it went on to get (self-imitation).
+    demo_fraction: float = Field(default=0.25, ge=0, lt=1)
+
+
 class ReplayConfig(_Section):
     capacity_steps: int = Field(default=300_000, gt=0)
 
 
 class EvalConfig(_Section):
+    """The evaluation protocol: every episode from the game's start (no state restore), each env with its own
+    game seed, reported as the mean and max final score over the episodes (docs/benchmarks.md)."""
+
     eval_freq: int = Field(default=5, gt=0)
-    num_episodes: int = Field(default=1, gt=0)
+    num_episodes: int = Field(default=5, gt=0)
     # evals/reward_mean is the first mode's; "random" plays uniformly random valid actions (a baseline)
     modes: list[Literal["wm", "wm_llm", "llm", "random"]] = ["wm", "wm_llm", "llm"]
-    max_episode_steps: Optional[int] = Field(default=None, gt=0)  # None: the game's own
+    max_episode_steps: Optional[int] = Field(default=100, gt=0)  # None: the game's own
 
 
 class ScheduleConfig(_Section):
@@ -292,6 +311,7 @@ class PriorZeroConfig(_Section):
     world_model: WorldModelConfig = WorldModelConfig()
     mcts: MCTSConfig = MCTSConfig()
     collect: CollectConfig = CollectConfig()
+    explore: ExploreConfig = ExploreConfig()
     replay: ReplayConfig = ReplayConfig()
     eval: EvalConfig = EvalConfig()
     schedule: ScheduleConfig = ScheduleConfig()

@@ -8,7 +8,7 @@ import os
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -45,6 +45,9 @@ class GameSegment:
     start_step: int
     steps: list[StepRecord] = field(default_factory=list)
     iteration: int = 0
+    # An episode that started from an archived state: the last steps of the trajectory that reached it (on the
+    # first segment only), history for the training windows of its first steps, never trained on themselves.
+    context: list[StepRecord] = field(default_factory=list)
 
     @property
     def ended(self) -> bool:
@@ -57,7 +60,8 @@ class GameSegment:
     def from_json(cls, text: str) -> "GameSegment":
         data = json.loads(text)
         steps = [StepRecord(**s) for s in data.pop("steps")]
-        return cls(steps=steps, **data)
+        context = [StepRecord(**s) for s in data.pop("context", [])]
+        return cls(steps=steps, context=context, **data)
 
 
 @dataclass
@@ -80,6 +84,15 @@ class ReplayBuffer:
         self.num_steps = 0
         self._episodes: dict[str, dict[int, GameSegment]] = {}
         self._rng = np.random.default_rng(seed)
+        self.demos: list[GameSegment] = []  # trajectories to imitate (archive.demo_segment), kept apart
+
+    def set_demos(self, segments: Iterable[GameSegment]) -> None:
+        """Replace the demonstrations that `sample` mixes in; they are not counted in the buffer's steps."""
+        for seg in self.demos:
+            self._episodes.pop(seg.episode_id, None)
+        self.demos = [seg for seg in segments if seg.steps]
+        for seg in self.demos:
+            self._episodes[seg.episode_id] = {seg.index: seg}
 
     def __len__(self) -> int:
         return self.num_steps
@@ -119,10 +132,10 @@ class ReplayBuffer:
             if cur is None:
                 return None
             if t < 0:
+                prev = chain.get(idx - 1)
+                if prev is None:  # the episode's start: before it, only the trajectory it returned along
+                    return cur.context[t] if t >= -len(cur.context) else None
                 idx -= 1
-                prev = chain.get(idx)
-                if prev is None:
-                    return None
                 t += len(prev.steps)
                 continue
             if t < len(cur.steps):
@@ -164,20 +177,32 @@ class ReplayBuffer:
         targets = np.array([self.value_target(seg, t + i) if s is not None else 0.0 for i, s in enumerate(steps)])
         return SampledSequence(steps=steps, context=ctx[::-1], value_targets=targets.astype(np.float32))
 
-    def sample(self, batch_size: int, length: int, context: int) -> list[SampledSequence]:
-        """Uniform over stored steps."""
+    def sample(self, batch_size: int, length: int, context: int, demo_fraction: float = 0.0) -> list[SampledSequence]:
+        """Uniform over stored steps; with demonstrations set, `demo_fraction` of the batch (rounded) is drawn
+        uniformly over their steps instead."""
         if not self.segments:
             raise ValueError("replay buffer is empty")
-        sizes = np.array([len(s.steps) for s in self.segments], dtype=np.int64)
-        flat = self._rng.integers(0, int(sizes.sum()), size=batch_size)
+        demos = round(batch_size * demo_fraction) if self.demos else 0
+        return (self._uniform(self.segments, batch_size - demos, length, context)
+                + self._uniform(self.demos, demos, length, context))
+
+    def _uniform(self, segments: Sequence[GameSegment], n: int, length: int, context: int) -> list[SampledSequence]:
+        if n == 0:
+            return []
+        sizes = np.array([len(s.steps) for s in segments], dtype=np.int64)
+        flat = self._rng.integers(0, int(sizes.sum()), size=n)
         bounds = np.cumsum(sizes)
         seg_idx = np.searchsorted(bounds, flat, side="right")
         out = []
         for k, i in zip(flat, seg_idx):
-            seg = self.segments[int(i)]
+            seg = segments[int(i)]
             t = int(k - (bounds[i] - sizes[i]))
             out.append(self.sequence(seg, t, length, context))
         return out
+
+    def demo_steps(self) -> list[tuple[GameSegment, int]]:
+        """Every (segment, position) of the demonstrations."""
+        return [(seg, t) for seg in self.demos for t in range(len(seg.steps))]
 
     # --- persistence ---
     @staticmethod

@@ -24,11 +24,13 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .agent import Agent, sequences_to_wm_batch
+from .archive import Archive, demo_segment
 from .collector import Collector
 from .config import PriorZeroConfig, dump_config
 from .errors import CheckpointError, ConfigError
 from .evaluator import evaluate
 from .games import EnvPool, game_spec
+from .ppo.env_state import decode_state, encode_state
 from .replay import ReplayBuffer
 
 log = logging.getLogger("priorzero")
@@ -109,7 +111,10 @@ class Trainer:
         wmc = cfg.world_model
         self.replay = ReplayBuffer(cfg.replay.capacity_steps, wmc.discount, wmc.n_step, seed=cfg.run.seed)
         self.collect_pool = EnvPool(cfg.game, cfg.collect.num_envs, seed=cfg.run.seed)
-        self.collector = Collector(self.collect_pool, self.agent, cfg.collect.segment_length, cfg.collect.epsilon, self.rng)
+        self.archive = Archive(cfg.explore, self.rng) if cfg.explore.enabled else None
+        self._demo: Optional[str] = None  # the episode id of the demonstration the learners imitate
+        self.collector = Collector(self.collect_pool, self.agent, cfg.collect.segment_length, cfg.collect.epsilon,
+                                   self.rng, self.archive, cfg.explore, context=wmc.context_length - 1)
         self._eval_pool: Optional[EnvPool] = None
         self._ppo = None
         self._ppo_resume_dir: Optional[Path] = None
@@ -145,8 +150,8 @@ class Trainer:
 
     @property
     def eval_pool(self) -> EnvPool:
-        if self._eval_pool is None:
-            n = min(self.cfg.eval.num_episodes, max(1, self.cfg.collect.num_envs))
+        if self._eval_pool is None:  # an env (and its own game seed) per episode, up to 16 played at once
+            n = min(self.cfg.eval.num_episodes, 16)
             self._eval_pool = EnvPool(self.cfg.game, n, seed=self.cfg.run.seed + 10_000)
         return self._eval_pool
 
@@ -219,9 +224,12 @@ class Trainer:
         ReplayBuffer.write_segments(path, segments)
         with self._lock:
             self.replay.add(segments)
+            self._refresh_demo()
         self.env_steps += stats.env_steps
         self._steps_since_wm += stats.env_steps
         metrics = stats.metrics()
+        if self.archive is not None:
+            metrics.update(self.archive.metrics())
         if self.llm_prior is not None:
             hits, misses = self.llm_prior.cache_stats()
             if hits + misses:
@@ -237,18 +245,41 @@ class Trainer:
                  metrics["collect/steps_per_s"], stats.episodes)
         return StageResult(metrics=metrics, artifacts={"replay": path})
 
+    def _refresh_demo(self) -> None:
+        """Imitate the archive's best trajectory once it scores (self-imitation); rebuilt when a better one is found."""
+        best = self.archive.best() if self.archive is not None else None
+        if best is None or best.score <= 0:
+            return
+        demo = demo_segment(best, self.cfg.world_model.discount)
+        if demo.episode_id == self._demo:
+            return
+        if self.llm_prior is not None:  # the LLM learns from the prompts it would see on that trajectory
+            history = []
+            for step in demo.steps:
+                step.prompt = self.llm_prior.build_prompt(history, step.observation, step.valid_actions)
+                history.append((step.observation, step.action, step.reward))
+        self.replay.set_demos([demo])
+        self._demo = demo.episode_id
+        log.info("imitating the best trajectory found: score %d in %d steps", best.score, best.length)
+
+    def wm_batch(self):
+        """A world-model batch: sequences of unroll_steps + 1 steps, each with the history a search root has."""
+        wmc = self.cfg.world_model
+        with self._lock:  # the encoder's cache and the replay are shared with LLM training
+            seqs = self.replay.sample(wmc.batch_size, wmc.unroll_steps + 1, wmc.context_length - 1,
+                                      self.cfg.explore.demo_fraction)
+            return sequences_to_wm_batch(seqs, self.encoder, self.spec.action_space_size, self.device,
+                                         history=wmc.context_length - 1)
+
     def train_world_model(self, iteration: int) -> StageResult:
-        wmc, sch = self.cfg.world_model, self.cfg.schedule
+        sch = self.cfg.schedule
         if len(self.replay) == 0 or self.env_steps < sch.warmup_steps:
             return StageResult(skipped=True)
         updates = max(sch.min_wm_updates, round(sch.replay_ratio * self._steps_since_wm))
         self._steps_since_wm = 0
         sums: dict[str, float] = {}
         for _ in tqdm(range(updates), desc=f"world model {iteration}", disable=not self.progress, leave=False):
-            with self._lock:  # the encoder's cache and the replay are shared with LLM training
-                seqs = self.replay.sample(wmc.batch_size, wmc.unroll_steps + 1, 0)
-                batch = sequences_to_wm_batch(seqs, self.encoder, self.spec.action_space_size, self.device)
-            for k, v in self.wm.train_step(batch).items():
+            for k, v in self.wm.train_step(self.wm_batch()).items():
                 sums[k] = sums.get(k, 0.0) + v
         metrics = {k: v / updates for k, v in sums.items()}
         metrics["train/wm_updates"] = float(updates)
@@ -261,7 +292,10 @@ class Trainer:
         n = self.cfg.llm.batch_size * self.cfg.llm.updates_per_train
         with self._lock:
             recent = [(seg, t) for seg, t in self.replay.recent(4 * n) if seg.steps[t].prompt is not None]
-            picks = [recent[i] for i in self.rng.permutation(len(recent))[:n]] if recent else []
+            demos = self.replay.demo_steps()
+            n_demo = min(len(demos), round(n * self.cfg.explore.demo_fraction))
+            picks = [recent[i] for i in self.rng.permutation(len(recent))[:n - n_demo]] if recent else []
+            picks += [demos[i] for i in self.rng.permutation(len(demos))[:n_demo]]
             targets = [self.replay.value_target(seg, t) for seg, t in picks]
             contexts = [self.replay.sequence(seg, t, 1, self.cfg.world_model.context_length - 1) for seg, t in picks]
             samples = self.agent.llm_samples(picks, targets, contexts) if picks else []
@@ -326,6 +360,8 @@ class Trainer:
                 writer.directory("llm", self.llm_trainer.save_state)
             if self._ppo is not None:
                 writer.directory("ppo", self._ppo.save)
+            if self.archive is not None:
+                writer.directory("archive", lambda d: self.archive.save(d, encode_state))
             writer.torch_state("rng", {"torch": torch.get_rng_state()})
             meta = {
                 "iteration": iteration,
@@ -386,11 +422,14 @@ class Trainer:
             self.llm_trainer.load_state(path / "llm")
         if (path / "ppo").is_dir():
             self._ppo_resume_dir = path / "ppo"  # loaded when the PPO actors start
+        if self.archive is not None and (path / "archive").is_dir():
+            self.archive.load(path / "archive", decode_state)
         torch.set_rng_state(ckpt.load_torch_state(path, "rng")["torch"])
         self.rng.bit_generator.state = meta["numpy_rng"]
         self.iteration = int(meta["iteration"])
         self.env_steps = int(meta["env_steps"])
         self._load_replay()
+        self._refresh_demo()
         log.info("resumed from %s: iteration %d, %d env steps, %d replay steps", path.name, self.iteration,
                  self.env_steps, len(self.replay))
 

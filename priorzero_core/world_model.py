@@ -21,7 +21,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,8 @@ class RootContext:
 
 @dataclass
 class WMBatch:
-    """A replay sample of B sequences of L = unroll_steps + 1 real steps."""
+    """A replay sample of B sequences: up to context_length − 1 steps of history, then unroll_steps + 1 sampled
+    steps, L in all. History steps only fill the training windows, as the history of a search root does."""
 
     obs_emb: Tensor  # [B, L, E]
     act_emb: Tensor  # [B, L, E] executed actions
@@ -140,7 +141,12 @@ class WMBatch:
     rewards: Tensor  # [B, L] reward after a_t
     value_targets: Tensor  # [B, L] n-step returns
     policy_targets: Tensor  # [B, L, A] MCTS visit distributions
-    step_mask: Tensor  # [B, L] bool, False after the episode ended
+    step_mask: Tensor  # [B, L] bool: the sampled steps that get losses (False after the episode ended)
+    known: Optional[Tensor] = None  # [B, L] bool: steps that exist, history included (None: step_mask)
+
+    def __post_init__(self) -> None:
+        if self.known is None:
+            self.known = self.step_mask
 
     def to(self, device: torch.device | str) -> "WMBatch":
         return WMBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -275,22 +281,26 @@ class WorldModel(nn.Module):
         """recurrent_inference bound to the root's valid actions: the `recurrent_fn` for mcts.search."""
         return functools.partial(self.recurrent_inference, valid_emb=ctx.valid_emb, valid_mask=ctx.valid_mask)
 
-    def _training_windows(self, z: Tensor, act_emb: Tensor) -> tuple[Tensor, Tensor]:
-        """For each step t of [B, L] sequences, the window of pairs t-C+1..t -> ([B·L, 2C, D], [B·L])."""
+    def _training_windows(self, z: Tensor, act_emb: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
+        """For each step t of [B, L] sequences, the window of pairs t-C+1..t -> ([B·L, 2C, D], [B·L]); pairs
+        before a sequence's `first` [B] known step are padding, as missing history is at a search root."""
         B, L, D = z.shape
         C = self.cfg.context_length
         pairs = torch.stack([self.latent_token(z), self.action_token(act_emb)], 2)  # [B, L, 2, D]
         index = torch.arange(L, device=z.device).unsqueeze(1) + torch.arange(1 - C, 1, device=z.device)  # [L, C]
         windows = pairs[:, index.clamp(min=0)].reshape(B * L, 2 * C, D)
-        length = 2 * (index >= 0).sum(-1)  # [L]
-        return windows, length.repeat(B)
+        length = 2 * (index >= first.view(B, 1, 1)).sum(-1)  # [B, L]
+        return windows, length.reshape(B * L)
 
     def forward(
-        self, obs_emb: Tensor, act_emb: Tensor, valid_emb: Tensor, valid_mask: Tensor
+        self, obs_emb: Tensor, act_emb: Tensor, valid_emb: Tensor, valid_mask: Tensor, first: Optional[Tensor] = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Teacher-forced [B, L] steps -> value logits, policy logits [B, L, A], reward logits, next latents."""
+        """Teacher-forced [B, L] steps (known from `first` [B], default 0) -> value logits, policy logits [B, L, A],
+        reward logits, next latents."""
         B, L, _ = obs_emb.shape
-        windows, length = self._training_windows(self.represent(obs_emb), act_emb)
+        if first is None:
+            first = torch.zeros(B, dtype=torch.long, device=obs_emb.device)
+        windows, length = self._training_windows(self.represent(obs_emb), act_emb, first)
         h = self.transformer(windows, length, keep=2).view(B, L, 2, -1)
         h_latent, h_action = h[:, :, -2], h[:, :, -1]
         return (
@@ -303,8 +313,9 @@ class WorldModel(nn.Module):
     def compute_loss(self, batch: WMBatch, target_model: "WorldModel") -> tuple[Tensor, dict[str, float]]:
         """Losses on real latents; the latent target is the EMA network's repr(obs_{t+1}), without gradient."""
         cfg, S, step = self.cfg, self.cfg.support_size, batch.step_mask
+        first = batch.known.to(torch.int8).argmax(-1)  # known steps run from here to the episode's end
         value_logits, policy_logits, reward_logits, next_latent = self(
-            batch.obs_emb, batch.act_emb, batch.valid_emb, batch.valid_mask
+            batch.obs_emb, batch.act_emb, batch.valid_emb, batch.valid_mask, first
         )
         value_ce = -(scalar_to_support(batch.value_targets, S) * value_logits.log_softmax(-1)).sum(-1)
         reward_ce = -(scalar_to_support(batch.rewards, S) * reward_logits.log_softmax(-1)).sum(-1)
@@ -320,7 +331,7 @@ class WorldModel(nn.Module):
             "reward": _masked_mean(reward_ce, step),
             "value": _masked_mean(value_ce, step),
             "policy": _masked_mean(policy_ce, step),
-            "latent": _masked_mean(latent_loss, step[:, 1:]),
+            "latent": _masked_mean(latent_loss, step[:, :-1] & batch.known[:, 1:]),
         }
         policy_entropy = _masked_mean(entropy, step)
         total = (

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from priorzero_core import checkpoint as ckpt
@@ -107,3 +108,36 @@ def test_time_budget_ends_training_with_an_evaluated_and_checkpointed_iteration(
     assert history[1]["evals/reward_mean"] == history[1]["evals/wm/reward_mean"]  # the first mode is the main one
     _, manifest = ckpt.latest_valid(tmp_path / "checkpoints")
     assert manifest["meta"]["iteration"] == 2
+
+
+def test_world_model_trains_each_sampled_step_on_the_history_search_gives_it(tmp_path):
+    """The first steps of a sampled sequence see their real history in the training windows, exactly as a search
+    root with that history does (a window cut at the sample's start would see none)."""
+    import torch
+
+    from priorzero_core.agent import sequences_to_wm_batch
+
+    cfg = load_config("debug", TINY + ["llm.enabled=false", "collect.steps_per_iteration=6", "world_model.context_length=3"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    try:
+        trainer.collect(1)
+        C = cfg.world_model.context_length
+        segs = list(trainer.replay.segments)
+        seqs = [trainer.replay.sequence(seg, t, 2, C - 1) for seg in segs for t in (0, 1, 3)]
+        assert {len(s.context) for s in seqs} == {0, 1, 2}
+        batch = sequences_to_wm_batch(seqs, trainer.encoder, trainer.spec.action_space_size, trainer.device, history=C - 1)
+        model = trainer.wm.model.eval()
+        torch.nn.init.normal_(model.value_head[-1].weight)  # zero at init: it would hide a mismatch
+        with torch.no_grad():
+            first = batch.known.to(torch.int8).argmax(-1)
+            value_logits = model(batch.obs_emb, batch.act_emb, batch.valid_emb, batch.valid_mask, first)[0]
+        from priorzero_core.world_model import support_to_scalar
+
+        trained = support_to_scalar(value_logits[:, C - 1], cfg.world_model.support_size).numpy()
+        searched = trainer.agent.values(seqs)
+        np.testing.assert_allclose(trained, searched, atol=1e-4)
+        assert batch.step_mask[:, : C - 1].sum() == 0 and batch.known[:, : C - 1].any()
+        drawn = trainer.wm_batch()  # what training draws: history positions first, filled where the episode has them
+        assert drawn.known.shape[1] == C - 1 + cfg.world_model.unroll_steps + 1 and drawn.known[:, : C - 1].any()
+    finally:
+        trainer.close()

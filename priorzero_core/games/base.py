@@ -66,6 +66,12 @@ class GameEnv(abc.ABC):
     @abc.abstractmethod
     def set_state(self, state: Any) -> None: ...
 
+    def cell_key(self) -> str:
+        """The Go-Explore cell of the current state: states that exploration treats as one place to return to.
+        By default the score and the exact world state (fine for small games)."""
+        assert self.last is not None, "reset() first"
+        return f"{self.last.score}|{self.last.state_hash}"
+
     def walkthrough(self) -> Optional[list[str]]:
         """A known winning command sequence, when the game has one."""
         return None

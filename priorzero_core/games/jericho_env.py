@@ -126,6 +126,16 @@ class JerichoEnv(GameEnv):
         self._env.set_state(saved)
         return look, inventory
 
+    def cell_key(self) -> str:
+        """Score, room, what the player carries and which commands do something here: coarser than the world
+        state (which every moved object or wandering character changes), fine enough to tell a revealed trap
+        door or an unlocked passage from the same room before."""
+        assert self.last is not None, "reset() first"
+        location = self._env.get_player_location()
+        carried = sorted(obj.num for obj in self._env.get_inventory())
+        actions = hashlib.md5("|".join(sorted(self.last.valid_actions)).encode()).hexdigest()[:12]
+        return f"{self.last.score}|{location.num if location else -1}|{','.join(map(str, carried))}|{actions}"
+
     def get_state(self) -> JerichoState:
         return JerichoState(self._env.get_state(), self._steps, self.last)
 

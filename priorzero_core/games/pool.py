@@ -93,8 +93,13 @@ class EnvPool:
     def get_state(self, i: int) -> Any:
         return self.envs[i].get_state()
 
-    def set_state(self, i: int, state: Any) -> None:
+    def set_state(self, i: int, state: Any) -> TimeStep:
+        """Restore env i to a `get_state` snapshot; returns its TimeStep there (valid actions included)."""
         self.envs[i].set_state(state)
+        return cast(TimeStep, self.envs[i].last)
+
+    def cell_key(self, i: int) -> str:
+        return self.envs[i].cell_key()
 
     def close(self) -> None:
         for env in self.envs:

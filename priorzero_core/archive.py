@@ -1,0 +1,184 @@
+"""Go-Explore's archive: the shortest way found to each cell of a game, for collection to return to and explore from.
+
+A cell is a coarse description of a state (`GameEnv.cell_key`: score and place, and for Jericho games what the
+player carries and can do there). The archive keeps, per cell, the shortest trajectory from the game's start
+that reached it and the env snapshot at its end. Collection episodes return to a chosen cell by restoring its
+snapshot and explore from there with the agent's own search (Ecoffet et al. 2021; Madotto et al. 2020 for text
+games); evaluation never restores. The best trajectory (highest score, then shortest) is what the learners
+imitate (`demo`), so the agent learns to walk from the start to where exploration got, as XTX's exploitation
+phase does.
+
+Trajectories share their prefixes: a `Trace` is a persistent list of the steps from the start.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .config import ExploreConfig
+from .errors import CheckpointError
+from .replay import GameSegment, StepRecord
+
+ARCHIVE_FILE = "archive.jsonl.gz"
+
+
+@dataclass(frozen=True)
+class Trace:
+    """The steps from the game's start to a state: `step` last, the rest in `parent`."""
+
+    parent: Optional["Trace"]
+    step: StepRecord
+    length: int
+
+    @staticmethod
+    def extend(parent: Optional["Trace"], step: StepRecord) -> "Trace":
+        return Trace(parent, step, 1 + (parent.length if parent else 0))
+
+    def steps(self) -> list[StepRecord]:
+        out, node = [], self
+        while node is not None:
+            out.append(node.step)
+            node = node.parent
+        return out[::-1]
+
+
+def trace_steps(trace: Optional[Trace]) -> list[StepRecord]:
+    return trace.steps() if trace is not None else []
+
+
+@dataclass
+class Cell:
+    key: str
+    score: int
+    trace: Optional[Trace]  # None: the start state
+    state: Any  # GameEnv.get_state() at the trace's end
+    times_chosen: int = 0
+    times_seen: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.trace.length if self.trace is not None else 0
+
+
+class Archive:
+    """Cells keyed by `GameEnv.cell_key`, each with the shortest trajectory found to it."""
+
+    def __init__(self, cfg: ExploreConfig, rng: np.random.Generator):
+        self.cfg = cfg
+        self.rng = rng
+        self.cells: dict[str, Cell] = {}
+        self.updates = 0  # cells added or shortened, for metrics
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def visit(self, key: str, score: int, trace: Optional[Trace], snapshot: Callable[[], Any]) -> bool:
+        """A state of cell `key` was reached by `trace`. Keeps it (and takes its snapshot) when the cell is new or
+        the trace is shorter than the cell's; returns whether it did."""
+        cell = self.cells.get(key)
+        length = trace.length if trace is not None else 0
+        if cell is not None:
+            cell.times_seen += 1
+            if length >= cell.length:
+                return False
+            cell.trace, cell.state = trace, snapshot()
+        else:
+            self.cells[key] = Cell(key, score, trace, snapshot(), times_seen=1)
+        self.updates += 1
+        return True
+
+    def weights(self) -> np.ndarray:
+        """Go-Explore's count-based selection weights, with a bonus for the cells at the best score found."""
+        cells = list(self.cells.values())
+        top = max(c.score for c in cells)
+        return np.array([1 / math.sqrt(1 + c.times_chosen) + 1 / math.sqrt(1 + c.times_seen)
+                         + (self.cfg.best_score_bonus if c.score == top else 0.0) for c in cells])
+
+    def choose(self) -> Cell:
+        """A cell to return to, drawn by `weights`."""
+        cells = list(self.cells.values())
+        w = self.weights()
+        cell = cells[int(self.rng.choice(len(cells), p=w / w.sum()))]
+        cell.times_chosen += 1
+        return cell
+
+    def best(self) -> Optional[Cell]:
+        """The highest-scoring cell, the shortest way to it on ties."""
+        if not self.cells:
+            return None
+        return max(self.cells.values(), key=lambda c: (c.score, -c.length))
+
+    def metrics(self) -> dict[str, float]:
+        best = self.best()
+        return {
+            "explore/cells": float(len(self.cells)),
+            "explore/cell_updates": float(self.updates),
+            "explore/best_score": float(best.score) if best else 0.0,
+            "explore/best_length": float(best.length) if best else 0.0,
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: Path, encode: Callable[[Any], str]) -> None:
+        """One gzip JSON-lines file: the trace steps (each once, parents first), then the cells."""
+        ids: dict[int, int] = {}  # id(Trace) -> its row number
+        with gzip.open(Path(directory) / ARCHIVE_FILE, "wt") as fh:
+            def node_id(trace: Optional[Trace]) -> Optional[int]:
+                chain, node = [], trace
+                while node is not None and id(node) not in ids:
+                    chain.append(node)
+                    node = node.parent
+                for new in reversed(chain):
+                    parent = ids[id(new.parent)] if new.parent is not None else None
+                    ids[id(new)] = len(ids)
+                    fh.write(json.dumps({"node": ids[id(new)], "parent": parent, "step": asdict(new.step)}) + "\n")
+                return ids[id(trace)] if trace is not None else None
+
+            for cell in self.cells.values():
+                fh.write(json.dumps({"cell": cell.key, "score": cell.score, "trace": node_id(cell.trace),
+                                     "state": encode(cell.state), "chosen": cell.times_chosen,
+                                     "seen": cell.times_seen}) + "\n")
+
+    def load(self, directory: Path, decode: Callable[[str], Any]) -> None:
+        path = Path(directory) / ARCHIVE_FILE
+        nodes: dict[int, Trace] = {}
+        cells: dict[str, Cell] = {}
+        try:
+            with gzip.open(path, "rt") as fh:
+                for line in fh:
+                    row = json.loads(line)
+                    if "node" in row:
+                        parent = nodes[row["parent"]] if row["parent"] is not None else None
+                        nodes[row["node"]] = Trace.extend(parent, StepRecord(**row["step"]))
+                    else:
+                        trace = nodes[row["trace"]] if row["trace"] is not None else None
+                        cells[row["cell"]] = Cell(row["cell"], int(row["score"]), trace, decode(row["state"]),
+                                                  int(row["chosen"]), int(row["seen"]))
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"archive {path} is unreadable ({type(err).__name__}: {err})") from None
+        self.cells = cells
+
+
+def demo_segment(cell: Cell, discount: float) -> GameSegment:
+    """The trajectory to `cell` as one segment the learners imitate: each step's policy target is the action
+    taken (one-hot) and its stored value the discounted return still to come along the trajectory."""
+    steps = trace_steps(cell.trace)
+    out: list[StepRecord] = []
+    to_go = 0.0
+    for step in reversed(steps):
+        to_go = step.reward + discount * to_go
+        one_hot = [0.0] * len(step.valid_actions)
+        one_hot[step.action_index] = 1.0
+        out.append(replace(step, visit_dist=one_hot, policy_target=one_hot, root_value=to_go, terminal=False,
+                           truncated=False, env_state=None))
+    out.reverse()
+    if out:  # the value after the trajectory's end is unknown: no bootstrap past it
+        out[-1] = replace(out[-1], truncated=True)
+    return GameSegment(episode_id=f"demo-{cell.key}-{cell.length}", index=0, start_step=0, steps=out)
+

@@ -1,0 +1,45 @@
+"""The acting policy: which search output each learner is taught."""
+
+import numpy as np
+import pytest
+import torch
+
+from priorzero_core.agent import Agent, EnvView, sequences_to_wm_batch
+from priorzero_core.config import load_config
+from priorzero_core.games import EnvPool, game_spec
+from priorzero_core.replay import GameSegment, ReplayBuffer, StepRecord
+from priorzero_core.world_model import WorldModel
+
+
+@pytest.mark.parametrize("policy_target", ["visits", "improved"])
+def test_both_learners_are_taught_the_configured_policy_target(text_encoder, policy_target):
+    """`mcts.policy_target: visits` teaches the visit distribution, `improved` the completed-Q policy: the
+    world model and the LLM's SFT get the same one."""
+    cfg = load_config("debug", ["llm.enabled=false", "world_model.embed_dim=32", "world_model.num_heads=2",
+                                "mcts.num_simulations=3", f"mcts.policy_target={policy_target}"])
+    torch.manual_seed(0)
+    model = WorldModel(cfg.world_model, text_encoder.dim)
+    for head in (model.value_head, model.reward_head):  # values that differ, so the improved policy moves
+        torch.nn.init.normal_(head[-1].weight, std=1.0)
+    spec = game_spec(cfg.game)
+    agent = Agent(cfg, spec, text_encoder, model, None, np.random.default_rng(0), torch.device("cpu"))
+    pool = EnvPool(cfg.game, 1)
+    try:
+        ts = pool.reset_all()[0]
+        (d,) = agent.act([EnvView([], ts)], mode="collect")
+    finally:
+        pool.close()
+    if policy_target == "visits":
+        np.testing.assert_array_equal(d.policy_target, d.visit_dist)
+    else:
+        assert not np.allclose(d.policy_target, d.visit_dist)
+    step = StepRecord(ts.observation, d.valid_actions, d.action_index, d.action, 0.0, 0, list(map(float, d.visit_dist)),
+                      d.root_value, policy_target=list(map(float, d.policy_target)), prompt="p")
+    seg = GameSegment("e", 0, 0, [step, step])
+    buf = ReplayBuffer(10, 0.9, 1)
+    buf.add([seg])
+    batch = sequences_to_wm_batch([buf.sequence(seg, 0, 1, 0)], text_encoder, spec.action_space_size, torch.device("cpu"))
+    k = len(d.valid_actions)
+    np.testing.assert_allclose(batch.policy_targets[0, 0, :k].numpy(), d.policy_target, atol=1e-6)
+    (sample,) = agent.llm_samples([(seg, 0)], [0.0], [buf.sequence(seg, 0, 1, 0)])
+    np.testing.assert_allclose(sample.visit_dist, d.policy_target, atol=1e-6)

@@ -1,0 +1,181 @@
+"""Go-Explore's archive, its demonstrations, and collection that returns to archived states."""
+
+import numpy as np
+import pytest
+
+from priorzero_core.agent import Agent
+from priorzero_core.archive import Archive, Trace, demo_segment, trace_steps
+from priorzero_core.collector import Collector
+from priorzero_core.config import ExploreConfig, load_config
+from priorzero_core.games import EnvPool, game_spec
+from priorzero_core.ppo.env_state import decode_state, encode_state
+from priorzero_core.replay import GameSegment, ReplayBuffer, StepRecord
+
+
+def record(action: str, reward: float = 0.0, index: int = 0) -> StepRecord:
+    valid = ["north", "south", "take lamp"]
+    return StepRecord(f"at {action}", valid, index, valid[index], reward, 0, [1 / 3] * 3, 0.0)
+
+
+def trace_of(*steps: StepRecord) -> Trace:
+    trace = None
+    for step in steps:
+        trace = Trace.extend(trace, step)
+    return trace
+
+
+def test_a_cell_keeps_the_shortest_trajectory_and_snapshots_only_what_it_keeps():
+    archive = Archive(ExploreConfig(), np.random.default_rng(0))
+    snapshots = []
+
+    def snap(tag):
+        return lambda: snapshots.append(tag) or tag
+
+    long = trace_of(record("a"), record("b"), record("c"))
+    assert archive.visit("room|5", 5, long, snap("long"))
+    assert not archive.visit("room|5", 5, trace_of(record("a"), record("b"), record("c"), record("d")), snap("longer"))
+    assert archive.visit("room|5", 5, trace_of(record("x")), snap("short"))
+    cell = archive.cells["room|5"]
+    assert snapshots == ["long", "short"] and cell.state == "short" and cell.length == 1
+    assert cell.times_seen == 3 and archive.updates == 2
+
+
+def test_best_is_the_highest_score_then_the_shortest_way_and_choice_favours_rarely_chosen_cells():
+    archive = Archive(ExploreConfig(best_score_bonus=0.0), np.random.default_rng(0))
+    archive.visit("start", 0, None, lambda: "s0")
+    archive.visit("a|10", 10, trace_of(record("a"), record("b")), lambda: "s1")
+    archive.visit("b|10", 10, trace_of(record("c")), lambda: "s2")
+    assert archive.best().key == "b|10"
+    archive.cells["start"].times_chosen = 99  # chosen often already: its weight falls
+    draws = [archive.choose().key for _ in range(200)]
+    assert draws.count("start") < draws.count("a|10") and draws.count("start") < draws.count("b|10")
+    weights = Archive(ExploreConfig(best_score_bonus=5.0), np.random.default_rng(0))
+    weights.cells = archive.cells
+    assert weights.weights()[1] - archive.weights()[1] == pytest.approx(5.0)  # a best-score cell gets the bonus
+
+
+def test_archive_round_trips_through_its_file_with_shared_trajectory_prefixes(tmp_path):
+    archive = Archive(ExploreConfig(), np.random.default_rng(0))
+    prefix = trace_of(record("a", 1.0), record("b"))
+    archive.visit("start", 0, None, lambda: ("start",))
+    archive.visit("p", 1, prefix, lambda: ("p", np.arange(3)))
+    archive.visit("q", 1, Trace.extend(prefix, record("c", 5.0, index=2)), lambda: ("q",))
+    archive.cells["q"].times_chosen = 4
+    archive.save(tmp_path, encode_state)
+    lines = __import__("gzip").open(tmp_path / "archive.jsonl.gz", "rt").read().splitlines()
+    assert sum('"node"' in line for line in lines) == 3  # the shared prefix is written once
+
+    loaded = Archive(ExploreConfig(), np.random.default_rng(0))
+    loaded.load(tmp_path, decode_state)
+    assert set(loaded.cells) == {"start", "p", "q"}
+    q = loaded.cells["q"]
+    assert [s.action for s in trace_steps(q.trace)] == ["north", "north", "take lamp"]
+    assert q.trace.parent is loaded.cells["p"].trace and q.times_chosen == 4 and q.state == ("q",)
+    np.testing.assert_array_equal(loaded.cells["p"].state[1], np.arange(3))
+    assert loaded.cells["start"].trace is None
+
+
+def test_an_unreadable_archive_is_a_one_line_checkpoint_error(tmp_path):
+    from priorzero_core.errors import CheckpointError
+
+    (tmp_path / "archive.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(CheckpointError, match="archive .* is unreadable"):
+        Archive(ExploreConfig(), np.random.default_rng(0)).load(tmp_path, decode_state)
+
+
+def test_demonstration_targets_the_action_taken_and_values_the_return_to_come():
+    archive = Archive(ExploreConfig(), np.random.default_rng(0))
+    steps = [record("a", 0.0, 0), record("b", 10.0, 2), record("c", 0.0, 1), record("d", 5.0, 0)]
+    archive.visit("end", 15, trace_of(*steps), lambda: "end")
+    demo = demo_segment(archive.best(), discount=0.5)
+    assert [s.policy_target for s in demo.steps] == [[1, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]]
+    assert [s.visit_dist for s in demo.steps] == [s.policy_target for s in demo.steps]
+    assert [s.truncated for s in demo.steps] == [False, False, False, True]
+    assert steps[0].policy_target is None  # the collected records themselves are untouched
+    buf = ReplayBuffer(100, discount=0.5, n_step=2)
+    buf.add([GameSegment("e", 0, 0, [record("z")])])
+    buf.set_demos([demo])
+    returns = [0 + 0.5 * 10 + 0.25 * 0 + 0.125 * 5, 10 + 0.5 * 0 + 0.25 * 5, 0 + 0.5 * 5, 5]
+    assert [buf.value_target(demo, t) for t in range(4)] == pytest.approx(returns)  # n-step targets are exact
+
+
+def test_sample_draws_the_demo_fraction_of_a_batch_from_demonstrations():
+    buf = ReplayBuffer(100, discount=0.9, n_step=1)
+    buf.add([GameSegment("e", 0, 0, [record("z") for _ in range(20)])])
+    demo = GameSegment("demo-x", 0, 0, [record("d") for _ in range(3)])
+    assert all(s.steps[0].observation == "at z" for s in buf.sample(8, 2, 0, demo_fraction=0.5))  # no demos set yet
+    buf.set_demos([demo])
+    batch = buf.sample(8, 2, 0, demo_fraction=0.25)
+    assert [s.steps[0].observation for s in batch].count("at d") == 2
+    assert len(buf) == 20  # demonstrations are not replay steps
+    buf.set_demos([])
+    assert "demo-x" not in buf._episodes
+
+
+@pytest.fixture
+def embedded_collector():
+    cfg = load_config("debug", ["llm.enabled=false", "collect.num_envs=2", "world_model.embed_dim=32", "game.max_episode_steps=5",
+                                "world_model.num_heads=2", "mcts.num_simulations=2"])
+    from priorzero_core.text_encoder import TextEncoder
+    from priorzero_core.world_model import WorldModel
+
+    spec = game_spec(cfg.game)
+    rng = np.random.default_rng(0)
+    encoder = TextEncoder()
+    agent = Agent(cfg, spec, encoder, WorldModel(cfg.world_model, encoder.dim), None, rng, __import__("torch").device("cpu"))
+    pool = EnvPool(cfg.game, 2)
+    explore = ExploreConfig(from_start=0.0, steps=3)
+    archive = Archive(explore, rng)
+    yield Collector(pool, agent, segment_length=50, epsilon=0.0, rng=rng, archive=archive, explore=explore), archive
+    pool.close()
+
+
+def test_collection_returns_to_archived_states_with_their_history_and_explores_a_bounded_number_of_steps(
+        embedded_collector):
+    collector, archive = embedded_collector
+    segments, stats = collector.collect(12)
+    assert len(archive) > 2 and stats.returns_to_cells > 0
+    restored = [s for s in segments if s.start_step > 0 and s.index == 0]
+    assert restored, "some episodes start from archived states"
+    for seg in restored:
+        assert len(seg.steps) <= 3
+        if len(seg.steps) == 3:
+            assert seg.steps[-1].truncated  # the exploration budget ends it; no bootstrap past it
+    # Every archived trajectory replays from the start to its cell's state.
+    pool = collector.pool
+    for cell in list(archive.cells.values())[:5]:
+        ts = pool.reset([0])[0]
+        for step in trace_steps(cell.trace):
+            assert step.observation == ts.observation
+            ts = pool.step([step.action], indices=[0])[0]
+        assert pool.cell_key(0) == cell.key and cell.length == len(trace_steps(cell.trace))
+
+
+def test_restored_episode_shows_the_agent_the_trajectory_that_reached_the_cell(embedded_collector):
+    collector, archive = embedded_collector
+    collector.collect(7)  # the first episodes end at their 5th step; the next ones return to cells
+    assert any(r.steps_left is not None for r in collector._running)
+    for r in collector._running:
+        expected = [(s.observation, s.action, s.reward) for s in trace_steps(r.trace)]
+        assert r.view.history == expected
+
+
+def test_jericho_cells_tell_places_loads_and_what_can_be_done_apart(rom_dir):
+    from priorzero_core.config import GameConfig
+    from priorzero_core.games import make_env
+
+    env = make_env(GameConfig(name="zork1", rom_dir=str(rom_dir), valid_action_workers=0))
+    try:
+        env.reset()
+        start = env.cell_key()
+        assert start == env.cell_key() and start.startswith("0|")
+        saved = env.get_state()
+        env.step("open mailbox")  # same place, same load, another set of things to do
+        opened = env.cell_key()
+        env.step("take leaflet")
+        carrying = env.cell_key()
+        env.set_state(saved)
+        env.step("north")
+        assert len({start, opened, carrying, env.cell_key()}) == 4
+    finally:
+        env.close()
