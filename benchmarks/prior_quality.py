@@ -181,7 +181,8 @@ def main() -> None:
         results.append(measure(prior, states))
         uniform.append((uniform_nll(states), len(states)))
         row(game, results[-1], uniform[-1][0])
-    row("all", pooled(results), sum(u * n for u, n in uniform) / sum(n for _, n in uniform))
+    total = pooled(results)
+    row("all", total, sum(u * n for u, n in uniform) / sum(n for _, n in uniform))
     for game, q in zip(args.games, results):
         print(f"ratio prior_top3_vs_uniform_{game} {q.ratio:.2f}")
     print(f"ratio prior_top3_vs_uniform {total.ratio:.2f}")

@@ -99,6 +99,15 @@ class Agent:
             out[b, : len(s)] = torch.as_tensor(s, dtype=torch.float32, device=self.device)
         return out
 
+    @torch.inference_mode()
+    def llm_prior(self, view: EnvView, valid: list[str]) -> tuple[Optional[str], Optional[np.ndarray]]:
+        """The LLM's prompt and log-prior over `valid` at `view` (the prior's cache answers repeats); (None, None)
+        without an LLM."""
+        if self.llm is None:
+            return None, None
+        prompt = self.llm.build_prompt(view.history, view.timestep.observation, valid)
+        return prompt, self.llm.score([(prompt, valid)])[0]
+
     # ------------------------------------------------------------------ acting
     @torch.inference_mode()
     def act(self, views: Sequence[EnvView], mode: Mode) -> list[Decision]:
@@ -122,7 +131,10 @@ class Agent:
             pasts = [[(o, a) for o, a, _ in v.history] for v in views]
             ctx = self._root_context(pasts, [v.timestep.observation for v in views], valid)
             state, wm_logits, value = self.model.root_inference(ctx)
-            prior_mode = "wm" if mode == "wm" else self.cfg.mcts.prior_mode
+            # Collection searches with the configured prior; evaluation's "wm" leaves the LLM out and "wm_llm" puts
+            # it in, as collection does or (when collection leaves it out) by the default mix.
+            configured = self.cfg.mcts.prior_mode
+            prior_mode = {"collect": configured, "wm": "wm", "wm_llm": configured if configured != "wm" else "mix"}[mode]
             logits = root_prior(wm_logits, llm_lp, ctx.valid_mask, prior_mode, self.cfg.mcts.mix_weight)
             temperature = self.cfg.mcts.collect_temperature if mode == "collect" else 0.0
             width = ctx.valid_mask.shape[1]

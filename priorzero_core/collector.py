@@ -104,8 +104,11 @@ class Collector:
             self._offer(i, restored[i])
         return [restored[i] for i in indices]
 
-    def _explore_action(self, d: Decision) -> int:
-        """An action to try after a return: drawn from the LLM's prior when search had one, else uniformly."""
+    def _explore_action(self, d: Decision, view: EnvView) -> int:
+        """An action to try after a return: drawn from the LLM's prior (scored now if search ran without it, and
+        then kept with the step), uniformly without an LLM."""
+        if d.llm_prior is None:
+            d.prompt, d.llm_prior = self.agent.llm_prior(view, d.valid_actions)
         if d.llm_prior is None:
             return int(self.rng.integers(len(d.valid_actions)))
         p = np.exp(np.asarray(d.llm_prior, dtype=np.float64))
@@ -132,7 +135,7 @@ class Collector:
                 if self.epsilon and self.rng.random() < self.epsilon:
                     idx = int(self.rng.integers(len(d.valid_actions)))
                 elif r.steps_left is not None and self.rng.random() < self.explore.epsilon:
-                    idx = self._explore_action(d)
+                    idx = self._explore_action(d, r.view)
                 actions.append(d.valid_actions[idx])
                 d.action_index, d.action = idx, d.valid_actions[idx]
             states = [encode_state(self.pool.get_state(i)) for i in range(len(actions))] if self.record_env_state else None

@@ -72,8 +72,10 @@ class LLMConfig(_Section):
     # an AVX512-BF16 CPU but is opt-in: its forwards round the weights to bf16, and an update of lr 1e-5 is below
     # that resolution, so the RFT ratio and KL see the policy change plus rounding noise (docs/benchmarks.md).
     train_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
-    prior_temperature: float = Field(default=1.0, gt=0)
-    # How an action's label `Action: <a><eos>` is scored after the prompt: "sum" of its token log-probs minus
+    # Summed label log-probs spread over tens of nats: at 1 the prior is sure of its first choice and worse than
+    # uniform in likelihood on walkthrough moves; at 4 it keeps its ranking and beats uniform (docs/benchmarks.md).
+    prior_temperature: float = Field(default=4.0, gt=0)
+    # How an action's label ` <a><eos>` is scored after the prompt (which ends with `Action:`): "sum" of its token log-probs minus
     # label_length_penalty per token, or their "mean" (which favours long commands: "put down all" over "north").
     # benchmarks/prior_quality.py measures each choice on walkthrough states (docs/benchmarks.md).
     label_score: Literal["sum", "mean"] = "sum"

@@ -34,7 +34,9 @@ SYSTEM_PROMPT = (
     "You are an expert player of text adventure games. Read the recent history and the current observation, "
     "then pick the best next action. Answer with `Action: <action>`."
 )
-LABEL_PREFIX = "Action: "
+# Every encoded prompt ends with the answer's fixed start, so a label is only ` <action><eos>`: the prefix's
+# tokens are the same for every action (and a constant in a summed score), and label rows get half as long.
+ANSWER_PREFIX = "Action:"
 # Cap on cached prompt tokens summed over label rows in one prefix-KV group (~0.75 GB for SmolLM2-135M
 # in fp32); envs beyond it go to the next group so 55-action Zork batches do not exhaust memory.
 MAX_CACHED_TOKENS = 16_384
@@ -246,17 +248,18 @@ def build_prompt(
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    """The rendered prompt's token ids, followed by the answer's start (`Action:`)."""
+    ids = tokenizer.encode(prompt + ANSWER_PREFIX, add_special_tokens=False)
     if len(ids) < 2:
         raise ValueError("an LLM prompt needs at least 2 tokens")
     return ids
 
 
 def encode_labels(tokenizer: Any, actions: Sequence[str]) -> list[list[int]]:
-    """Token ids of `Action: <a><eos>` for each action, tokenised apart from the prompt."""
+    """Token ids of ` <a><eos>` for each action (the prompt ends with `Action:`), tokenised apart from it."""
     if not actions:
         raise ValueError("an LLM prompt needs at least one valid action")
-    texts = [LABEL_PREFIX + action for action in actions]
+    texts = [" " + action for action in actions]
     return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
@@ -285,7 +288,7 @@ class ActionScores:
     """One env's scores over its valid actions."""
 
     log_prior: np.ndarray  # log_softmax(label_logprob / prior_temperature)
-    label_logprob: np.ndarray  # the score of `Action: <a><eos>` after the prompt (LabelLogprobs.score)
+    label_logprob: np.ndarray  # the score of ` <a><eos>` after the prompt (LabelLogprobs.score)
 
 
 def log_prior(label_logprob: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -70,7 +70,7 @@ class LLMSample:
 @dataclass(frozen=True)
 class _Encoded:
     prompt: list[int]
-    labels: list[list[int]]  # every valid action's `Action: <a><eos>`
+    labels: list[list[int]]  # every valid action's ` <a><eos>` (the prompt ends with `Action:`)
     visits: torch.Tensor
     action_index: int
 

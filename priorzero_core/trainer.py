@@ -30,7 +30,7 @@ from .config import PriorZeroConfig, dump_config
 from .errors import CheckpointError, ConfigError
 from .evaluator import evaluate
 from .games import EnvPool, game_spec
-from .ppo.env_state import decode_state, encode_state
+from .ppo.env_state import state_bytes, state_from_bytes
 from .replay import ReplayBuffer
 
 log = logging.getLogger("priorzero")
@@ -197,9 +197,11 @@ class Trainer:
     # ------------------------------------------------------------------ stages
     def evaluate(self, iteration: int) -> StageResult:
         modes = [m for m in self.cfg.eval.modes if self.llm_prior is not None or m in ("wm", "random")]
-        if self.llm_prior is not None and "wm_llm" in modes:
-            modes.remove("wm_llm")
-            modes.insert(0, "wm_llm")
+        # The main mode (evals/reward_mean) is how collection searches: with the LLM in its prior or without.
+        main = "wm_llm" if self.llm_prior is not None and self.cfg.mcts.prior_mode != "wm" else "wm"
+        if main in modes:
+            modes.remove(main)
+            modes.insert(0, main)
         max_steps = self.cfg.eval.max_episode_steps or self.spec.max_episode_steps
         with torch.inference_mode():
             result = evaluate(self.eval_pool, self.agent, modes, self.cfg.eval.num_episodes, max_steps, progress=self.progress)
@@ -361,7 +363,7 @@ class Trainer:
             if self._ppo is not None:
                 writer.directory("ppo", self._ppo.save)
             if self.archive is not None:
-                writer.directory("archive", lambda d: self.archive.save(d, encode_state))
+                writer.directory("archive", lambda d: self.archive.save(d, state_bytes))
             writer.torch_state("rng", {"torch": torch.get_rng_state()})
             meta = {
                 "iteration": iteration,
@@ -423,7 +425,7 @@ class Trainer:
         if (path / "ppo").is_dir():
             self._ppo_resume_dir = path / "ppo"  # loaded when the PPO actors start
         if self.archive is not None and (path / "archive").is_dir():
-            self.archive.load(path / "archive", decode_state)
+            self.archive.load(path / "archive", state_from_bytes)
         torch.set_rng_state(ckpt.load_torch_state(path, "rng")["torch"])
         self.rng.bit_generator.state = meta["numpy_rng"]
         self.iteration = int(meta["iteration"])

@@ -8,7 +8,7 @@ from priorzero_core.archive import Archive, Trace, demo_segment, trace_steps
 from priorzero_core.collector import Collector
 from priorzero_core.config import ExploreConfig, load_config
 from priorzero_core.games import EnvPool, game_spec
-from priorzero_core.ppo.env_state import decode_state, encode_state
+from priorzero_core.ppo.env_state import state_bytes, state_from_bytes
 from priorzero_core.replay import GameSegment, ReplayBuffer, StepRecord
 
 
@@ -61,12 +61,12 @@ def test_archive_round_trips_through_its_file_with_shared_trajectory_prefixes(tm
     archive.visit("p", 1, prefix, lambda: ("p", np.arange(3)))
     archive.visit("q", 1, Trace.extend(prefix, record("c", 5.0, index=2)), lambda: ("q",))
     archive.cells["q"].times_chosen = 4
-    archive.save(tmp_path, encode_state)
+    archive.save(tmp_path, state_bytes)
     lines = __import__("gzip").open(tmp_path / "archive.jsonl.gz", "rt").read().splitlines()
     assert sum('"node"' in line for line in lines) == 3  # the shared prefix is written once
 
     loaded = Archive(ExploreConfig(), np.random.default_rng(0))
-    loaded.load(tmp_path, decode_state)
+    loaded.load(tmp_path, state_from_bytes)
     assert set(loaded.cells) == {"start", "p", "q"}
     q = loaded.cells["q"]
     assert [s.action for s in trace_steps(q.trace)] == ["north", "north", "take lamp"]
@@ -80,7 +80,7 @@ def test_an_unreadable_archive_is_a_one_line_checkpoint_error(tmp_path):
 
     (tmp_path / "archive.jsonl.gz").write_bytes(b"not gzip")
     with pytest.raises(CheckpointError, match="archive .* is unreadable"):
-        Archive(ExploreConfig(), np.random.default_rng(0)).load(tmp_path, decode_state)
+        Archive(ExploreConfig(), np.random.default_rng(0)).load(tmp_path, state_from_bytes)
 
 
 def test_demonstration_targets_the_action_taken_and_values_the_return_to_come():
@@ -179,3 +179,34 @@ def test_jericho_cells_tell_places_loads_and_what_can_be_done_apart(rom_dir):
         assert len({start, opened, carrying, env.cell_key()}) == 4
     finally:
         env.close()
+
+
+def test_after_a_return_exploration_tries_actions_from_the_llm_prior_or_uniformly(embedded_collector):
+    from priorzero_core.agent import Decision, EnvView
+
+    collector, _ = embedded_collector
+    uniform = np.full(3, 1 / 3)
+    d = Decision(["a", "b", "c"], 0, "a", uniform, uniform, 0.0, np.log([0.001, 0.998, 0.001]), None)
+    view = EnvView([], None)
+    assert [collector._explore_action(d, view) for _ in range(50)].count(1) >= 45
+    d.llm_prior = None  # the collector's agent has no LLM: uniform
+    assert {collector._explore_action(d, view) for _ in range(100)} == {0, 1, 2}
+
+    tried = []
+    collector._explore_action = lambda d, view: tried.append(d) or 0
+    collector.explore = collector.explore.model_copy(update={"epsilon": 1.0})
+    collector.collect(9)
+    # Both envs start at the start (the archive is empty) and play 5 steps to the episode's end; every later
+    # episode returns to a cell (from_start 0), so the last 4 steps of each env are tries.
+    assert len(tried) == 2 * (9 - 5)
+
+
+def test_without_an_archive_or_with_from_start_1_every_episode_starts_at_the_start(embedded_collector):
+    collector, archive = embedded_collector
+    collector.explore = collector.explore.model_copy(update={"from_start": 1.0})
+    segments, stats = collector.collect(12)
+    assert len(archive) > 0 and stats.returns_to_cells == 0
+    assert all(s.start_step == 0 for s in segments if s.index == 0)
+    collector.archive, collector._running = None, []
+    segments, stats = collector.collect(12)
+    assert stats.returns_to_cells == 0 and all(r.trace is None for r in collector._running)

@@ -28,7 +28,7 @@ def test_debug_mode_applies_the_debug_sizes(monkeypatch):
         ("collect.num_envs=abc", "bad value 'abc' for 'collect.num_envs'"),
         ("mcts.mix_weight=2.0", "mix_weight must be in [0, 1]"),
         ("world_model.embed_dim=130", "divisible by num_heads"),
-        ("gam.name=zork1", "unknown key 'gam' (allowed keys here: collect, eval, game"),
+        ("gam.name=zork1", "unknown key 'gam' (allowed keys here: collect, eval, explore, game"),
     ],
 )
 def test_bad_values_give_one_line_errors_naming_the_key(override, message):

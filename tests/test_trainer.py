@@ -141,3 +141,30 @@ def test_world_model_trains_each_sampled_step_on_the_history_search_gives_it(tmp
         assert drawn.known.shape[1] == C - 1 + cfg.world_model.unroll_steps + 1 and drawn.known[:, : C - 1].any()
     finally:
         trainer.close()
+
+
+def test_the_archive_and_its_demonstration_are_checkpointed_and_resumed(tmp_path):
+    cfg = load_config("debug", TINY + ["llm.enabled=false", "game.max_episode_steps=4", "explore.from_start=0.5"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    try:
+        for it in (1, 2, 3):
+            trainer.collect(it)
+        trainer.checkpoint(3)
+        cells = {key: (cell.score, cell.length) for key, cell in trainer.archive.cells.items()}
+        demo = trainer._demo
+    finally:
+        trainer.close()
+    assert len(cells) > 3
+    resumed = Trainer(cfg, tmp_path, resume=True, progress=False)
+    try:
+        assert {key: (c.score, c.length) for key, c in resumed.archive.cells.items()} == cells
+        assert resumed._demo == demo
+        assert (demo is None) == (not resumed.replay.demos)
+    finally:
+        resumed.close()
+    off = load_config("debug", TINY + ["llm.enabled=false", "explore.enabled=false"])
+    plain = Trainer(off, tmp_path / "off", progress=False)
+    try:
+        assert plain.archive is None and plain.collector.archive is None
+    finally:
+        plain.close()

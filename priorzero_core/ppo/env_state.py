@@ -70,14 +70,23 @@ def _from_json(value: Any) -> Any:
     raise ValueError(f"malformed env state entry with keys {sorted(value)}")
 
 
+def state_bytes(state: Any) -> bytes:
+    """`GameEnv.get_state()` as canonical JSON bytes, uncompressed (snapshots of one game share most of them)."""
+    return json.dumps(_to_json(state), separators=(",", ":")).encode()
+
+
+def state_from_bytes(data: bytes) -> Any:
+    """The snapshot `state_bytes` wrote."""
+    return _from_json(json.loads(data))
+
+
 def encode_state(state: Any) -> str:
     """`GameEnv.get_state()` as a compact ASCII string."""
-    text = json.dumps(_to_json(state), separators=(",", ":"))
-    return PREFIX + _b64(zlib.compress(text.encode(), 6))
+    return PREFIX + _b64(zlib.compress(state_bytes(state), 6))
 
 
 def decode_state(text: str) -> Any:
     """The snapshot `encode_state` wrote, ready for `GameEnv.set_state`."""
     if not text.startswith(PREFIX):
         raise ValueError(f"not an encoded env state (expected the {PREFIX!r} prefix)")
-    return _from_json(json.loads(zlib.decompress(base64.b64decode(text[len(PREFIX):]))))
+    return state_from_bytes(zlib.decompress(base64.b64decode(text[len(PREFIX):])))
