@@ -96,17 +96,18 @@ class Archive:
         self.updates += 1
         return True
 
-    def weights(self) -> np.ndarray:
-        """Go-Explore's count-based selection weights, with a bonus for the cells at the best score found."""
-        cells = list(self.cells.values())
-        top = max(c.score for c in cells)
-        return np.array([1 / math.sqrt(1 + c.times_chosen) + 1 / math.sqrt(1 + c.times_seen)
-                         + (self.cfg.best_score_bonus if c.score == top else 0.0) for c in cells])
+    def weights(self, cells: list[Cell]) -> np.ndarray:
+        """Go-Explore's count-based selection weights: cells rarely chosen and rarely seen first."""
+        return np.array([1 / math.sqrt(1 + c.times_chosen) + 1 / math.sqrt(1 + c.times_seen) for c in cells])
 
     def choose(self) -> Cell:
-        """A cell to return to, drawn by `weights`."""
+        """A cell to return to: with probability `frontier_share` among the cells at the best score, else among
+        all, drawn by `weights`."""
         cells = list(self.cells.values())
-        w = self.weights()
+        if self.rng.random() < self.cfg.frontier_share:
+            top = max(c.score for c in cells)
+            cells = [c for c in cells if c.score == top]
+        w = self.weights(cells)
         cell = cells[int(self.rng.choice(len(cells), p=w / w.sum()))]
         cell.times_chosen += 1
         return cell

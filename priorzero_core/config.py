@@ -176,7 +176,9 @@ class ExploreConfig(_Section):
     # Chance that a step after a return tries an action drawn from the LLM prior (uniform without an LLM) instead
     # of the search's choice: search alone keeps to what the imitated trajectory taught it and finds few new cells.
     epsilon: float = Field(default=0.5, ge=0, le=1)
-    best_score_bonus: float = Field(default=1.0, ge=0)  # selection weight added to the cells at the best score
+    # Share of returns that go to the cells at the best score found (the frontier); the rest go to any cell.
+    # Either way a cell is drawn by Go-Explore's count weights (rarely chosen or seen cells first).
+    frontier_share: float = Field(default=0.5, ge=0, le=1)
     # Share of each world-model batch (and of the LLM's SFT samples) drawn from the best trajectory found, whose
     # policy target is the action it took and whose value is the return it went on to get (self-imitation).
     demo_fraction: float = Field(default=0.25, ge=0, lt=1)

@@ -41,7 +41,7 @@ def test_a_cell_keeps_the_shortest_trajectory_and_snapshots_only_what_it_keeps()
 
 
 def test_best_is_the_highest_score_then_the_shortest_way_and_choice_favours_rarely_chosen_cells():
-    archive = Archive(ExploreConfig(best_score_bonus=0.0), np.random.default_rng(0))
+    archive = Archive(ExploreConfig(frontier_share=0.0), np.random.default_rng(0))
     archive.visit("start", 0, None, lambda: "s0")
     archive.visit("a|10", 10, trace_of(record("a"), record("b")), lambda: "s1")
     archive.visit("b|10", 10, trace_of(record("c")), lambda: "s2")
@@ -49,9 +49,17 @@ def test_best_is_the_highest_score_then_the_shortest_way_and_choice_favours_rare
     archive.cells["start"].times_chosen = 99  # chosen often already: its weight falls
     draws = [archive.choose().key for _ in range(200)]
     assert draws.count("start") < draws.count("a|10") and draws.count("start") < draws.count("b|10")
-    weights = Archive(ExploreConfig(best_score_bonus=5.0), np.random.default_rng(0))
-    weights.cells = archive.cells
-    assert weights.weights()[1] - archive.weights()[1] == pytest.approx(5.0)  # a best-score cell gets the bonus
+
+
+def test_frontier_share_of_returns_go_to_the_cells_at_the_best_score():
+    archive = Archive(ExploreConfig(frontier_share=0.5), np.random.default_rng(0))
+    for k in range(8):
+        archive.visit(f"low{k}", 0, trace_of(record("a")), lambda: "low")
+    archive.visit("top", 5, trace_of(record("b")), lambda: "top")
+    draws = [archive.choose().key for _ in range(400)]
+    assert 0.42 < draws.count("top") / 400 < 0.65  # half the returns, and some of the rest
+    archive.cfg = ExploreConfig(frontier_share=1.0)
+    assert {archive.choose().key for _ in range(20)} == {"top"}
 
 
 def test_archive_round_trips_through_its_file_with_shared_trajectory_prefixes(tmp_path):
@@ -134,7 +142,7 @@ def test_collection_returns_to_archived_states_with_their_history_and_explores_a
         embedded_collector):
     collector, archive = embedded_collector
     segments, stats = collector.collect(12)
-    assert len(archive) > 2 and stats.returns_to_cells > 0
+    assert len(archive) >= 2 and stats.returns_to_cells > 0
     restored = [s for s in segments if s.start_step > 0 and s.index == 0]
     assert restored, "some episodes start from archived states"
     for seg in restored:

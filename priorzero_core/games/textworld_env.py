@@ -29,6 +29,9 @@ _INFOS = EnvInfos(
     admissible_commands=True, score=True, max_score=True, won=True, lost=True,
     description=True, inventory=True, facts=True,
 )
+# TextWorld admits commands that only show something; Jericho's valid actions are the commands that change the
+# world, so these are left out here too (every observation already holds the room's description and inventory).
+OBSERVE_VERBS = frozenset({"look", "inventory", "examine"})
 _PROMPT_LINE = re.compile(r"\n>[^\n]*$")  # the trailing prompt and status bar TextWorld appends
 _ART_LINE = re.compile(r"^[^A-Za-z0-9]*$")  # the ASCII-art title opening the game: noise in a prompt
 
@@ -123,6 +126,7 @@ class TextWorldEnv(GameEnv):
         over = bool(state["won"] or state["lost"])
         truncated = not over and len(self._history) >= self.max_episode_steps
         facts = "\n".join(sorted(map(str, state["facts"])))
+        limit = self.spec.action_space_size
         info: dict[str, Any] = {"truncated_reason": "max_episode_steps"} if truncated else {}
         return TimeStep(
             observation=agent_view(raw, state["description"], state["inventory"]),
@@ -131,7 +135,7 @@ class TextWorldEnv(GameEnv):
             reward=float(score - prev_score),
             done=over or truncated,
             moves=len(self._history),
-            valid_actions=list(state["admissible_commands"])[: self.spec.action_space_size],
+            valid_actions=[c for c in state["admissible_commands"] if c.split()[0] not in OBSERVE_VERBS][: limit],
             state_hash=hashlib.md5(facts.encode()).hexdigest(),
             won=bool(state["won"]),
             truncated=truncated,

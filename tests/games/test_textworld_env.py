@@ -26,6 +26,15 @@ def test_embedded_walkthrough_reaches_max_score_through_the_env_interface(embedd
     assert ts.score == total == embedded.max_score and ts.won and ts.done
 
 
+def test_valid_actions_leave_out_commands_that_only_show_something(embedded):
+    """As Jericho's valid actions are the commands that change the world: no look, inventory or examine."""
+    ts = embedded.reset()
+    admissible = embedded._env.reset()["admissible_commands"]
+    assert any(c.startswith("examine ") for c in admissible) and "look" in admissible
+    assert ts.valid_actions and not any(c.split()[0] in {"look", "inventory", "examine"} for c in ts.valid_actions)
+    assert set(ts.valid_actions) < set(admissible)
+
+
 def test_observation_is_response_look_and_inventory(embedded):
     ts = embedded.reset()
     assert "-= Bedroom =-" in ts.observation and "carrying nothing" in ts.observation
