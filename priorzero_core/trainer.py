@@ -99,6 +99,7 @@ class Trainer:
         self._iteration_started = self._started  # moves on at each iteration, the first one included
         self._final: Optional[int] = None  # the iteration the time budget ends training at
         self._steps_since_wm = 0
+        self._wm_updates_owed: Optional[int] = None  # world-model updates the current stage still owes
         self._lock = threading.Lock()  # parallel mode: WM and LLM training share the replay buffer
 
         from .text_encoder import TextEncoder
@@ -277,12 +278,19 @@ class Trainer:
         sch = self.cfg.schedule
         if len(self.replay) == 0 or self.env_steps < sch.warmup_steps:
             return StageResult(skipped=True)
-        updates = max(sch.min_wm_updates, round(sch.replay_ratio * self._steps_since_wm))
-        self._steps_since_wm = 0
+        # The updates owed are fixed on the stage's first attempt; a retry after a failure part-way does the rest.
+        if self._wm_updates_owed is None:
+            self._wm_updates_owed = max(sch.min_wm_updates, round(sch.replay_ratio * self._steps_since_wm))
+            self._steps_since_wm = 0
+        updates = self._wm_updates_owed
         sums: dict[str, float] = {}
         for _ in tqdm(range(updates), desc=f"world model {iteration}", disable=not self.progress, leave=False):
             for k, v in self.wm.train_step(self.wm_batch()).items():
                 sums[k] = sums.get(k, 0.0) + v
+            self._wm_updates_owed -= 1
+        self._wm_updates_owed = None
+        if not updates:
+            return StageResult(skipped=True)
         metrics = {k: v / updates for k, v in sums.items()}
         metrics["train/wm_updates"] = float(updates)
         log.info("iteration %d world model: %d updates, loss %.4f", iteration, updates, metrics["train/wm_total_loss"])

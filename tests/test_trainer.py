@@ -168,3 +168,28 @@ def test_the_archive_and_its_demonstration_are_checkpointed_and_resumed(tmp_path
         assert plain.archive is None and plain.collector.archive is None
     finally:
         plain.close()
+
+
+def test_a_world_model_stage_retried_after_failing_part_way_does_the_updates_it_still_owes(tmp_path):
+    cfg = load_config("debug", TINY + ["llm.enabled=false"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    try:
+        trainer.collect(1)  # 2 envs x 3 steps at replay_ratio 0.5: 3 updates owed
+        real_step, done, calls = trainer.wm.train_step, [], []
+
+        def flaky(batch):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("killed mid-stage")
+            done.append(1)
+            return real_step(batch)
+
+        trainer.wm.train_step = flaky
+        with pytest.raises(RuntimeError, match="mid-stage"):
+            trainer.train_world_model(1)
+        assert len(done) == 1
+        retried = trainer.train_world_model(1)
+        assert len(done) == 3 and retried.metrics["train/wm_updates"] == 2
+        assert trainer.train_world_model(2).metrics["train/wm_updates"] == cfg.schedule.min_wm_updates  # nothing owed
+    finally:
+        trainer.close()
