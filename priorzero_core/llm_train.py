@@ -110,7 +110,7 @@ class LLMTrainer:
         self.model.eval()
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self._params, lr=cfg.lr)
-        self._generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self._device = next(self._lm.parameters()).device
         weights_dtype = next(self._lm.parameters()).dtype
         self._compute_dtype = resolve_dtype(cfg.train_dtype, cfg, self._device)
@@ -255,7 +255,7 @@ class LLMTrainer:
         self.model.train()
         try:
             for _ in range(self.cfg.updates_per_train):
-                batch = torch.randperm(len(samples), generator=self._generator)[: self.cfg.batch_size].tolist()
+                batch = torch.randperm(len(samples), generator=self.generator)[: self.cfg.batch_size].tolist()
                 self.optimizer.zero_grad(set_to_none=True)
                 with self._autocast():
                     step = self._accumulate(batch, encoded, old, ref, advantages)

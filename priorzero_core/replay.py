@@ -83,7 +83,7 @@ class ReplayBuffer:
         self.segments: deque[GameSegment] = deque()
         self.num_steps = 0
         self._episodes: dict[str, dict[int, GameSegment]] = {}
-        self._rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)  # sampling; its state is checkpointed
         self.demos: list[GameSegment] = []  # trajectories to imitate (archive.demo_segment), kept apart
 
     def set_demos(self, segments: Iterable[GameSegment]) -> None:
@@ -190,7 +190,7 @@ class ReplayBuffer:
         if n == 0:
             return []
         sizes = np.array([len(s.steps) for s in segments], dtype=np.int64)
-        flat = self._rng.integers(0, int(sizes.sum()), size=n)
+        flat = self.rng.integers(0, int(sizes.sum()), size=n)
         bounds = np.cumsum(sizes)
         seg_idx = np.searchsorted(bounds, flat, side="right")
         out = []

@@ -372,13 +372,18 @@ class Trainer:
                 writer.directory("ppo", self._ppo.save)
             if self.archive is not None:
                 writer.directory("archive", lambda d: self.archive.save(d, state_bytes))
-            writer.torch_state("rng", {"torch": torch.get_rng_state()})
+            rng = {"torch": torch.get_rng_state()}
+            if self.llm_trainer is not None:
+                rng["llm"] = self.llm_trainer.generator.get_state()
+            writer.torch_state("rng", rng)
+            version, internal, gauss = random.getstate()
             meta = {
                 "iteration": iteration,
                 "env_steps": self.env_steps,
                 "config_hash": self.cfg.config_hash(),
                 "numpy_rng": self.rng.bit_generator.state,
-                "python_rng": repr(random.getstate()),
+                "replay_rng": self.replay.rng.bit_generator.state,
+                "python_rng": [version, list(internal), gauss],
                 "replay_steps": len(self.replay),
             }
             path = writer.commit(meta)
@@ -434,8 +439,16 @@ class Trainer:
             self._ppo_resume_dir = path / "ppo"  # loaded when the PPO actors start
         if self.archive is not None and (path / "archive").is_dir():
             self.archive.load(path / "archive", state_from_bytes)
-        torch.set_rng_state(ckpt.load_torch_state(path, "rng")["torch"])
+        rng = ckpt.load_torch_state(path, "rng")
+        torch.set_rng_state(rng["torch"])
+        if self.llm_trainer is not None and "llm" in rng:
+            self.llm_trainer.generator.set_state(rng["llm"])
         self.rng.bit_generator.state = meta["numpy_rng"]
+        if "replay_rng" in meta:
+            self.replay.rng.bit_generator.state = meta["replay_rng"]
+        if isinstance(meta.get("python_rng"), list):
+            version, internal, gauss = meta["python_rng"]
+            random.setstate((version, tuple(internal), gauss))
         self.iteration = int(meta["iteration"])
         self.env_steps = int(meta["env_steps"])
         self._load_replay()

@@ -193,3 +193,25 @@ def test_a_world_model_stage_retried_after_failing_part_way_does_the_updates_it_
         assert trainer.train_world_model(2).metrics["train/wm_updates"] == cfg.schedule.min_wm_updates  # nothing owed
     finally:
         trainer.close()
+
+
+def test_resume_restores_every_random_state_the_checkpoint_was_taken_with(tmp_path):
+    """The replay's sampling RNG and Python's `random` continue where the checkpoint left them (re-seeding them
+    from run.seed replayed the first iteration's world-model batches after every resume)."""
+    import random
+
+    cfg = load_config("debug", TINY + ["llm.enabled=false"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    try:
+        trainer.collect(1)
+        trainer.train_world_model(1)
+        random.random()
+        trainer.checkpoint(1)
+        expected = (random.random(), trainer.replay.rng.random(), trainer.rng.random())
+    finally:
+        trainer.close()
+    resumed = Trainer(cfg, tmp_path, resume=True, progress=False)
+    try:
+        assert (random.random(), resumed.replay.rng.random(), resumed.rng.random()) == expected
+    finally:
+        resumed.close()
