@@ -64,6 +64,8 @@ class Iteration:
             state = self.states.get(need)
             if state is not None and not state.is_completed():
                 return state.message if state.name == "Skipped" else f"{need}-{self.number} failed"
+        if stage == "ppo_train" and "adapt" in self.states and "prompts" not in self.artifacts:
+            return f"adapt-{self.number} found no collected states to make prompts of"  # it skipped itself
         return None
 
     def failure(self) -> Optional[str]:

@@ -34,6 +34,17 @@ def test_a_failed_collect_skips_training_and_checkpoint_and_skips_pass_their_rea
     assert it.skip_reason("ppo_train") == "collect-2 failed"
 
 
+def test_an_adapt_stage_that_skips_itself_skips_ppo_train_instead_of_passing_it_no_prompts():
+    from priorzero_core.trainer import StageResult
+
+    it = Iteration(5)
+    it.record("collect", Completed(data=StageResult(metrics={})))
+    it.record("adapt", Completed(data=StageResult(skipped=True)))
+    assert it.skip_reason("ppo_train") == "adapt-5 found no collected states to make prompts of"
+    it.record("adapt", Completed(data=StageResult(metrics={}, artifacts={"prompts": "prompts-5.jsonl"})))
+    assert it.skip_reason("ppo_train") is None
+
+
 def test_stages_that_did_not_run_this_iteration_block_nothing():
     it = Iteration(3, states={"collect": Completed(), "train_world_model": Completed()})
 
