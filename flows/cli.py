@@ -72,6 +72,9 @@ def connect_prefect(require_server: bool) -> None:
     typer.echo("no Prefect server configured: using Prefect's ephemeral API (a temporary server on "
                "$PREFECT_HOME/prefect.db, ≈6 s to start); run `prefect server start --host 127.0.0.1` to watch "
                "runs live", err=True)
+    from priorzero.flows.server_watchdog import watch_temporary_servers
+
+    watch_temporary_servers()  # the temporary server stops when this process dies, even by kill -9
 
 
 def check_inputs(cfg: "PriorZeroConfig") -> None:

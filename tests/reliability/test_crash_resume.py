@@ -107,3 +107,33 @@ def test_kill_9_in_adapt_and_ppo_train_then_resume_finishes_the_ppo_iteration(pr
     assert manifest["meta"]["iteration"] == 2 and (path / "ppo").is_dir()
     assert metric_steps(uri, "train/ppo_reward_mean") == [2]
     assert metric_steps(uri, "timing/iteration_s") == [1, 2]
+
+
+def test_kill_9_of_a_run_on_prefects_temporary_server_takes_the_server_down_too(debug_overrides, tmp_path):
+    """Without a Prefect server, `priorzero train` uses Prefect's temporary one (a uvicorn child process), which
+    Prefect stops only from an atexit hook: after kill -9 it used to live on, re-parented to init."""
+    import os
+    import subprocess
+
+    from priorzero.flows.cli import LOCAL_PREFECT_API, _prefect_server_up
+
+    from .conftest import PRIORZERO, session_processes
+
+    if _prefect_server_up(LOCAL_PREFECT_API):
+        pytest.skip("a Prefect server on the default port would be used instead of a temporary one")
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PRIORZERO_FAULTS="kill:train_world_model@1")
+    log = tmp_path / "train.out"  # not a pipe: a server left behind would hold it open
+    with log.open("w") as out:
+        proc = subprocess.Popen([PRIORZERO, "train", "debug", "--iterations", "1", "--set", *debug_overrides],
+                                env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        proc.wait(timeout=300)
+        output = log.read_text()
+        assert proc.returncode == -9, output[-3000:]
+        assert "ephemeral API" in output, output[-3000:]
+        left = wait_gone(proc.pid)
+        assert not left, f"outlived the killed run: {[p.cmdline() for p in left]}"
+    finally:
+        for leftover in session_processes(proc.pid):
+            leftover.kill()
