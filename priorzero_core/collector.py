@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import faults
 from .agent import Agent, Decision, EnvView
 from .archive import Archive, Trace, trace_steps
 from .config import ExploreConfig
@@ -127,7 +128,9 @@ class Collector:
             self._running = self._start(list(range(self.pool.size)), stats)
         done_segments: list[GameSegment] = []
         bar = tqdm(total=num_steps * len(self._running), desc=f"collect {iteration}", unit="step", disable=not progress, leave=False)
-        for _ in range(num_steps):
+        for step in range(num_steps):
+            if step == 1:
+                faults.inject("collect-step", iteration)  # test hook: fail mid-stage, after the first step
             decisions = self.agent.act([r.view for r in self._running], mode="collect")
             actions = []
             for d, r in zip(decisions, self._running):

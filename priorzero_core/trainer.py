@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import faults
 from .agent import Agent, sequences_to_wm_batch
 from .archive import Archive, demo_segment
 from .collector import Collector
@@ -288,6 +289,7 @@ class Trainer:
             for k, v in self.wm.train_step(self.wm_batch()).items():
                 sums[k] = sums.get(k, 0.0) + v
             self._wm_updates_owed -= 1
+            faults.inject("train_world_model-update", iteration)  # test hook: fail mid-stage
         self._wm_updates_owed = None
         if not updates:
             return StageResult(skipped=True)

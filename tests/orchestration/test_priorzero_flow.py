@@ -102,6 +102,26 @@ def test_collect_failure_is_retried_then_skips_the_rest_of_its_iteration(prefect
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/wm_total_loss")] == [1, 3]
 
 
+def test_stages_that_fail_once_mid_stage_complete_on_their_retry_and_finish_the_work_owed(prefect_api, debug_overrides,
+                                                                                           monkeypatch):
+    monkeypatch.setenv("PRIORZERO_FAULTS", "once:collect-step@2,once:train_world_model-update@2")
+
+    state = priorzero(config="debug", overrides=[*debug_overrides, "run.stage_retries=1"], iterations=2,
+                      return_state=True)
+
+    assert state.is_completed(), state.message
+    runs = task_runs(state.state_details.flow_run_id)
+    for stage in ("collect-2", "train_world_model-2", "checkpoint-2"):
+        assert runs[stage].state.is_completed(), stage
+    assert runs["collect-2"].run_count == 2 and runs["train_world_model-2"].run_count == 2
+    assert state.result()["failed_iterations"] == []
+    client, run = mlflow_run(debug_overrides)
+    metric = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+              for key in ("train/wm_updates", "collect/env_steps")}
+    # 5 steps at replay_ratio 1.0 owe 5 updates; the failed attempt did one, its retry the other 4
+    assert metric["collect/env_steps"][2] == 5 and metric["train/wm_updates"] == {1: 5, 2: 4}
+
+
 def test_consecutive_failed_iterations_fail_the_flow_naming_stage_and_error(prefect_api, debug_overrides, monkeypatch):
     monkeypatch.setenv("PRIORZERO_FAULTS", "collect@1,collect@2")
 
