@@ -197,6 +197,9 @@ class EvalConfig(_Section):
     # evals/reward_mean is the first mode's; "random" plays uniformly random valid actions (a baseline)
     modes: list[Literal["wm", "wm_llm", "llm", "random"]] = ["wm", "wm_llm", "llm"]
     max_episode_steps: Optional[int] = Field(default=100, gt=0)  # None: the game's own
+    # Back in a world state it has been in before in the episode, take the best-ranked action not yet taken
+    # there: greedy search in a deterministic game otherwise repeats a loop (open/close, west/east) to the end.
+    break_loops: bool = True
 
 
 class ScheduleConfig(_Section):

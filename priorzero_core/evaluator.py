@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from .agent import Agent, EnvView
+from .agent import Agent, Decision, EnvView
 
 MODE_NAMES = {"wm": "world model only", "wm_llm": "world model + LLM prior", "llm": "LLM prior only",
               "random": "uniformly random valid action (baseline)"}
@@ -21,11 +21,25 @@ class EvalResult:
     transcript: str
 
 
-def evaluate(pool, agent: Agent, modes: list[str], num_episodes: int, max_steps: int, progress: bool = False) -> EvalResult:
+def untried_first(d: Decision, tried: set[str]) -> int:
+    """The index of the best-ranked action (by the decision's policy target) not in `tried`; the decision's own
+    choice when every action has been tried."""
+    if d.action not in tried:
+        return d.action_index
+    for idx in np.argsort(-np.asarray(d.policy_target, dtype=np.float64), kind="stable"):
+        if d.valid_actions[idx] not in tried:
+            return int(idx)
+    return d.action_index
+
+
+def evaluate(pool, agent: Agent, modes: list[str], num_episodes: int, max_steps: int, progress: bool = False,
+             break_loops: bool = True) -> EvalResult:
     """Plays `num_episodes` episodes per mode (envs of `pool` in parallel, episodes in rounds).
 
     `evals/reward_mean` is the mean final score of the first mode that runs (the agent's main mode: "wm_llm"
     when an LLM is present, else "wm"); every mode also gets its own `evals/<mode>/...` metrics.
+    `break_loops`: back in a world state it has been in before this episode, the greedy agent takes its
+    best-ranked action not yet taken there (the same action from the same state would go round the same loop).
     """
     metrics: dict[str, float] = {}
     lines: list[str] = []
@@ -38,12 +52,19 @@ def evaluate(pool, agent: Agent, modes: list[str], num_episodes: int, max_steps:
             n = min(remaining, pool.size)
             remaining -= n
             views = [EnvView(history=[], timestep=ts) for ts in pool.reset(list(range(n)))]
+            tried: list[dict[str, set[str]]] = [{} for _ in range(n)]  # per env: state hash -> actions taken there
             active = list(range(n))
             bar = tqdm(total=max_steps, desc=f"eval {mode}", unit="step", disable=not progress, leave=False)
             for _ in range(max_steps):
                 if not active:
                     break
                 decisions = agent.act([views[i] for i in active], mode=mode)
+                if break_loops and mode != "random":
+                    for i, d in zip(active, decisions):
+                        taken = tried[i].setdefault(views[i].timestep.state_hash, set())
+                        d.action_index = untried_first(d, taken)
+                        d.action = d.valid_actions[d.action_index]
+                        taken.add(d.action)
                 steps = pool.step([d.action for d in decisions], indices=active)
                 still = []
                 for i, d, ts in zip(active, decisions, steps):
