@@ -9,7 +9,6 @@ stages that need it as Skipped for that iteration and training goes on; only a r
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,10 +22,10 @@ from prefect.runtime import flow_run
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from priorzero.tasks import Tracker, close_trainer, configured_stages, open_trainer, skipped
+from priorzero.tasks import Tracker, close_trainer, configured_stages, open_trainer, skipped, trainer_for
 from priorzero_core.config import PriorZeroConfig, is_plain_name, load_config, resolve_config_path
 from priorzero_core.errors import ConfigError
-from priorzero_core.trainer import Trainer
+from priorzero_core.trainer import Trainer, read_metrics
 
 # A stage runs only if each stage it needs, when that one ran this iteration, completed.
 NEEDS: dict[str, tuple[str, ...]] = {
@@ -45,19 +44,17 @@ class TrainingFailed(RuntimeError):
 
 @dataclass
 class Iteration:
-    """One iteration's stage states, and the metrics and artifacts of the stages that completed."""
+    """One iteration's stage states, and the artifacts of the stages that completed (their metrics the trainer
+    keeps: `Trainer.finish_iteration`)."""
 
     number: int
     states: dict[str, State] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, Path] = field(default_factory=dict)
 
     def record(self, stage: str, state: State) -> None:
         self.states[stage] = state
         if state.is_completed():
-            result = state.result()
-            self.metrics.update(result.metrics)
-            self.artifacts.update(result.artifacts)
+            self.artifacts.update(state.result().artifacts)
 
     def skip_reason(self, stage: str) -> Optional[str]:
         for need in NEEDS.get(stage, ()):
@@ -85,7 +82,7 @@ class Iteration:
         return {f"priorzero.failed.{self.number}": failure, f"priorzero.skipped.{self.number}": ", ".join(skipped)}
 
 
-def run_iteration(stages: dict[str, Task], trainer: Trainer, run_dir: str, n: int, mode: str) -> Iteration:
+def run_iteration(stages: dict[str, Task], trainer: Trainer, run_dir: str, n: int) -> Iteration:
     it = Iteration(n)
 
     def start(stage: str, *args: Any) -> PrefectFuture:
@@ -105,14 +102,14 @@ def run_iteration(stages: dict[str, Task], trainer: Trainer, run_dir: str, n: in
         run("evaluate")
     run("collect")
     wm = start("train_world_model") if trainer.due("train_world_model", n) else None
-    if wm is not None and mode != "parallel":
+    if wm is not None and not trainer.overlap_world_model:
         finish("train_world_model", wm)
     if trainer.due("adapt", n):
         run("adapt")
         run("ppo_train", it.artifacts.get("prompts"))
     elif trainer.due("train_llm", n):
         run("train_llm")
-    if wm is not None and mode == "parallel":  # WM training overlapped the LLM stages above
+    if wm is not None and trainer.overlap_world_model:  # WM training overlapped the LLM stages above
         finish("train_world_model", wm)
     if trainer.due("checkpoint", n):
         run("checkpoint")
@@ -130,22 +127,19 @@ def train(cfg: PriorZeroConfig, trainer: Trainer, run_dir: Path, tracker: Tracke
           logger: logging.LoggerAdapter) -> None:
     stages = configured_stages(cfg.run)
     failed_in_row = 0
-    progress.last_ok = progress.last_checkpoint = trainer.iteration
     for n in range(trainer.iteration + 1, cfg.schedule.iterations + 1):
-        started = time.perf_counter()
         trainer.begin_iteration(n)
-        it = run_iteration(stages, trainer, str(run_dir), n, cfg.schedule.mode)
-        trainer.finish_iteration(n)
-        it.metrics["timing/iteration_s"] = time.perf_counter() - started
+        it = run_iteration(stages, trainer, str(run_dir), n)
+        row = trainer.finish_iteration(n)  # the metrics of the stages that completed, as run_plain's
         failure = it.failure()
-        tracker.log_iteration(n, it.metrics, it.artifacts, it.failure_tags(failure))
+        tracker.log_iteration(n, row, it.artifacts, it.failure_tags(failure))
         if "checkpoint" in it.artifacts:
-            tracker.flush()
+            progress.last_checkpoint = n
+            tracker.commit()
         if failure is None:
             failed_in_row = 0
             progress.last_ok = n
-            progress.last_checkpoint = n if "checkpoint" in it.states else progress.last_checkpoint
-            logger.info("iteration %d done in %.1f s", n, it.metrics["timing/iteration_s"])
+            logger.info("iteration %d done in %.1f s", n, row["timing/iteration_s"])
         else:
             failed_in_row += 1
             progress.failed.append(n)
@@ -157,10 +151,22 @@ def train(cfg: PriorZeroConfig, trainer: Trainer, run_dir: Path, tracker: Tracke
             break
 
 
-def final_checkpoint(cfg: PriorZeroConfig, run_dir: Path, progress: Progress) -> None:
-    """Checkpoint the last fully completed iteration when training stopped before the schedule did."""
-    if progress.last_ok > progress.last_checkpoint:
-        configured_stages(cfg.run)["checkpoint"](str(run_dir), progress.last_ok, return_state=True).result()
+def final_checkpoint(cfg: PriorZeroConfig, run_dir: Path, progress: Progress, tracker: Tracker) -> None:
+    """When training stopped after an iteration that has no checkpoint (its checkpoint was skipped because a
+    stage failed, or it was not due), checkpoint the models as that iteration left them. Not when it stopped
+    inside an iteration (Ctrl-C, SIGTERM): the models then hold part of that iteration's work, and a resume
+    from the last checkpoint runs it again."""
+    trainer = trainer_for(run_dir)
+    if trainer is None or trainer.iteration <= progress.last_checkpoint:
+        return
+    if trainer.in_iteration:
+        logging.getLogger("priorzero").info(
+            "no final checkpoint: training stopped inside an iteration; a resume starts after iteration %d",
+            progress.last_checkpoint)
+        return
+    configured_stages(cfg.run)["checkpoint"](str(run_dir), trainer.iteration, return_state=True).result()
+    progress.last_checkpoint = trainer.iteration
+    tracker.commit()
 
 
 def resolve_run(config: str, overrides: list[str], iterations: Optional[int], resume: bool,
@@ -226,6 +232,9 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
             "priorzero.run_dir": str(run_dir),
         })
         trainer = open_trainer(cfg, run_dir, resume=resume)
+        progress.last_ok = progress.last_checkpoint = trainer.iteration
+        if resume:  # checkpointed iterations whose process died before MLflow had them
+            tracker.catch_up(read_metrics(run_dir))
         train(cfg, trainer, run_dir, tracker, progress, logger)
         status = "FINISHED"
     except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C; SIGTERM (Prefect's handler during a flow run)
@@ -233,7 +242,7 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
         raise
     finally:
         # Independent steps: one failing is logged and the others still run.
-        for what, step in (("final checkpoint", lambda: final_checkpoint(cfg, run_dir, progress)),
+        for what, step in (("final checkpoint", lambda: final_checkpoint(cfg, run_dir, progress, tracker)),
                            ("trainer close", lambda: close_trainer(run_dir)),
                            ("tracking end", lambda: tracker.end(status)),
                            ("flow log", detach_log)):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import json
 import math
 import zlib
@@ -24,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .checkpoint import gzip_text
 from .config import ExploreConfig
 from .errors import CheckpointError
 from .replay import GameSegment, StepRecord
@@ -127,6 +129,14 @@ class Archive:
             "explore/best_length": float(best.length) if best else 0.0,
         }
 
+    def snapshot(self) -> tuple[dict[str, Cell], int]:
+        """The archive as it is now, in memory (cells copied; traces and env snapshots are never changed in place)."""
+        return {k: replace(c) for k, c in self.cells.items()}, self.updates
+
+    def restore(self, snapshot: tuple[dict[str, Cell], int]) -> None:
+        cells, self.updates = snapshot
+        self.cells = {k: replace(c) for k, c in cells.items()}
+
     # ------------------------------------------------------------------ persistence
     def save(self, directory: Path, to_bytes: Callable[[Any], bytes]) -> None:
         """One gzip JSON-lines file: a reference snapshot, the trace steps (each once, parents first), then the
@@ -135,7 +145,10 @@ class Archive:
         cells = list(self.cells.values())
         reference = to_bytes(cells[0].state) if cells else b""
         ids: dict[int, int] = {}  # id(Trace) -> its row number
-        with gzip.open(Path(directory) / ARCHIVE_FILE, "wt", compresslevel=1) as fh:
+        # Equal steps after the same row are one row, however many Trace objects hold them (a resumed run's
+        # episodes rebuild theirs), so the file depends on the archive's content alone.
+        rows: dict[tuple[Optional[int], bytes], int] = {}
+        with gzip_text(Path(directory) / ARCHIVE_FILE) as fh:
             def node_id(trace: Optional[Trace]) -> Optional[int]:
                 chain, node = [], trace
                 while node is not None and id(node) not in ids:
@@ -143,11 +156,15 @@ class Archive:
                     node = node.parent
                 for new in reversed(chain):
                     parent = ids[id(new.parent)] if new.parent is not None else None
-                    ids[id(new)] = len(ids)
-                    fh.write(json.dumps({"node": ids[id(new)], "parent": parent, "step": asdict(new.step)}) + "\n")
+                    step = json.dumps(asdict(new.step))
+                    key = (parent, hashlib.blake2b(step.encode(), digest_size=16).digest())
+                    if key not in rows:
+                        rows[key] = len(rows)
+                        fh.write(f'{{"node": {rows[key]}, "parent": {json.dumps(parent)}, "step": {step}}}\n')
+                    ids[id(new)] = rows[key]
                 return ids[id(trace)] if trace is not None else None
 
-            fh.write(json.dumps({"reference": _b64(zlib.compress(reference, 1))}) + "\n")
+            fh.write(json.dumps({"reference": _b64(zlib.compress(reference, 1)), "updates": self.updates}) + "\n")
             for cell in cells:
                 packer = zlib.compressobj(1, zdict=reference) if reference else zlib.compressobj(1)
                 state = _b64(packer.compress(to_bytes(cell.state)) + packer.flush())
@@ -159,12 +176,14 @@ class Archive:
         nodes: dict[int, Trace] = {}
         cells: dict[str, Cell] = {}
         reference = b""
+        updates = 0
         try:
             with gzip.open(path, "rt") as fh:
                 for line in fh:
                     row = json.loads(line)
                     if "reference" in row:
                         reference = zlib.decompress(base64.b64decode(row["reference"]))
+                        updates = int(row.get("updates", 0))
                     elif "node" in row:
                         parent = nodes[row["parent"]] if row["parent"] is not None else None
                         nodes[row["node"]] = Trace.extend(parent, StepRecord(**row["step"]))
@@ -177,7 +196,7 @@ class Archive:
                                                   int(row["chosen"]), int(row["seen"]))
         except (OSError, EOFError, ValueError, KeyError, TypeError, zlib.error) as err:
             raise CheckpointError(f"archive {path} is unreadable ({type(err).__name__}: {err})") from None
-        self.cells = cells
+        self.cells, self.updates = cells, updates
 
 
 def _b64(data: bytes) -> str:

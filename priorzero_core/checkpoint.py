@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -41,6 +44,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def gzip_text(path: Path, level: int = 1) -> Iterator[io.TextIOWrapper]:
+    """Write gzipped text that depends on the text alone: no file name or time in the gzip header, so one run
+    and its deterministic twin write byte-identical files."""
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz:
+        with io.TextIOWrapper(gz, encoding="utf-8") as text:
+            yield text
+
+
 def checkpoint_name(iteration: int) -> str:
     return f"iter-{iteration:06d}"
 
@@ -62,6 +74,11 @@ class CheckpointWriter:
     def torch_state(self, name: str, state: Any) -> None:
         """Optimizer/scheduler states and RNG tensors: plain containers of tensors, loaded with weights_only."""
         torch.save(state, self.tmp / f"{name}.pt")
+
+    def json(self, name: str, data: Any) -> None:
+        """A JSON-safe structure, gzipped."""
+        with gzip_text(self.tmp / f"{name}.json.gz") as fh:
+            json.dump(data, fh, separators=(",", ":"))
 
     def directory(self, name: str, write: Callable[[Path], None]) -> None:
         target = self.tmp / name
@@ -180,3 +197,11 @@ def load_torch_state(path: Path, name: str) -> Any:
         return torch.load(Path(path) / f"{name}.pt", weights_only=True, map_location="cpu")
     except Exception as err:  # torch raises many types for bad files
         raise CheckpointError(f"checkpoint {path}: {name}.pt unreadable ({type(err).__name__})") from None
+
+
+def load_json(path: Path, name: str) -> Any:
+    try:
+        with gzip.open(Path(path) / f"{name}.json.gz", "rt") as fh:
+            return json.load(fh)
+    except (OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: {name}.json.gz unreadable ({type(err).__name__})") from None

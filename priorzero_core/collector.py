@@ -7,10 +7,10 @@ steps from there; every state reached is offered to the archive.
 
 from __future__ import annotations
 
+import base64
 import time
-import uuid
-from dataclasses import dataclass, field, replace
-from typing import Optional
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -19,8 +19,7 @@ from . import faults
 from .agent import Agent, Decision, EnvView
 from .archive import Archive, Trace, trace_steps
 from .config import ExploreConfig
-from .ppo.env_state import encode_state
-from .games.base import TimeStep
+from .ppo.env_state import encode_state, state_bytes, state_from_bytes
 from .replay import GameSegment, StepRecord
 
 
@@ -35,6 +34,13 @@ class _Running:
     steps: int = 0
     trace: Optional[Trace] = None  # the steps from the game's start (through the archived ones it returned to)
     steps_left: Optional[int] = None  # an episode that returned to a cell explores this many more steps
+
+
+def _copy(r: _Running) -> _Running:
+    """A copy that collection's in-place changes (history, segment steps) leave alone; records and traces are
+    never changed in place."""
+    seg = replace(r.segment, steps=list(r.segment.steps), context=list(r.segment.context))
+    return replace(r, view=EnvView(history=list(r.view.history), timestep=r.view.timestep), segment=seg)
 
 
 @dataclass
@@ -94,16 +100,20 @@ class Collector:
             # How that trajectory's own episode ended is not this one's business: no flags in its history.
             recent = path[max(0, len(path) - self.context):] if self.context else []
             context = [replace(s, terminal=False, truncated=False) for s in recent]
-            eid = uuid.uuid4().hex[:12]
+            eid = self._episode_id()
             segment = GameSegment(eid, 0, cell.length, context=context)
             restored[i] = _Running(eid, EnvView(history=history, timestep=ts), segment, steps=cell.length,
                                    trace=cell.trace, steps_left=self.explore.steps)
             stats.returns_to_cells += 1
         for i, ts in zip(fresh, self.pool.reset(fresh)):
-            eid = uuid.uuid4().hex[:12]
+            eid = self._episode_id()
             restored[i] = _Running(eid, EnvView(history=[], timestep=ts), GameSegment(eid, 0, 0))
             self._offer(i, restored[i])
         return [restored[i] for i in indices]
+
+    def _episode_id(self) -> str:
+        """From the run's RNG, so a run and its resumed or retried copy name their episodes alike."""
+        return self.rng.bytes(6).hex()
 
     def _explore_action(self, d: Decision, view: EnvView) -> int:
         """An action to try after a return: drawn from the LLM's prior (scored now if search ran without it, and
@@ -199,5 +209,52 @@ class Collector:
         return done_segments, stats
 
     def reset(self) -> None:
-        """Forget running episodes (after loading a checkpoint the envs start fresh)."""
+        """Forget running episodes: the next collect starts new ones in every env."""
         self._running = []
+
+    def snapshot(self) -> list[tuple[Any, _Running]]:
+        """The episodes in progress, in memory, for `restore` (a collect that fails part-way starts over from here)."""
+        return [(self.pool.get_state(i), _copy(r)) for i, r in enumerate(self._running)]
+
+    def restore(self, snapshot: list[tuple[Any, _Running]]) -> None:
+        self._running = []
+        for i, (env_state, r) in enumerate(snapshot):
+            r = _copy(r)
+            r.view.timestep = self.pool.set_state(i, env_state)
+            self._running.append(r)
+
+    def state(self) -> dict[str, Any]:
+        """The episodes in progress, JSON-safe: each env's snapshot, what the agent has seen, the segment being
+        filled and (with an archive) the trajectory from the game's start. `load_state` continues them exactly."""
+        out = []
+        for i, r in enumerate(self._running):
+            out.append({
+                "env": base64.b64encode(state_bytes(self.pool.get_state(i))).decode("ascii"),
+                "episode_id": r.episode_id,
+                "history": [list(h) for h in r.view.history],
+                "segment": asdict(r.segment),
+                "episode_return": r.episode_return,
+                "steps": r.steps,
+                "trace": None if r.trace is None else [asdict(s) for s in r.trace.steps()],
+                "steps_left": r.steps_left,
+            })
+        return {"running": out}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore the envs and episodes `state` describes (a checkpoint's, or a failed collect's starting point)."""
+        running = state["running"]
+        if running and len(running) != self.pool.size:
+            raise ValueError(f"collector state has {len(running)} envs; this run has {self.pool.size}")
+        self._running = []
+        for i, row in enumerate(running):
+            ts = self.pool.set_state(i, state_from_bytes(base64.b64decode(row["env"])))
+            trace = None
+            for step in row["trace"] or []:
+                trace = Trace.extend(trace, StepRecord(**step))
+            seg = dict(row["segment"])
+            steps = [StepRecord(**s) for s in seg.pop("steps")]
+            context = [StepRecord(**s) for s in seg.pop("context")]
+            history = [(obs, act, float(rew)) for obs, act, rew in row["history"]]
+            self._running.append(_Running(row["episode_id"], EnvView(history=history, timestep=ts),
+                                          GameSegment(steps=steps, context=context, **seg),
+                                          float(row["episode_return"]), int(row["steps"]), trace, row["steps_left"]))

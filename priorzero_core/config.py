@@ -288,6 +288,9 @@ class RunConfig(_Section):
     stage_timeout_s: Optional[float] = Field(default=None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: Optional[int] = Field(default=None, gt=0)
+    # Bit-identical runs for one seed on one machine: torch's deterministic algorithms, and parallel mode's
+    # world-model training runs after the LLM stages instead of beside them (docs/reliability.md).
+    deterministic: bool = False
 
     @field_validator("name")
     @classmethod

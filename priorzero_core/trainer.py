@@ -13,7 +13,6 @@ import os
 import random
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -87,6 +86,10 @@ class Trainer:
         setup_run_logging(self.run_dir)
         if cfg.run.torch_threads:
             torch.set_num_threads(cfg.run.torch_threads)
+        if cfg.run.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+            os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+            torch.use_deterministic_algorithms(True)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.rng = seed_everything(cfg.run.seed)
         self.device = pick_device(cfg.run.device)
@@ -101,6 +104,12 @@ class Trainer:
         self._final: Optional[int] = None  # the iteration the time budget ends training at
         self._steps_since_wm = 0
         self._wm_updates_owed: Optional[int] = None  # world-model updates the current stage still owes
+        self._wm_sums: dict[str, float] = {}  # the loss sums of the updates the stage did, and how many
+        self._wm_done = 0
+        self._collect_undo: Optional[dict] = None  # set while a collect stage runs; see collect()
+        self._current: Optional[int] = None  # the iteration in progress
+        self._metrics: dict[str, float] = {}  # its metrics so far
+        self._metrics_lock = threading.Lock()
         self._lock = threading.Lock()  # parallel mode: WM and LLM training share the replay buffer
 
         from .text_encoder import TextEncoder
@@ -176,6 +185,12 @@ class Trainer:
         return self._ppo
 
     # ------------------------------------------------------------------ schedule
+    @property
+    def overlap_world_model(self) -> bool:
+        """Parallel mode trains the world model beside the LLM stages (not in a deterministic run: the two
+        would draw from torch's one global RNG in whatever order the threads run)."""
+        return self.cfg.schedule.mode == "parallel" and not self.cfg.run.deterministic
+
     def due(self, stage: str, iteration: int) -> bool:
         """Whether `stage` runs in `iteration` (1-based), from the schedule in the config."""
         sch, last = self.cfg.schedule, self.stop_after(iteration)
@@ -218,6 +233,9 @@ class Trainer:
         return StageResult(metrics=result.metrics, artifacts={"transcript": path})
 
     def collect(self, iteration: int) -> StageResult:
+        if self._collect_undo is not None:  # an earlier attempt failed part-way: start over from where it started
+            self._restore_collect(self._collect_undo)
+        self._collect_undo = self._snapshot_collect()
         if self.llm_prior is not None:
             self.llm_prior.cache_stats()  # count this stage's lookups only (evaluation scores too)
         valid_actions = self.collect_pool.valid_actions
@@ -225,13 +243,14 @@ class Trainer:
             valid_actions.stats()
         with torch.inference_mode():
             segments, stats = self.collector.collect(self.cfg.collect.steps_per_iteration, iteration, progress=self.progress)
-        path = ReplayBuffer.segment_file(self.run_dir / "replay", iteration, uuid.uuid4().hex[:8])
+        path = ReplayBuffer.segment_file(self.run_dir / "replay", iteration, ReplayBuffer.content_tag(segments))
         ReplayBuffer.write_segments(path, segments)
         with self._lock:
             self.replay.add(segments)
             self._refresh_demo()
         self.env_steps += stats.env_steps
         self._steps_since_wm += stats.env_steps
+        self._collect_undo = None  # what this stage did is in the replay now
         metrics = stats.metrics()
         if self.archive is not None:
             metrics.update(self.archive.metrics())
@@ -249,6 +268,17 @@ class Trainer:
         log.info("iteration %d collect: %d steps (%.1f/s), %d episodes ended", iteration, stats.env_steps,
                  metrics["collect/steps_per_s"], stats.episodes)
         return StageResult(metrics=metrics, artifacts={"replay": path})
+
+    def _snapshot_collect(self) -> dict:
+        """What a collect changes besides the replay: the envs and their episodes, the run's RNG, the archive."""
+        return {"collector": self.collector.snapshot(), "rng": self.rng.bit_generator.state,
+                "archive": self.archive.snapshot() if self.archive is not None else None}
+
+    def _restore_collect(self, snap: dict) -> None:
+        self.collector.restore(snap["collector"])
+        self.rng.bit_generator.state = snap["rng"]
+        if self.archive is not None:
+            self.archive.restore(snap["archive"])
 
     def _refresh_demo(self) -> None:
         """Imitate the archive's best trajectory once it scores (self-imitation); rebuilt when a better one is found."""
@@ -280,18 +310,21 @@ class Trainer:
         sch = self.cfg.schedule
         if len(self.replay) == 0 or self.env_steps < sch.warmup_steps:
             return StageResult(skipped=True)
-        # The updates owed are fixed on the stage's first attempt; a retry after a failure part-way does the rest.
+        # The updates owed are fixed on the stage's first attempt; a retry after a failure part-way does the rest
+        # and reports the losses of all of them.
         if self._wm_updates_owed is None:
             self._wm_updates_owed = max(sch.min_wm_updates, round(sch.replay_ratio * self._steps_since_wm))
             self._steps_since_wm = 0
-        updates = self._wm_updates_owed
-        sums: dict[str, float] = {}
-        for _ in tqdm(range(updates), desc=f"world model {iteration}", disable=not self.progress, leave=False):
+            self._wm_sums, self._wm_done = {}, 0
+        sums = self._wm_sums
+        for _ in tqdm(range(self._wm_updates_owed), desc=f"world model {iteration}", disable=not self.progress, leave=False):
             for k, v in self.wm.train_step(self.wm_batch()).items():
                 sums[k] = sums.get(k, 0.0) + v
+            self._wm_done += 1
             self._wm_updates_owed -= 1
             faults.inject("train_world_model-update", iteration)  # test hook: fail mid-stage
         self._wm_updates_owed = None
+        updates = self._wm_done
         if not updates:
             return StageResult(skipped=True)
         metrics = {k: v / updates for k, v in sums.items()}
@@ -375,6 +408,7 @@ class Trainer:
                 writer.directory("ppo", self._ppo.save)
             if self.archive is not None:
                 writer.directory("archive", lambda d: self.archive.save(d, state_bytes))
+            writer.json("collector", self.collector.state())
             rng = {"torch": torch.get_rng_state()}
             if self.llm_trainer is not None:
                 rng["llm"] = self.llm_trainer.generator.get_state()
@@ -388,15 +422,31 @@ class Trainer:
                 "replay_rng": self.replay.rng.bit_generator.state,
                 "python_rng": [version, list(internal), gauss],
                 "replay_steps": len(self.replay),
+                "steps_since_wm": self._steps_since_wm,
+                # This iteration's metrics row as far as it goes (all but the checkpoint's own time): a resume
+                # restores it when the process died before the row was written.
+                "metrics": {**self._metrics, "timing/iteration_s": time.monotonic() - self._iteration_started},
             }
             path = writer.commit(meta)
         except BaseException:
             writer.abort()
             raise
         ckpt.prune(self.run_dir / "checkpoints", self.cfg.run.keep_checkpoints)
+        faults.inject("checkpoint-done", iteration)  # test hook: committed, the iteration's metrics not yet logged
         self.iteration = iteration
         log.info("iteration %d checkpoint: %s", iteration, path)
         return StageResult(metrics={}, artifacts={"checkpoint": path})
+
+    def run_stage(self, stage: str, iteration: int, *args: object) -> StageResult:
+        """Run one stage of the iteration in progress (the fault hook first, see faults.py); its metrics, with
+        its time, go into the iteration's metrics row. A stage that raises records nothing."""
+        faults.inject(stage, iteration)
+        start = time.perf_counter()
+        result: StageResult = getattr(self, stage)(iteration, *args)
+        result.metrics[f"timing/{stage}_s"] = time.perf_counter() - start
+        with self._metrics_lock:  # parallel mode: the world-model stage finishes beside the LLM's
+            self._metrics.update(result.metrics)
+        return result
 
     def begin_iteration(self, iteration: int) -> None:
         """Call before each iteration: with a time budget, the iteration that will end past it is the last
@@ -407,9 +457,22 @@ class Trainer:
                 self._final = iteration
                 log.info("iteration %d is the last: the time budget of %.0f s ends with it", iteration, budget)
         self._iteration_started = now
+        self._current = iteration
+        self._metrics = {}
 
-    def finish_iteration(self, iteration: int) -> None:
+    def finish_iteration(self, iteration: int) -> dict[str, float]:
+        """Call after each iteration, whatever its stages did: appends its metrics row (what its completed
+        stages measured, and `timing/iteration_s`) to logs/metrics.jsonl and returns it."""
+        row = {**self._metrics, "timing/iteration_s": time.monotonic() - self._iteration_started}
+        append_metrics(self.run_dir, iteration, row)
         self.iteration = max(self.iteration, iteration)
+        self._current = None
+        return row
+
+    @property
+    def in_iteration(self) -> bool:
+        """Between begin_iteration and finish_iteration: the models may hold part of an iteration's work."""
+        return self._current is not None
 
     def stop_after(self, iteration: int) -> bool:
         """Whether training ends with `iteration` (the schedule's last, or the time budget's)."""
@@ -422,7 +485,8 @@ class Trainer:
             if ckpt.list_checkpoints(root):
                 raise CheckpointError(f"no checkpoint in {root} verifies (all are incomplete or corrupt); start a new run dir")
             log.info("resume: no checkpoint in %s yet, starting fresh", root)
-            self._load_replay()
+            self._set_aside_replay(0)
+            restore_metrics(self.run_dir, 0, None)
             return
         path, manifest = found
         meta = manifest["meta"]
@@ -442,6 +506,8 @@ class Trainer:
             self._ppo_resume_dir = path / "ppo"  # loaded when the PPO actors start
         if self.archive is not None and (path / "archive").is_dir():
             self.archive.load(path / "archive", state_from_bytes)
+        if (path / "collector.json.gz").is_file():  # the episodes in progress go on; without it, envs start fresh
+            self.collector.load_state(ckpt.load_json(path, "collector"))
         rng = ckpt.load_torch_state(path, "rng")
         torch.set_rng_state(rng["torch"])
         if self.llm_trainer is not None and "llm" in rng:
@@ -454,14 +520,25 @@ class Trainer:
             random.setstate((version, tuple(internal), gauss))
         self.iteration = int(meta["iteration"])
         self.env_steps = int(meta["env_steps"])
-        self._load_replay()
+        self._steps_since_wm = int(meta.get("steps_since_wm", 0))
+        self._set_aside_replay(self.iteration)
+        restore_metrics(self.run_dir, self.iteration, meta.get("metrics"))
+        self.replay.load_dir(self.run_dir / "replay")
+        if len(self.replay) != meta.get("replay_steps", len(self.replay)):
+            log.warning("resume: the replay files hold %d steps where checkpoint %s counted %d (files were moved or "
+                        "removed); training goes on, but not as the interrupted run would have",
+                        len(self.replay), path.name, meta["replay_steps"])
         self._refresh_demo()
         log.info("resumed from %s: iteration %d, %d env steps, %d replay steps", path.name, self.iteration,
                  self.env_steps, len(self.replay))
 
-    def _load_replay(self) -> None:
-        """Every complete replay file counts, also those collected after the checkpoint (nothing is dropped)."""
-        self.replay.load_dir(self.run_dir / "replay")
+    def _set_aside_replay(self, iteration: int) -> None:
+        """The iterations after the checkpoint run again and collect again: their earlier files are renamed
+        aside (kept, not loaded), so no step counts twice."""
+        moved = ReplayBuffer.set_aside_after(self.run_dir / "replay", iteration)
+        if moved:
+            log.info("resume: %d replay files of iterations after %d renamed aside (*.after-checkpoint-*)",
+                     len(moved), iteration)
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
@@ -478,6 +555,49 @@ class Trainer:
             log.warning("while closing: %s", err)
 
 
+def metrics_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "logs" / "metrics.jsonl"
+
+
+def append_metrics(run_dir: Path, iteration: int, row: dict[str, float]) -> None:
+    with open(metrics_path(run_dir), "a") as fh:
+        fh.write(json.dumps({"iteration": iteration, **row}) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """logs/metrics.jsonl's rows (a line cut short by a crash is skipped)."""
+    path = metrics_path(run_dir)
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def restore_metrics(run_dir: Path, iteration: int, checkpointed: Optional[dict[str, float]]) -> None:
+    """Make logs/metrics.jsonl hold one row per iteration up to `iteration`, the resume's checkpoint, and none
+    after it (those iterations run again): the checkpoint's own row comes from its metadata when the process
+    died before writing it. A file that changes is kept beside as metrics.jsonl.before-resume-<ns>."""
+    rows = read_metrics(run_dir)
+    kept = {int(r["iteration"]): r for r in rows if int(r["iteration"]) <= iteration}
+    if checkpointed is not None and iteration not in kept:
+        kept[iteration] = {"iteration": iteration, **checkpointed}
+    new = [kept[k] for k in sorted(kept)]
+    if new == rows:
+        return
+    path = metrics_path(run_dir)
+    if path.exists():
+        os.replace(path, path.with_name(f"{path.name}.before-resume-{time.time_ns()}"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in new))
+    os.replace(tmp, path)
+
+
 def run_plain(cfg: PriorZeroConfig, run_dir: Path | str, iterations: Optional[int] = None, resume: bool = False,
               progress: bool = True) -> list[dict[str, float]]:
     """The training loop without orchestration: used by tests, benchmarks and as the reference behaviour."""
@@ -487,22 +607,17 @@ def run_plain(cfg: PriorZeroConfig, run_dir: Path | str, iterations: Optional[in
         last = iterations or cfg.schedule.iterations
         for it in range(trainer.iteration + 1, last + 1):
             trainer.begin_iteration(it)
-            row: dict[str, float] = {"iteration": float(it)}
             prompts: Optional[Path] = None
             for stage in STAGES:
                 if trainer.due(stage, it):
-                    t0 = time.perf_counter()
                     if stage == "ppo_train":
-                        result = trainer.ppo_train(it, prompts) if prompts is not None else StageResult(skipped=True)
+                        if prompts is None:  # adapt skipped itself: nothing collected to make prompts of
+                            continue
+                        result = trainer.run_stage(stage, it, prompts)
                     else:
-                        result = getattr(trainer, stage)(it)
+                        result = trainer.run_stage(stage, it)
                     prompts = result.artifacts.get("prompts", prompts)
-                    row.update(result.metrics)
-                    row[f"timing/{stage}_s"] = time.perf_counter() - t0
-            trainer.finish_iteration(it)
-            history.append(row)
-            with open(trainer.run_dir / "logs" / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            history.append({"iteration": float(it), **trainer.finish_iteration(it)})
             if trainer.stop_after(it):
                 break
     finally:

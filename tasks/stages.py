@@ -6,14 +6,13 @@ keyed by run directory, so tasks only pass run dirs, iteration numbers and paths
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Optional
 
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, State
 
-from priorzero_core import faults
 from priorzero_core.config import PriorZeroConfig, RunConfig
 from priorzero_core.trainer import StageResult, Trainer
 
@@ -29,6 +28,11 @@ def open_trainer(cfg: PriorZeroConfig, run_dir: Path, *, resume: bool) -> Traine
     return _trainers[key]
 
 
+def trainer_for(run_dir: Path) -> Optional[Trainer]:
+    """The open trainer of `run_dir`, if any."""
+    return _trainers.get(Path(run_dir).resolve())
+
+
 def close_trainer(run_dir: Path) -> None:
     trainer = _trainers.pop(Path(run_dir).resolve(), None)
     if trainer is not None:
@@ -36,12 +40,7 @@ def close_trainer(run_dir: Path) -> None:
 
 
 def _run_stage(stage: str, run_dir: str, iteration: int, *args: object) -> StageResult:
-    faults.inject(stage, iteration)  # test hook, see priorzero_core/faults.py
-    trainer = _trainers[Path(run_dir).resolve()]
-    start = time.perf_counter()
-    result: StageResult = getattr(trainer, stage)(iteration, *args)
-    result.metrics[f"timing/{stage}_s"] = time.perf_counter() - start
-    return result
+    return _trainers[Path(run_dir).resolve()].run_stage(stage, iteration, *args)
 
 
 # Stage results are small and live only for the flow run: no caching, no result storage.

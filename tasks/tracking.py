@@ -14,6 +14,7 @@ import os
 import time
 import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,6 +22,7 @@ from priorzero_core.config import PriorZeroConfig, dump_config
 
 RUN_FILE = "mlflow_run.json"  # in the run dir: which MLflow run a resume continues
 CURVE_METRIC = "evals/reward_mean"
+STEP_METRIC = "timing/iteration_s"  # in every iteration's row: the steps it has are the iterations logged
 
 
 def tracking_uri(cfg: PriorZeroConfig) -> str:
@@ -78,7 +80,7 @@ class Tracker:
         self.run_id: Optional[str] = None
         self._off = not cfg.tracking.enabled
         self._curves: dict[str, dict[int, float]] = {}  # what the learning curve plots: key -> {step: value}
-        self._metrics_written: Optional[Future] = None  # the last iteration's metrics batch, for flush()
+        self._pending: list[tuple[int, dict[str, float], dict[str, Path], dict[str, str]]] = []  # see commit()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-tracking")
 
     @property
@@ -91,24 +93,47 @@ class Tracker:
 
     def log_iteration(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path],
                       tags: Optional[dict[str, str]] = None) -> None:
-        """All of one iteration's metrics and tags in one batch (step = iteration), then its artifacts."""
-        metrics, artifacts, tags = dict(metrics), dict(artifacts), dict(tags or {})
-        self._metrics_written = self._submit("logging", lambda: self._log_metrics(iteration, metrics, tags))
-        self._submit("logging", lambda: self._log_artifacts(iteration, metrics, artifacts))
+        """Hold one iteration's metrics, tags and artifacts until `commit`: MLflow shows an iteration once a
+        checkpoint holds it, so the iterations a resume runs again are never logged twice."""
+        self._pending.append((iteration, dict(metrics), dict(artifacts), dict(tags or {})))
 
-    def flush(self, timeout: float = 60.0) -> None:
-        """Wait (at most `timeout` s) until the last iteration's metrics are written: after a checkpoint, so a
-        kill -9 cannot leave a checkpointed iteration without its metrics (a resume would never log them
-        again). Its artifacts (transcript, learning-curve PNG) may still be on their way."""
-        if self._metrics_written is None:
-            return
+    def commit(self, timeout: float = 60.0) -> None:
+        """After a checkpoint: send the iterations held, each as one batch of metrics and tags (step = iteration)
+        and then its artifacts, and wait (at most `timeout` s) until the metrics are written. A kill -9 before
+        they are is made good by `catch_up` on resume; the artifacts (transcript, learning-curve PNG) may
+        still be on their way."""
+        written = None
+        for iteration, metrics, artifacts, tags in self._pending:
+            written = self._submit("logging", partial(self._log_metrics, iteration, metrics, tags))
+            self._submit("logging", partial(self._log_artifacts, iteration, metrics, artifacts))
+        self._pending = []
+        if written is not None:
+            self._wait(written, timeout)
+
+    def catch_up(self, rows: list[dict[str, float]], timeout: float = 60.0) -> None:
+        """On resume: log the rows (logs/metrics.jsonl, up to the checkpoint) of iterations MLflow lacks, those
+        whose process died between their checkpoint and `commit`; waits until they are written."""
+        def log_missing() -> None:
+            logged = {m.step for m in self.client.get_metric_history(self.run_id, STEP_METRIC)}
+            for row in rows:
+                metrics = {k: v for k, v in row.items() if k != "iteration"}
+                if int(row["iteration"]) not in logged:
+                    self._log_metrics(int(row["iteration"]), metrics, {})
+        self._wait(self._submit("catch-up", log_missing), timeout)
+
+    def _wait(self, written: Future, timeout: float) -> None:
         try:
-            self._metrics_written.result(timeout)
+            written.result(timeout)
         except Exception as err:  # a slow store: train on, the queue still drains in the background
             self.log.warning("MLflow tracking is %s behind; training goes on", type(err).__name__)
 
     def end(self, status: str) -> None:
-        """Mark the run FINISHED, FAILED or KILLED and wait until everything queued is written."""
+        """Mark the run FINISHED, FAILED or KILLED and wait until everything queued is written. Iterations held
+        but never checkpointed are not sent (a resume runs them again)."""
+        if self._pending:
+            self.log.info("MLflow: iterations %s not logged: no checkpoint holds them",
+                          ", ".join(str(p[0]) for p in self._pending))
+            self._pending = []
         self._submit("end", lambda: self.client.set_terminated(self.run_id, status=status))
         self._worker.shutdown(wait=True)
 

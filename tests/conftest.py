@@ -41,6 +41,22 @@ def tiny_wm_config():
     return WorldModelConfig(embed_dim=32, num_layers=2, num_heads=2, context_length=3, unroll_steps=4, support_size=5)
 
 
+@pytest.fixture
+def one_thread(monkeypatch):
+    """For exactness tests that run training in this process, with run.deterministic and run.torch_threads=1.
+
+    run.deterministic makes MKL reproducible (MKL_CBWR) only in a process whose MKL has not started yet; in the
+    test process it has, and MKL's multi-threaded results vary with where the operands sit in memory. One thread
+    does not vary. Both settings hold for the whole process: later tests get theirs back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("MKL_CBWR", "AUTO,STRICT")  # what run.deterministic would set; undone after the test
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)
+
+
 # ---------------------------------------------------------------- orchestration: Prefect server, MLflow store
 
 

@@ -25,6 +25,16 @@ def test_cache_hit_returns_identical_rows_and_matches_an_uncached_pass(text_enco
         torch.testing.assert_close(text_encoder(texts), first, atol=1e-5, rtol=0)
 
 
+def test_a_texts_embedding_does_not_depend_on_the_texts_encoded_with_it(text_encoder):
+    """Padded to the batch's longest text, a text's embedding moved in the last float bits with its company, so
+    a resumed run (cold cache) drifted from the run it continued."""
+    short, long_ = "open the mailbox", "you are standing in an open field west of a white house " * 3
+    with torch.no_grad():
+        alone = text_encoder._encode_chunked([short])
+        together = text_encoder._encode_chunked([long_, short, "north"])
+    assert torch.equal(alone[0], together[1])
+
+
 def test_cache_evicts_least_recently_used(text_encoder, monkeypatch):
     monkeypatch.setattr(text_encoder, "_cache", type(text_encoder._cache)())
     monkeypatch.setattr(text_encoder, "cache_size", 2)

@@ -9,7 +9,7 @@ from priorzero_core import checkpoint as ckpt
 from priorzero_core.config import load_config
 from priorzero_core.errors import CheckpointError, ConfigError
 from priorzero_core.replay import ReplayBuffer
-from priorzero_core.trainer import Trainer, run_plain
+from priorzero_core.trainer import Trainer, read_metrics, run_plain
 
 TINY = [
     "collect.num_envs=2",
@@ -189,7 +189,7 @@ def test_a_world_model_stage_retried_after_failing_part_way_does_the_updates_it_
             trainer.train_world_model(1)
         assert len(done) == 1
         retried = trainer.train_world_model(1)
-        assert len(done) == 3 and retried.metrics["train/wm_updates"] == 2
+        assert len(done) == 3 and retried.metrics["train/wm_updates"] == 3  # the stage's updates: both attempts'
         assert trainer.train_world_model(2).metrics["train/wm_updates"] == cfg.schedule.min_wm_updates  # nothing owed
     finally:
         trainer.close()
@@ -215,3 +215,46 @@ def test_resume_restores_every_random_state_the_checkpoint_was_taken_with(tmp_pa
         assert (random.random(), resumed.replay.rng.random(), resumed.rng.random()) == expected
     finally:
         resumed.close()
+
+
+def wall_clock(key: str) -> bool:
+    """Metrics that measure time or caches (cold after a restart), not what was trained."""
+    return key.startswith("timing/") or key.endswith(("_per_s", "_s", "seconds")) or "cache_hit_rate" in key
+
+
+def trained(run_dir):
+    """What a run left: its last checkpoint's parts (sha256 each), its replay files, its metrics rows."""
+    rows = [{k: v for k, v in row.items() if not wall_clock(k)} for row in read_metrics(run_dir)]
+    replay = {p.name: p.read_bytes() for p in (run_dir / "replay").glob("iter-*.jsonl.gz")}
+    return ckpt.latest_valid(run_dir / "checkpoints")[1]["files"], replay, rows
+
+
+DETERMINISTIC = ["run.deterministic=true", "run.torch_threads=1"]  # see the one_thread fixture
+
+
+def test_deterministic_runs_of_one_seed_write_identical_checkpoints_replay_files_and_metrics(tmp_path, one_thread):
+    cfg = load_config("debug", TINY + ["llm.enabled=false", *DETERMINISTIC])
+    for name in ("a", "b"):
+        run_plain(cfg, tmp_path / name, iterations=2, progress=False)
+    first, second = trained(tmp_path / "a"), trained(tmp_path / "b")
+    assert first[1] and len(first[2]) == 2
+    assert first == second
+
+
+def test_a_run_resumed_after_dying_mid_iteration_ends_as_the_uninterrupted_run(tmp_path, monkeypatch, one_thread):
+    """Iteration 3 dies in world-model training, after its collect wrote a replay file and moved the episodes on:
+    the resume sets that file aside, restores the episodes in progress and every RNG from checkpoint 2, and runs
+    iteration 3 again to the same checkpoint, replay and metrics as a run that never stopped."""
+    cfg = load_config("debug", TINY + ["llm.enabled=false", "game.max_episode_steps=5", *DETERMINISTIC])
+    run_plain(cfg, tmp_path / "whole", iterations=3, progress=False)
+    monkeypatch.setenv("PRIORZERO_FAULTS", "train_world_model-update@3")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_plain(cfg, tmp_path / "cut", iterations=3, progress=False)
+    monkeypatch.delenv("PRIORZERO_FAULTS")
+    assert [p.name[:11] for p in sorted((tmp_path / "cut" / "replay").iterdir())] == ["iter-000001", "iter-000002",
+                                                                                    "iter-000003"]
+
+    run_plain(cfg, tmp_path / "cut", iterations=3, resume=True, progress=False)
+
+    assert trained(tmp_path / "cut") == trained(tmp_path / "whole")
+    assert len(list((tmp_path / "cut" / "replay").glob("iter-000003-*.after-checkpoint-*"))) == 1

@@ -36,6 +36,7 @@ def test_iteration_metrics_land_in_one_batch_with_artifacts_and_learning_curve(t
     tracker.start(run_name="run", tags={"prefect.flow_run_id": "abc"})
     tracker.log_iteration(1, {"evals/reward_mean": 1.0, "train/wm_total_loss": 2.0}, {"transcript": transcript})
     tracker.log_iteration(2, {"train/wm_total_loss": 1.5}, {"checkpoint": tmp_path / "ckpt"})
+    tracker.commit()
     tracker.end("FINISHED")
 
     client = MlflowClient(cfg.tracking.uri)
@@ -56,17 +57,45 @@ def test_resume_continues_the_same_mlflow_run_with_later_steps(tmp_path):
     first = Tracker(make_cfg(tmp_path), run_dir, LOG)
     first.start(run_name="run", tags={})
     first.log_iteration(1, {"collect/total_env_steps": 5.0}, {})
+    first.commit()
     first.end("KILLED")
 
     resumed = Tracker(config_from_dict({"tracking": {"uri": first.uri}, "schedule": {"iterations": 7}}), run_dir, LOG)
     resumed.start(run_name="run", tags={})
     resumed.log_iteration(2, {"collect/total_env_steps": 10.0}, {})
+    resumed.commit()
     resumed.end("FINISHED")
 
     assert resumed.run_id == first.run_id
     client = MlflowClient(first.uri)
     assert [m.step for m in client.get_metric_history(first.run_id, "collect/total_env_steps")] == [1, 2]
     assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_iterations_reach_mlflow_only_once_checkpointed_and_a_resume_logs_the_checkpointed_ones_it_lacks(tmp_path):
+    """With run.checkpoint_freq > 1 the iterations after the last checkpoint run again on resume: they must not
+    be logged before (duplicate steps). A checkpointed iteration whose process died before it was logged is
+    logged on resume, from logs/metrics.jsonl."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = Tracker(make_cfg(tmp_path), run_dir, LOG)
+    first.start(run_name="run", tags={})
+    for n in (1, 2, 3):
+        first.log_iteration(n, {"timing/iteration_s": 1.0, "collect/env_steps": float(n)}, {})
+        if n == 2:  # checkpoint_freq 2
+            first.commit()
+    first.end("KILLED")  # iteration 3: no checkpoint holds it
+    client = MlflowClient(first.uri)
+    assert [m.step for m in client.get_metric_history(first.run_id, "collect/env_steps")] == [1, 2]
+
+    resumed = Tracker(make_cfg(tmp_path), run_dir, LOG)
+    resumed.start(run_name="run", tags={})
+    rows = [{"iteration": n, "timing/iteration_s": 1.0, "collect/env_steps": float(n)} for n in (1, 2, 3, 4)]
+    resumed.catch_up(rows)  # 3 and 4: checkpointed, never logged
+    resumed.end("FINISHED")
+
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "collect/env_steps")] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
 
 
 def test_unreachable_tracking_server_warns_once_and_training_goes_on(tmp_path, caplog):
@@ -77,6 +106,7 @@ def test_unreachable_tracking_server_warns_once_and_training_goes_on(tmp_path, c
         tracker.start(run_name="run", tags={})
         for n in (1, 2, 3):
             tracker.log_iteration(n, {"train/wm_total_loss": 1.0}, {})
+            tracker.commit()
         tracker.end("FINISHED")
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

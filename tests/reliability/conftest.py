@@ -15,9 +15,11 @@ PRIORZERO = str(Path(sys.executable).with_name("priorzero"))
 
 
 def saved_files(run_dir: Path) -> dict[str, str]:
-    """sha256 of every file in a complete checkpoint and every replay file: what a crash must never touch."""
-    files = [*run_dir.glob("checkpoints/iter-*/**/*"), *run_dir.glob("replay/iter-*.jsonl.gz")]
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
+    """sha256 of every file in a complete checkpoint and every replay file: what a crash must never touch. A
+    replay file a resume renamed aside (its iteration runs again) counts under its own name."""
+    files = [*run_dir.glob("checkpoints/iter-*/**/*"), *run_dir.glob("replay/iter-*.jsonl.gz*")]
+    return {str(p.relative_to(run_dir)).split(".after-checkpoint-")[0]: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files if p.is_file()}
 
 
 def session_processes(sid: int) -> list[psutil.Process]:
