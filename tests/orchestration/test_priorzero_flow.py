@@ -1,5 +1,6 @@
 """The priorzero flow against a real Prefect server and a real MLflow sqlite store, with the real Trainer."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import TaskRunSort
 from prefect.states import Cancelled, Completed, Failed
 
-from priorzero.flows.priorzero_flow import Iteration, priorzero, resolve_run
+from priorzero.flows.priorzero_flow import Iteration, Progress, final_checkpoint, priorzero, resolve_run
+from priorzero.tasks import Tracker, close_trainer, open_trainer
 from priorzero_core import checkpoint as ckpt
 from priorzero_core.errors import ConfigError
 
@@ -142,6 +144,30 @@ def test_stages_that_fail_once_mid_stage_and_succeed_on_retry_end_as_a_run_that_
     assert histories[0] == histories[1]
     assert [step for step, _ in histories[1]["train/wm_updates"]] == [1, 2, 3]  # each iteration logged once
     assert histories[1]["train/wm_updates"][1][1] == 5  # the retry reports all 5 updates owed, the failed attempt's too
+
+
+def test_the_final_checkpoint_is_of_the_last_finished_iteration_never_of_one_stopped_part_way(prefect_api,
+                                                                                               debug_overrides):
+    """It used to be labelled with the last iteration that completed while saving the models as they were,
+    which could include a later iteration's partial work (Ctrl-C mid-iteration)."""
+    cfg, run_dir = resolve_run("debug", [*debug_overrides, "tracking.enabled=false"], 3, False, "final")
+    trainer = open_trainer(cfg, run_dir, resume=False)
+    tracker, progress = Tracker(cfg, run_dir, logging.getLogger("test")), Progress()
+    try:
+        trainer.begin_iteration(1)
+        trainer.run_stage("collect", 1)
+        trainer.finish_iteration(1)  # finished, with no checkpoint (a stage failed, or none was due)
+        trainer.begin_iteration(2)
+        trainer.run_stage("collect", 2)  # stopped here
+        final_checkpoint(cfg, run_dir, progress, tracker)
+        assert not ckpt.list_checkpoints(run_dir / "checkpoints")
+
+        trainer.finish_iteration(2)
+        final_checkpoint(cfg, run_dir, progress, tracker)
+        (path,) = ckpt.list_checkpoints(run_dir / "checkpoints")
+        assert ckpt.verify(path)["meta"]["iteration"] == 2 and progress.last_checkpoint == 2
+    finally:
+        close_trainer(run_dir)
 
 
 def test_consecutive_failed_iterations_fail_the_flow_naming_stage_and_error(prefect_api, debug_overrides, monkeypatch):
