@@ -8,18 +8,22 @@ stages that need it as Skipped for that iteration and training goes on; only a r
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
+from uuid import UUID
 
-from prefect import Task, flow, get_run_logger
-from prefect.exceptions import TerminationSignal
+import psutil
+from prefect import Task, flow, get_client, get_run_logger
+from prefect.exceptions import ObjectNotFound, TerminationSignal
 from prefect.futures import PrefectFuture
 from prefect.logging.formatters import PrefectFormatter
 from prefect.runtime import flow_run
-from prefect.states import State
+from prefect.states import Crashed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from priorzero.tasks import Tracker, close_trainer, configured_stages, open_trainer, skipped, trainer_for
@@ -36,6 +40,8 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "checkpoint": ("collect", "train_world_model", "train_llm", "adapt", "ppo_train"),
 }
 LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "priorzero")
+FLOW_RUNS_FILE = "prefect_flow_runs.json"  # in the run dir: the flow runs that trained it, oldest first
+TRAINING_PID_FILE = "training.pid"  # in the run dir: the process training it (left behind by a crash)
 
 
 class TrainingFailed(RuntimeError):
@@ -170,25 +176,77 @@ def final_checkpoint(cfg: PriorZeroConfig, run_dir: Path, progress: Progress, tr
 
 
 def resolve_run(config: str, overrides: list[str], iterations: Optional[int], resume: bool,
-                run_name: Optional[str]) -> tuple[PriorZeroConfig, Path]:
-    """The validated config and run directory; a resumed run reloads its own config.yaml."""
+                run_name: Optional[str], flow_run_id: Optional[str] = None) -> tuple[PriorZeroConfig, Path, bool]:
+    """The validated config, the run directory and whether to resume; a resumed run reloads its own config.yaml.
+    A flow run that trained a run directory before (Prefect's "Retry" runs the same flow run again) resumes it."""
     if iterations is not None:
         overrides = [*overrides, f"schedule.iterations={iterations}"]
     cfg = load_config(config, overrides)
+    root = Path(cfg.run.run_dir).resolve()
+    if not resume and flow_run_id is not None:
+        earlier = trained_by(root, flow_run_id)
+        if earlier is not None and (earlier / "config.yaml").is_file():
+            resume, run_name = True, earlier.name
     if resume and not (run_name or cfg.run.name):
         raise ConfigError("resume needs run_name: the run directory's name under run.run_dir")
     name = run_name or cfg.run.name or f"{resolve_config_path(config).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     if not is_plain_name(name):
         raise ConfigError(f"run name {name!r} must be a directory name under run.run_dir, without '/' or '..'")
-    run_dir = Path(cfg.run.run_dir).resolve() / name
+    run_dir = root / name
     if resume:
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"cannot resume {run_dir}: it has no config.yaml")
-        return load_config(saved, overrides), run_dir
+        return load_config(saved, overrides), run_dir, True
     if (run_dir / "checkpoints").exists():
         raise ConfigError(f"run directory {run_dir} already has checkpoints: resume it or pick another run name")
-    return cfg, run_dir
+    return cfg, run_dir, False
+
+
+def flow_runs_of(run_dir: Path) -> list[str]:
+    """The ids of the Prefect flow runs that trained `run_dir`, oldest first."""
+    path = run_dir / FLOW_RUNS_FILE
+    try:
+        return [str(i) for i in json.loads(path.read_text())] if path.is_file() else []
+    except ValueError:
+        return []
+
+
+def trained_by(root: Path, flow_run_id: str) -> Optional[Path]:
+    """The run directory under `root` that flow run `flow_run_id` trained, if any."""
+    if root.is_dir():
+        for run_dir in sorted(root.iterdir()):
+            if flow_run_id in flow_runs_of(run_dir):
+                return run_dir
+    return None
+
+
+def take_over(run_dir: Path, flow_run_id: str, logger: logging.LoggerAdapter) -> None:
+    """Record this flow run as the one training `run_dir`; refuse when another live process trains it. Earlier
+    flow runs of it that the server still shows as running died without saying so (kill -9, a lost machine):
+    they are marked Crashed."""
+    lock = run_dir / TRAINING_PID_FILE
+    try:
+        holder = int(lock.read_text())
+    except (OSError, ValueError):
+        holder = None
+    if holder is not None and holder != os.getpid() and psutil.pid_exists(holder):
+        raise ConfigError(f"run directory {run_dir} is being trained by process {holder}; stop it before resuming")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock.write_text(str(os.getpid()))
+    earlier = [i for i in flow_runs_of(run_dir) if i != flow_run_id]
+    if earlier:
+        with get_client(sync_client=True) as client:
+            for run_id in earlier:
+                try:
+                    state = client.read_flow_run(UUID(run_id)).state
+                    if state is not None and not state.is_final():
+                        client.set_flow_run_state(UUID(run_id), Crashed(
+                            message=f"its process died; flow run {flow_run_id} resumed its run dir"), force=True)
+                        logger.info("flow run %s of this run dir was still %s: marked Crashed", run_id, state.name)
+                except ObjectNotFound:  # another server's, or deleted
+                    continue
+    (run_dir / FLOW_RUNS_FILE).write_text(json.dumps([*earlier, flow_run_id]))
 
 
 def attach_log_file(path: Path) -> Callable[[], None]:
@@ -218,9 +276,11 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
     """Train PriorZero. config: a name in configs/ or a YAML path; overrides: section.key=value items;
     iterations: last iteration to train (default schedule.iterations); resume: continue run_name's run dir."""
     logger = get_run_logger()
-    cfg, run_dir = resolve_run(config, overrides or [], iterations, resume, run_name)
+    cfg, run_dir, resume = resolve_run(config, overrides or [], iterations, resume, run_name, str(flow_run.id))
+    take_over(run_dir, str(flow_run.id), logger)
     detach_log = attach_log_file(run_dir / "logs" / "flow.log")
-    logger.info("run dir %s, %s mode, iterations up to %d", run_dir, cfg.schedule.mode, cfg.schedule.iterations)
+    logger.info("run dir %s (%s), %s mode, iterations up to %d", run_dir, "resumed" if resume else "new",
+                cfg.schedule.mode, cfg.schedule.iterations)
     tracker = Tracker(cfg, run_dir, logger)
     progress = Progress()
     status = "FAILED"
@@ -245,6 +305,7 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
         for what, step in (("final checkpoint", lambda: final_checkpoint(cfg, run_dir, progress, tracker)),
                            ("trainer close", lambda: close_trainer(run_dir)),
                            ("tracking end", lambda: tracker.end(status)),
+                           ("run dir lock", lambda: (run_dir / TRAINING_PID_FILE).unlink(missing_ok=True)),
                            ("flow log", detach_log)):
             try:
                 step()

@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
+from prefect.states import AwaitingRetry
 
 BIN = Path(sys.executable).parent
 
@@ -27,8 +29,24 @@ def wait_for_deployment(name: str, serve: subprocess.Popen, timeout: float = 120
     raise AssertionError(f"deployment {name} not registered after {timeout:.0f} s")
 
 
-def test_served_debug_deployment_runs_to_completed(prefect_api, debug_overrides, tmp_path):
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect-client")}
+def wait_final(flow_run_id: UUID, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            time.sleep(1)
+    raise AssertionError(f"flow run {flow_run_id} not finished after {timeout:.0f} s")
+
+
+def test_a_served_deployment_run_killed_part_way_is_crashed_and_prefects_retry_resumes_its_run_dir(
+        prefect_api, debug_overrides, tmp_path):
+    """`prefect deployment run priorzero/debug`, its process killed with -9 after checkpoint 2 (the runner marks
+    the flow run Crashed), then the UI's "Retry" (the same API call): the same flow run runs again, resumes
+    the same run dir from checkpoint 2 and completes iteration 3."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect-client"),
+           "PRIORZERO_FAULTS": "kill:checkpoint-done@2"}
     with open(tmp_path / "serve.log", "w") as log:
         serve = subprocess.Popen([str(BIN / "priorzero"), "serve", "--poll-seconds", "1"], env=env, cwd=tmp_path,
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -36,9 +54,17 @@ def test_served_debug_deployment_runs_to_completed(prefect_api, debug_overrides,
         for name in ("priorzero/debug", "priorzero/zork", "priorzero/detective"):
             wait_for_deployment(name, serve)
         run = subprocess.run(
-            [str(BIN / "prefect"), "deployment", "run", "priorzero/debug", "--param", "iterations=2",
+            [str(BIN / "prefect"), "deployment", "run", "priorzero/debug", "--param", "iterations=3",
              "--param", f"overrides={json.dumps(debug_overrides)}", "--watch", "--watch-timeout", "400"],
             env=env, capture_output=True, text=True, timeout=450)
+        output = run.stdout + run.stderr + (tmp_path / "serve.log").read_text()[-3000:]
+        (run_dir,) = (tmp_path / "runs").iterdir()
+        (flow_run_id,) = json.loads((run_dir / "prefect_flow_runs.json").read_text())
+        crashed = wait_final(UUID(flow_run_id))
+        assert crashed.state.is_crashed(), output
+        with get_client(sync_client=True) as client:  # what the UI's Retry button sends
+            client.set_flow_run_state(UUID(flow_run_id), AwaitingRetry(message="Retry from the UI"), force=False)
+        retried = wait_final(UUID(flow_run_id))
     finally:
         serve.send_signal(signal.SIGINT)
         try:
@@ -46,8 +72,8 @@ def test_served_debug_deployment_runs_to_completed(prefect_api, debug_overrides,
         except subprocess.TimeoutExpired:
             serve.kill()
 
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]
-    assert "Completed" in output
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert (run_dir / "checkpoints" / "iter-000002").is_dir()
+    assert retried.state.is_completed(), (tmp_path / "serve.log").read_text()[-3000:]
+    assert retried.run_count == 2
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name]  # no new run dir
+    assert [p.name for p in sorted((run_dir / "checkpoints").glob("iter-*"))][-1] == "iter-000003"
+    assert "(resumed)" in (run_dir / "logs" / "flow.log").read_text()

@@ -1,6 +1,7 @@
 """The priorzero flow against a real Prefect server and a real MLflow sqlite store, with the real Trainer."""
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import TaskRunSort
 from prefect.states import Cancelled, Completed, Failed
 
-from priorzero.flows.priorzero_flow import Iteration, Progress, final_checkpoint, priorzero, resolve_run
+from priorzero.flows.priorzero_flow import (TRAINING_PID_FILE, Iteration, Progress, final_checkpoint, priorzero,
+                                            resolve_run, take_over)
 from priorzero.tasks import Tracker, close_trainer, open_trainer
 from priorzero_core import checkpoint as ckpt
 from priorzero_core.errors import ConfigError
@@ -63,6 +65,23 @@ def test_resume_needs_a_run_name_and_a_new_run_never_reuses_a_run_dir(tmp_path):
     (tmp_path / "old" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ConfigError, match="already has checkpoints"):
         resolve_run("debug", [f"run.run_dir={tmp_path}"], None, False, "old")
+
+
+def test_a_run_dir_another_live_process_trains_is_refused_and_a_dead_ones_is_taken_over(tmp_path):
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        (run_dir / TRAINING_PID_FILE).write_text(str(other.pid))
+        with pytest.raises(ConfigError, match=f"being trained by process {other.pid}"):
+            take_over(run_dir, "1b4e28ba-2fa1-11d2-883f-0016d3cca427", logging.getLogger("test"))
+    finally:
+        other.kill()
+        other.wait()
+    take_over(run_dir, "1b4e28ba-2fa1-11d2-883f-0016d3cca427", logging.getLogger("test"))  # its holder is gone
+    assert (run_dir / TRAINING_PID_FILE).read_text() == str(os.getpid())
 
 
 def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_api, debug_overrides):
@@ -150,7 +169,7 @@ def test_the_final_checkpoint_is_of_the_last_finished_iteration_never_of_one_sto
                                                                                                debug_overrides):
     """It used to be labelled with the last iteration that completed while saving the models as they were,
     which could include a later iteration's partial work (Ctrl-C mid-iteration)."""
-    cfg, run_dir = resolve_run("debug", [*debug_overrides, "tracking.enabled=false"], 3, False, "final")
+    cfg, run_dir, _ = resolve_run("debug", [*debug_overrides, "tracking.enabled=false"], 3, False, "final")
     trainer = open_trainer(cfg, run_dir, resume=False)
     tracker, progress = Tracker(cfg, run_dir, logging.getLogger("test")), Progress()
     try:

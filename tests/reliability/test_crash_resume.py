@@ -12,8 +12,12 @@ metric histories are those of an uninterrupted run (wall-clock metrics aside).
 """
 
 
+import json
+from uuid import UUID
+
 import pytest
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
 
 from priorzero_core import checkpoint as ckpt
 from priorzero_core.replay import ReplayBuffer
@@ -50,7 +54,7 @@ def histories(uri: str) -> dict[str, list[tuple[int, float]]]:
             for key in run.data.metrics if not wall_clock(key)}
 
 
-def test_kill_9_at_every_stage_then_resume_loses_nothing_and_ends_as_the_uninterrupted_run(priorzero_cli,
+def test_kill_9_at_every_stage_then_resume_loses_nothing_and_ends_as_the_uninterrupted_run(priorzero_cli, prefect_api,
                                                                                             debug_overrides, tmp_path):
     run_dir = tmp_path / "runs" / "crash"
     uri = tracking_uri(debug_overrides)
@@ -90,6 +94,12 @@ def test_kill_9_at_every_stage_then_resume_loses_nothing_and_ends_as_the_uninter
     assert {p.read_bytes() for p in aside} == {live[0].read_bytes()}
     for key in ("timing/iteration_s", "collect/env_steps", "train/wm_total_loss"):
         assert metric_steps(uri, key) == [1, 2, 3], key
+    # Each killed flow run stayed "Running" on the server until the resume after it marked it Crashed.
+    flow_runs = json.loads((run_dir / "prefect_flow_runs.json").read_text())
+    with get_client(sync_client=True) as client:
+        states = [client.read_flow_run(UUID(run_id)).state.type.value for run_id in flow_runs]
+    assert states == ["CRASHED"] * len(KILLS) + ["COMPLETED"]
+    assert not (run_dir / "training.pid").exists()
 
     # The same command, never interrupted, in its own run dir and MLflow store.
     ref_dir, ref_uri = tmp_path / "runs" / "reference", f"sqlite:///{tmp_path / 'mlruns-reference' / 'mlflow.db'}"
