@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 from transformers import DynamicCache
 
@@ -285,7 +285,14 @@ class LLMTrainer:
         if kind == "lora":
             save_file(self._weights(), directory / WEIGHTS_FILE, metadata={"kind": kind})
         else:
-            save_model(self._lm, str(directory / WEIGHTS_FILE), metadata={"kind": kind})
+            # Not safetensors' save_model: its file lists tied-weight aliases in the header's metadata, whose key
+            # order varies from save to save, so two identical models made different files.
+            state, tensors, seen = self._lm.state_dict(), {}, set()
+            for name in sorted(state):  # tied weights (embeddings = LM head) once, under the first name
+                if state[name].data_ptr() not in seen:
+                    seen.add(state[name].data_ptr())
+                    tensors[name] = state[name].detach().contiguous()
+            save_file(tensors, directory / WEIGHTS_FILE, metadata={"kind": kind})
         torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
 
     def load_state(self, directory: str | Path) -> None:

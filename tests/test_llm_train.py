@@ -209,3 +209,23 @@ def test_label_chunks_backpropagate_the_same_gradient_as_one_graph(tiny_llm_dir,
 
     assert all(torch.allclose(a, p.grad, atol=1e-6, rtol=1e-4) for a, p in zip(chunked, params))
     assert any(a.abs().sum() > 0 for a in chunked)
+
+
+def test_saving_one_model_twice_writes_the_same_bytes(tiny_llm_dir, tmp_path):
+    """safetensors' save_model put the tied-weight aliases beside `kind` in the header's metadata, in an order
+    that varied from save to save: identical models made different files, and checkpoints differed."""
+    from transformers import AutoModelForCausalLM
+
+    from priorzero_core.llm_prior import load_tokenizer
+    from priorzero_core.llm_train import WEIGHTS_FILE
+
+    cfg = LLMConfig(model=str(tiny_llm_dir), history_length=0, lora=LoraConfig(enabled=False))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval()
+    trainer = LLMTrainer(TransformersPrior(model, load_tokenizer(tiny_llm_dir), cfg), cfg)
+    files = set()
+    for n in range(6):
+        trainer.save_state(tmp_path / str(n))
+        files.add((tmp_path / str(n) / WEIGHTS_FILE).read_bytes())
+    assert len(files) == 1
+    trainer.load_state(tmp_path / "0")  # tied embeddings written once still load
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

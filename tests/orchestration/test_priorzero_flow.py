@@ -15,6 +15,7 @@ from priorzero.flows.priorzero_flow import (TRAINING_PID_FILE, Iteration, Progre
                                             resolve_run, take_over)
 from priorzero.tasks import Tracker, close_trainer, open_trainer
 from priorzero_core import checkpoint as ckpt
+from priorzero_core.trainer import read_metrics, run_plain
 from priorzero_core.errors import ConfigError
 
 
@@ -131,38 +132,42 @@ def wall_clock(key: str) -> bool:
     return key.startswith("timing/") or key.endswith(("_per_s", "_s", "seconds")) or "cache_hit_rate" in key
 
 
-def test_stages_that_fail_once_mid_stage_and_succeed_on_retry_end_as_a_run_that_never_failed(
-        prefect_api, debug_overrides, tiny_llm_dir, monkeypatch, one_thread):
-    """Parallel mode with the LLM trained beside the world model, a checkpoint every 2 iterations: collect dies
-    after its first env step and world-model training after its first update, each once; their retries start
-    from where the failed attempt started (collect) or do the updates still owed (world model), and the run ends
-    with the checkpoint and the MLflow metrics of the same run with no failure."""
-    overrides = [*debug_overrides, "run.stage_retries=1", "run.checkpoint_freq=2", "schedule.mode=parallel",
-                 "llm.enabled=true", f"llm.model={tiny_llm_dir}", "schedule.llm_train_freq=1",
+def test_a_flow_whose_stages_fail_once_ends_at_the_checkpoint_and_metrics_of_the_plain_loop(
+        prefect_api, debug_overrides, tiny_llm_dir, tmp_path, monkeypatch, one_thread):
+    """One definition of an iteration drives the flow and `run_plain`, and a retried stage is the stage that
+    failed: in parallel mode, with evaluation, LLM training and checkpoints each on their own period, collect
+    dies after its first env step, world-model training after its first update and LLM training at its start,
+    each once. Every retry completes; the same stages run in each iteration as in the plain loop without faults,
+    and the runs end with identical checkpoints and metrics (MLflow's included)."""
+    overrides = [*debug_overrides, "run.stage_retries=1", "schedule.mode=parallel", "llm.enabled=true",
+                 f"llm.model={tiny_llm_dir}", "schedule.llm_train_freq=2", "eval.eval_freq=2", "run.checkpoint_freq=2",
                  "run.deterministic=true", "run.torch_threads=1"]
-    reference = priorzero(config="debug", overrides=[*overrides, "run.name=reference"], iterations=3,
-                          return_state=True)
-    assert reference.is_completed(), reference.message
-    monkeypatch.setenv("PRIORZERO_FAULTS", "once:collect-step@2,once:train_world_model-update@2,once:train_llm@3")
+    cfg, _, _ = resolve_run("debug", overrides, 3, False, "plain")
+    run_plain(cfg, tmp_path / "plain", iterations=3, progress=False)
+    monkeypatch.setenv("PRIORZERO_FAULTS", "once:collect-step@2,once:train_world_model-update@2,once:train_llm@2")
 
-    state = priorzero(config="debug", overrides=[*overrides, "run.name=retried"], iterations=3, return_state=True)
+    state = priorzero(config="debug", overrides=[*overrides, "run.name=flow"], iterations=3, return_state=True)
 
     assert state.is_completed(), state.message
-    runs = task_runs(state.state_details.flow_run_id)
-    assert [runs[s].run_count for s in ("collect-2", "train_world_model-2", "train_llm-3")] == [2, 2, 2]
     assert state.result()["failed_iterations"] == []
-    run_dirs = [Path(r.result()["run_dir"]) for r in (reference, state)]
-    ours, ref = (ckpt.latest_valid(d / "checkpoints")[1] for d in run_dirs)
-    assert ours["meta"]["iteration"] == 3 and ours["files"] == ref["files"]
-    client = MlflowClient(tracking_uri=next(o.split("=", 1)[1] for o in overrides if o.startswith("tracking.uri=")))
-    histories = []
-    for r in (reference, state):
-        run = client.get_run(r.result()["mlflow_run_id"])
-        histories.append({key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
-                          for key in run.data.metrics if not wall_clock(key)})
-    assert histories[0] == histories[1]
-    assert [step for step, _ in histories[1]["train/wm_updates"]] == [1, 2, 3]  # each iteration logged once
-    assert histories[1]["train/wm_updates"][1][1] == 5  # the retry reports all 5 updates owed, the failed attempt's too
+    runs = task_runs(state.state_details.flow_run_id)
+    assert [runs[s].run_count for s in ("collect-2", "train_world_model-2", "train_llm-2")] == [2, 2, 2]
+    dirs = [Path(state.result()["run_dir"]), tmp_path / "plain"]
+    ran = [[sorted(k[len("timing/"):-2] for k in row if k.startswith("timing/") and k != "timing/iteration_s")
+            for row in read_metrics(d)] for d in dirs]
+    assert ran[0] == ran[1] == [["collect", "evaluate", "train_world_model"],
+                                ["checkpoint", "collect", "train_llm", "train_world_model"],
+                                ["checkpoint", "collect", "evaluate", "train_world_model"]]
+    ours, plain = (ckpt.latest_valid(d / "checkpoints")[1]["files"] for d in dirs)
+    assert ours == plain
+    rows = [[{k: v for k, v in row.items() if not wall_clock(k)} for row in read_metrics(d)] for d in dirs]
+    assert rows[0] == rows[1]
+    assert rows[0][1]["train/wm_updates"] == 5  # the retry reports all 5 updates owed, the failed attempt's too
+    client, run = mlflow_run(overrides)
+    logged = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+              for key in run.data.metrics if not wall_clock(key)}
+    assert logged == {key: [(int(row["iteration"]), row[key]) for row in rows[1] if key in row]
+                      for key in {k for row in rows[1] for k in row if k != "iteration"}}
 
 
 def test_the_final_checkpoint_is_of_the_last_finished_iteration_never_of_one_stopped_part_way(prefect_api,
