@@ -410,6 +410,8 @@ class Trainer:
                 writer.directory("archive", lambda d: self.archive.save(d, state_bytes))
             writer.json("collector", self.collector.state())
             rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
             if self.llm_trainer is not None:
                 rng["llm"] = self.llm_trainer.generator.get_state()
             writer.torch_state("rng", rng)
@@ -510,6 +512,8 @@ class Trainer:
             self.collector.load_state(ckpt.load_json(path, "collector"))
         rng = ckpt.load_torch_state(path, "rng")
         torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         if self.llm_trainer is not None and "llm" in rng:
             self.llm_trainer.generator.set_state(rng["llm"])
         self.rng.bit_generator.state = meta["numpy_rng"]

@@ -246,7 +246,8 @@ class PPOTrainer:
         module.load_state_dict(self.policy_state_dict())
 
     def save(self, directory: Path | str) -> None:
-        """Policy and critic weights with their optimizer state, plus the step counter (a shared FS across nodes)."""
+        """Policy and critic weights with their optimizer state, the step counter, the RNG and where each prompt
+        file's shuffled pass has got to (a shared FS across nodes)."""
         import ray
 
         directory = Path(directory)
@@ -255,7 +256,9 @@ class PPOTrainer:
         if self.critic is not None:
             refs.append(self.critic.submit("save", str(directory / "critic")))
         ray.get(refs)
-        (directory / STATE_FILE).write_text(json.dumps({"global_step": self.global_step}))
+        passes = {path: [order.tolist(), start] for path, (order, start) in self._passes.items()}
+        (directory / STATE_FILE).write_text(json.dumps({"global_step": self.global_step, "passes": passes,
+                                                        "rng": self._rng.bit_generator.state}))
 
     def load(self, directory: Path | str) -> None:
         """Restore `save`; the reference becomes the loaded policy (KL is measured from where training resumed)."""
@@ -268,7 +271,12 @@ class PPOTrainer:
         ray.get(refs)
         self.reference.call_one("load_weights", self.policy_state_dict())
         self._engine.update_weights(self.policy)
-        self.global_step = json.loads((directory / STATE_FILE).read_text())["global_step"]
+        state = json.loads((directory / STATE_FILE).read_text())
+        self.global_step = state["global_step"]
+        if "rng" in state:  # the prompt passes go on where they were, and generation draws the same seeds
+            self._rng.bit_generator.state = state["rng"]
+            self._passes = {path: (np.asarray(order, dtype=np.int64), int(start))
+                            for path, (order, start) in state["passes"].items()}
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:

@@ -49,6 +49,7 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
         assert all(torch.equal(prior.state_dict()[k], v) for k, v in trained.items())
 
         trainer.save(tmp_path / "ckpt")
+        next_draw = ([r.prompt for r in trainer._draw(prompts, read_prompts(prompts))], trainer._rng.integers(1 << 31))
         trainer.train(prompts)
         # ORZ's refresh: each stage ends with the reference holding the policy it trained
         import ray
@@ -61,6 +62,9 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
             assert any(not torch.equal(policy[k], v) for k, v in trained.items())  # and that policy moved on
         trainer.load(tmp_path / "ckpt")
         assert trainer.global_step == 1
+        # the prompt pass and the generation seeds go on from the checkpoint (not from run.seed again)
+        assert ([r.prompt for r in trainer._draw(prompts, read_prompts(prompts))],
+                trainer._rng.integers(1 << 31)) == next_draw
         assert all(torch.equal(trainer.policy_state_dict()[k], v) for k, v in trained.items())
 
         # a stage failing inside an actor (empty prompts cannot be generated from) raises; close() still cleans up
