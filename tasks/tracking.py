@@ -22,6 +22,7 @@ from priorzero_core.config import PriorZeroConfig, dump_config
 
 RUN_FILE = "mlflow_run.json"  # in the run dir: which MLflow run a resume continues
 CURVE_METRIC = "evals/reward_mean"
+CHANGED_TAG = "priorzero.config."  # + a config key: its value since a resume changed it
 STEP_METRIC = "timing/iteration_s"  # in every iteration's row: the steps it has are the iterations logged
 
 
@@ -196,8 +197,11 @@ class Tracker:
     def _log_config(self, known: dict[str, str], tags: dict[str, str]) -> None:
         from mlflow.entities import Param, RunTag
 
-        # MLflow params are immutable: on resume only new keys are added; config.yaml holds the current values.
-        params = [Param(k, v[:6000]) for k, v in flatten(self.cfg.model_dump(mode="json")).items() if k not in known]
+        # MLflow params are immutable: on resume new keys are added, and a value the resume changed goes into a
+        # tag `priorzero.config.<key>` (the param keeps the first value); config.yaml holds the current ones.
+        flat = {k: v[:6000] for k, v in flatten(self.cfg.model_dump(mode="json")).items()}
+        params = [Param(k, v) for k, v in flat.items() if k not in known]
+        tags = {**tags, **{f"{CHANGED_TAG}{k}": v[:5000] for k, v in flat.items() if k in known and known[k] != v}}
         self.client.log_batch(self.run_id, params=params[:100], tags=[RunTag(k, v) for k, v in tags.items()])
         for i in range(100, len(params), 100):  # log_batch takes at most 100 params
             self.client.log_batch(self.run_id, params=params[i:i + 100])

@@ -68,6 +68,10 @@ def test_resume_continues_the_same_mlflow_run_with_later_steps(tmp_path):
 
     assert resumed.run_id == first.run_id
     client = MlflowClient(first.uri)
+    run = client.get_run(first.run_id)  # params are immutable: the change the resume made is a tag
+    assert run.data.params["schedule.iterations"] == "1000"
+    assert run.data.tags["priorzero.config.schedule.iterations"] == "7"
+    assert "priorzero.config.mcts.num_simulations" not in run.data.tags  # unchanged
     assert [m.step for m in client.get_metric_history(first.run_id, "collect/total_env_steps")] == [1, 2]
     assert client.get_run(first.run_id).info.status == "FINISHED"
 
