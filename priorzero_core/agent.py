@@ -217,29 +217,31 @@ def sequences_to_wm_batch(seqs: Sequence[SampledSequence], encoder: TextEncoder,
             for a in s.valid_actions[:A]:
                 texts.setdefault(a, len(texts))
     emb = encoder.encode(list(texts)).to(device)
-    obs_idx = torch.zeros(B, L, dtype=torch.long)
-    act_idx = torch.zeros(B, L, dtype=torch.long)
-    valid_idx = torch.zeros(B, L, A, dtype=torch.long)
-    valid_mask = torch.zeros(B, L, A, dtype=torch.bool)
-    rewards = torch.zeros(B, L)
-    policy = torch.zeros(B, L, A)
-    step_mask = torch.zeros(B, L, dtype=torch.bool)
-    known = torch.zeros(B, L, dtype=torch.bool)
-    value_targets = torch.zeros(B, L)
+    # Filled as numpy arrays and turned into tensors once: a tensor per step cost more than the model's update.
+    obs_idx = np.zeros((B, L), dtype=np.int64)
+    act_idx = np.zeros((B, L), dtype=np.int64)
+    valid_idx = np.zeros((B, L, A), dtype=np.int64)
+    valid_mask = np.zeros((B, L, A), dtype=bool)
+    rewards = np.zeros((B, L), dtype=np.float32)
+    policy = np.zeros((B, L, A), dtype=np.float32)
+    known = np.zeros((B, L), dtype=bool)
+    value_targets = np.zeros((B, L), dtype=np.float32)
     for b, (seq, row) in enumerate(zip(seqs, rows)):
-        value_targets[b, history:] = torch.from_numpy(seq.value_targets)
+        value_targets[b, history:] = seq.value_targets
         for t, step in row:
             k = min(len(step.valid_actions), A)
             obs_idx[b, t] = texts[step.observation]
             act_idx[b, t] = texts[step.action]
-            valid_idx[b, t, :k] = torch.tensor([texts[a] for a in step.valid_actions[:k]])
+            valid_idx[b, t, :k] = [texts[a] for a in step.valid_actions[:k]]
             valid_mask[b, t, :k] = True
             rewards[b, t] = step.reward
-            target = step.policy_target if step.policy_target is not None else step.visit_dist
-            dist = torch.tensor(target[:k], dtype=torch.float32)
-            policy[b, t, :k] = dist / dist.sum().clamp(min=1e-8)
+            policy[b, t, :k] = step.policy_target[:k] if step.policy_target is not None else step.visit_dist[:k]
             known[b, t] = True
-            step_mask[b, t] = t >= history
+    policy /= np.maximum(policy.sum(-1, keepdims=True), np.float32(1e-8))
+    step_mask = known & (np.arange(L) >= history)
+    obs_idx, act_idx, valid_idx = (torch.from_numpy(x) for x in (obs_idx, act_idx, valid_idx))
+    valid_mask, rewards, policy, known, value_targets, step_mask = (
+        torch.from_numpy(x) for x in (valid_mask, rewards, policy, known, value_targets, step_mask))
     valid_emb = emb[valid_idx.to(device)] * valid_mask.to(device).unsqueeze(-1)
     return WMBatch(
         obs_emb=emb[obs_idx.to(device)],
