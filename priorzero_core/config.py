@@ -235,9 +235,9 @@ class PPOConfig(_Section):
     critic_lr: float = Field(default=5e-6, gt=0)
     kl_coef: float = Field(default=0.01, ge=0)
     use_kl_loss: bool = False
-    # ORZ refreshes the reference each episode: after every ppo_train stage the reference becomes the policy
-    # (the KL then holds each stage near the last one); false keeps the starting policy as the reference
-    refresh_reference: bool = True
+    # false (ORZ's default): the starting policy (or the one a checkpoint restored) is the reference for the whole
+    # run; true: it becomes the policy each time a pass over a prompts file ends (ORZ's per-episode refresh)
+    refresh_reference: bool = False
     gamma: float = Field(default=1.0, gt=0, le=1)
     lam: float = Field(default=1.0, ge=0, le=1)
     clip_eps: float = Field(default=0.2, gt=0)

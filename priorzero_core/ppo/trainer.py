@@ -158,9 +158,13 @@ class PPOTrainer:
         records = read_prompts(path)
         if not records:
             raise ValueError(f"prompt file {path} is empty")
-        rows = [self._rollout_and_train(self._draw(path, records)) for _ in range(self.ppo.rollouts_per_train)]
-        if self.ppo.refresh_reference:  # as ORZ at the end of each episode: KL is measured from this policy on
-            self.reference.call_one("load_weights", self.policy_state_dict())
+        rows = []
+        for _ in range(self.ppo.rollouts_per_train):
+            batch = self._draw(path, records)
+            rows.append(self._rollout_and_train(batch))
+            order, start = self._passes[str(path)]
+            if self.ppo.refresh_reference and start >= len(order):  # an episode (pass over the prompts) ended:
+                self.reference.call_one("load_weights", self.policy_state_dict())  # KL is measured from here on
         return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
 
     def evaluate(self, prompts_path: Path | str, samples_per_prompt: int = 1) -> dict[str, float]:
@@ -198,11 +202,12 @@ class PPOTrainer:
         rollout.old_logp, rollout.ref_logp = out[0], out[1]
         mask = rollout.action_mask
         kl_k1 = approx_kl(rollout.old_logp, rollout.ref_logp, k3=False) * mask
+        kl_penalty = torch.zeros_like(kl_k1)
         if self.critic is None:
             rollout.advantages = group_advantages(reward, n, mask)
         else:
             rollout.values = out[2] * mask
-            kl_penalty = torch.zeros_like(kl_k1) if self.ppo.use_kl_loss else kl_k1
+            kl_penalty = kl_penalty if self.ppo.use_kl_loss else kl_k1
             rewards = token_rewards(reward, kl_penalty, mask, self.ppo.kl_coef)
             advantages, rollout.returns = gae(rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)
             rollout.advantages = normalise(advantages, mask)
@@ -221,6 +226,8 @@ class PPOTrainer:
             "train/ppo_policy_loss": stats[0]["policy_loss"],
             "train/ppo_value_loss": stats[1]["value_loss"] if len(stats) > 1 else 0.0,
             "train/ppo_kl": float(masked_mean(approx_kl(rollout.old_logp, rollout.ref_logp, k3=True), mask)),
+            # what the KL took off each response's return (PPO without use_kl_loss): kl_coef · Σ KL over its tokens
+            "train/ppo_kl_penalty": float((self.ppo.kl_coef * kl_penalty).sum(-1).mean()),
             "train/ppo_reward_mean": float(reward.mean()),
             "train/ppo_response_len": float(mask.sum(-1).float().mean()),
             "train/ppo_tokens_per_s": tokens / seconds,

@@ -59,3 +59,11 @@ def test_value_loss_takes_the_worse_of_clipped_and_unclipped():
     mask = torch.ones(1, 1, dtype=torch.bool)
     loss = value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]]), mask, clip=0.2)
     assert torch.isclose(loss, torch.tensor(0.5 * 0.8 ** 2))
+
+
+def test_k3_kl_is_accurate_near_zero():
+    """In fp32, e^{-r} - 1 + r cancelled to 0 or noise for the small log-ratios of early training."""
+    r = torch.tensor([1e-5, -3e-5, 2e-4], dtype=torch.float32)
+    kl = approx_kl(r, torch.zeros(3), k3=True)
+    assert kl.dtype == torch.float32
+    torch.testing.assert_close(kl, r.double().pow(2).div(2).float(), rtol=1e-3, atol=0)

@@ -28,7 +28,10 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
                                                                 process_tracker, tmp_path):
     children, still_running = process_tracker
     before = children()
-    cfg = tiny_ppo_config(algorithm=algorithm)
+    # GRPO: all 12 prompts in one rollout, so each train() ends a pass over the file (an ORZ episode) and with
+    # refresh_reference the reference becomes the policy; PPO keeps the default (the starting policy stays it).
+    grpo = algorithm == "grpo"
+    cfg = tiny_ppo_config(algorithm=algorithm, **(dict(refresh_reference=True, rollout_batch_size=12) if grpo else {}))
     trainer = PPOTrainer(cfg, tmp_path / "run")
     spawned = children() - before
     try:
@@ -50,14 +53,21 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
 
         trainer.save(tmp_path / "ckpt")
         next_draw = ([r.prompt for r in trainer._draw(prompts, read_prompts(prompts))], trainer._rng.integers(1 << 31))
-        trainer.train(prompts)
-        # ORZ's refresh: each stage ends with the reference holding the policy it trained
+        second = trainer.train(prompts)
         import ray
 
         reference = ray.get(trainer.reference.actors[0].__ray_call__.remote(
             lambda actor: {k: v.cpu() for k, v in actor.model.state_dict().items()}))
         policy = trainer.policy_state_dict()
-        assert all(torch.equal(reference[k], v) for k, v in policy.items())
+        if grpo:  # the pass ended: the reference is the policy it trained
+            assert all(torch.equal(reference[k], v) for k, v in policy.items())
+        else:  # the starting policy: once the policy has moved, the KL and its penalty on the returns are not 0
+            start = AutoModelForCausalLM.from_pretrained(tiny_llm_dir).state_dict()
+            assert all(torch.equal(reference[k], start[k]) for k in policy)
+            # (the first rollout's advantages are all 0 here: equal rewards and a critic head that starts at 0)
+            assert metrics["train/ppo_grad_norm"] == 0 and second["train/ppo_grad_norm"] > 0
+            third = trainer.train(prompts)
+            assert third["train/ppo_kl"] > 0 and third["train/ppo_kl_penalty"] != 0, third
         if algorithm == "ppo":  # (GRPO's groups here may all tie, leaving no advantage to move the policy)
             assert any(not torch.equal(policy[k], v) for k, v in trained.items())  # and that policy moved on
         trainer.load(tmp_path / "ckpt")
