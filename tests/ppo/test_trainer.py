@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from priorzero_core.config import PriorZeroConfig
+from priorzero_core.llm_prior import plain_state_dict
 from priorzero_core.ppo import PPOTrainer, orz_enabled
+from priorzero_core.ppo.trainer import placement_plan
 from priorzero_core.ppo.adapter import read_prompts, write_prompts
 
 METRICS = ("train/ppo_policy_loss", "train/ppo_value_loss", "train/ppo_kl", "train/ppo_reward_mean",
@@ -31,10 +33,40 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
     # GRPO: all 12 prompts in one rollout, so each train() ends a pass over the file (an ORZ episode) and with
     # refresh_reference the reference becomes the policy; PPO keeps the default (the starting policy stays it).
     grpo = algorithm == "grpo"
-    cfg = tiny_ppo_config(algorithm=algorithm, **(dict(refresh_reference=True, rollout_batch_size=12) if grpo else {}))
-    trainer = PPOTrainer(cfg, tmp_path / "run")
+    # Placement: the local cluster declares GPUs this machine lacks (PPO: 2, GRPO: 1); the actors then run on the
+    # CPU where Ray placed them. On 2 GPUs the old even share (0.667 each) never placed the third actor.
+    gpus = 1 if grpo else 2
+    cfg = tiny_ppo_config(algorithm=algorithm, local_num_gpus=gpus, startup_timeout_s=120,
+                          **(dict(refresh_reference=True, rollout_batch_size=12) if grpo else {}))
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def with_lora():
+        """The tiny LM with non-zero LoRA adapters injected in place, as LLM training with llm.lora leaves the
+        prior's model (PPO used to fail at start-up on its base_layer/lora_A keys)."""
+        model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+        get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+        return model
+
+    start_model = with_lora() if grpo else None
+    trainer = PPOTrainer(cfg, tmp_path / "run", policy_model=start_model)
     spawned = children() - before
     try:
+        import ray
+
+        assigned = {g.name: ray.get(g.actors[0].__ray_call__.remote(lambda actor: ray.get_gpu_ids()))
+                    for g in (trainer.policy, trainer.reference, trainer.critic) if g is not None}
+        if grpo:  # both halves of the one GPU
+            assert assigned == {"PolicyActor": [0], "ReferenceActor": [0]}
+        else:  # the policy with its reference on one GPU, the critic on the other
+            assert assigned["PolicyActor"] == assigned["ReferenceActor"] != assigned["CriticActor"]
+        if grpo:  # PPO starts from the adapters merged in
+            merged = plain_state_dict(start_model)
+            assert all(torch.equal(merged[k], v) for k, v in trainer.policy_state_dict().items())
         prompts = trainer.adapt([zork_segment], iteration=5)
         assert prompts.name == "prompts-000005.jsonl" and len(read_prompts(prompts)) == len(zork_segment.steps)
         metrics = trainer.train(prompts)
@@ -43,19 +75,15 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
         if algorithm == "grpo":
             assert trainer.critic is None and metrics["train/ppo_value_loss"] == 0.0
 
-        # the MCTS prior gets exactly the trained policy
-        from transformers import AutoModelForCausalLM
-
-        prior = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+        # the MCTS prior gets exactly the trained policy (with LoRA adapters: as its base weights, adapters zeroed)
+        prior = with_lora() if grpo else AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
         trainer.sync_to(prior)
         trained = trainer.policy_state_dict()
-        assert all(torch.equal(prior.state_dict()[k], v) for k, v in trained.items())
+        assert all(torch.equal(plain_state_dict(prior)[k], v) for k, v in trained.items())
 
         trainer.save(tmp_path / "ckpt")
         next_draw = ([r.prompt for r in trainer._draw(prompts, read_prompts(prompts))], trainer._rng.integers(1 << 31))
         second = trainer.train(prompts)
-        import ray
-
         reference = ray.get(trainer.reference.actors[0].__ray_call__.remote(
             lambda actor: {k: v.cpu() for k, v in actor.model.state_dict().items()}))
         policy = trainer.policy_state_dict()
@@ -89,6 +117,23 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
     assert spawned, "a local Ray cluster should have started processes"
     leaked = still_running(spawned)
     assert not leaked, f"still running after close(): {[p.name() for p in leaked]}"
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+@pytest.mark.parametrize("grpo", [False, True], ids=["ppo", "grpo"])
+def test_every_placement_plan_fits_its_gpus_and_keeps_the_policy_with_its_reference(gpus, grpo):
+    plan = placement_plan(gpus, grpo)
+    assert set(plan) == {"policy", "reference"} | (set() if grpo else {"critic"})
+    per_bundle: dict[int, float] = {}
+    for bundle, share in plan.values():
+        assert 0 <= bundle < gpus and 0 < share <= 1
+        per_bundle[bundle] = per_bundle.get(bundle, 0.0) + share
+    assert all(total <= 1 + 1e-9 for total in per_bundle.values())  # each GPU holds what is placed on it
+    if gpus < len(plan):
+        assert plan["policy"][0] == plan["reference"][0]
+    else:
+        assert all(share == 1.0 for _, share in plan.values())
+    assert placement_plan(0, grpo) == {g: (None, 0.0) for g in plan}
 
 
 def test_grpo_without_groups_is_a_config_error():
