@@ -233,6 +233,7 @@ class PPOConfig(_Section):
     n_samples_per_prompt: int = Field(default=4, gt=0)
     actor_lr: float = Field(default=1e-6, gt=0)
     critic_lr: float = Field(default=5e-6, gt=0)
+    num_warmup_steps: int = Field(default=50, ge=0)  # ORZ's: both learning rates ramp linearly over these updates
     kl_coef: float = Field(default=0.01, ge=0)
     use_kl_loss: bool = False
     # false (ORZ's default): the starting policy (or the one a checkpoint restored) is the reference for the whole
@@ -252,7 +253,9 @@ class PPOConfig(_Section):
     invalid_action_penalty: float = -1.0
     gradient_checkpointing: bool = True
     # prompts and rollouts
-    think: bool = True  # False prefills `<think> </think> <answer>` so the policy writes only the action (small models)
+    # False (default) prefills `<think> </think> <answer>` so the policy writes only the action: SmolLM2-135M has no
+    # reasoning to give, and generate_max_tokens 48 would cut it off. True is ORZ's `<think>`: raise the token cap then
+    think: bool = False
     history_length: int = Field(default=2, ge=0)  # earlier (observation, action, reward) steps shown in a prompt
     rollouts_per_train: int = Field(default=1, gt=0)  # make-experience → train cycles per ppo_train stage
     fuzzy_match_cutoff: float = Field(default=0.85, gt=0, le=1)  # difflib ratio for matching an answer to an action

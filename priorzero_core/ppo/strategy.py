@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
 DEEPSPEED_TAG = "ppo"
 
 
@@ -62,11 +63,19 @@ class Strategy(ABC):
             enable_checkpointing(model)
 
 
+def warmup(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """ORZ's constant-with-warmup: the learning rate ramps linearly to its value over the first `steps` updates
+    (the first takes 1/steps of it), then stays."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(steps, 1)))
+
+
 class _TorchTrainable(Trainable):
-    def __init__(self, module: nn.Module, lr: float, grad_clip: float, bf16: bool, device: torch.device):
+    def __init__(self, module: nn.Module, lr: float, grad_clip: float, bf16: bool, device: torch.device,
+                 warmup_steps: int = 0):
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.scheduler = warmup(self.optimizer, warmup_steps)
         self.grad_clip = grad_clip
         self.bf16 = bf16
         self.device_type = device.type
@@ -77,6 +86,7 @@ class _TorchTrainable(Trainable):
     def step(self) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
@@ -87,10 +97,13 @@ class _TorchTrainable(Trainable):
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self.module, str(directory / WEIGHTS_FILE))  # handles tied embeddings
         torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+        torch.save(self.scheduler.state_dict(), directory / SCHEDULER_FILE)
 
     def load(self, directory: Path) -> None:
         load_model(self.module, str(directory / WEIGHTS_FILE))
         self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=True))
+        if (directory / SCHEDULER_FILE).is_file():
+            self.scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
 
 
 class TorchStrategy(Strategy):
@@ -99,7 +112,7 @@ class TorchStrategy(Strategy):
     def prepare(self, model: nn.Module, lr: float) -> Trainable:
         self._checkpointing(model)
         bf16 = bool(self.cfg.bf16)
-        return _TorchTrainable(model.to(self.device), lr, self.cfg.grad_clip, bf16, self.device)
+        return _TorchTrainable(model.to(self.device), lr, self.cfg.grad_clip, bf16, self.device, self.cfg.num_warmup_steps)
 
 
 class _DeepSpeedTrainable(Trainable):
@@ -167,7 +180,8 @@ class DeepSpeedStrategy(Strategy):
             "wall_clock_breakdown": False,
         }
         params = [p for p in model.to(self.device).parameters() if p.requires_grad]
-        engine, *_ = self._deepspeed.initialize(model=model, model_parameters=params, config=config)
+        engine, *_ = self._deepspeed.initialize(model=model, model_parameters=params, config=config,
+                                                lr_scheduler=lambda opt: warmup(opt, self.cfg.num_warmup_steps))
         return _DeepSpeedTrainable(engine)
 
 

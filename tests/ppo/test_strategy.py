@@ -38,9 +38,28 @@ def test_deepspeed_strategy_runs_a_ppo_step_on_cpu(tiny_llm_dir):
     """ZeRO-2 + bf16 + gradient checkpointing, one gloo rank: the code path a GPU run takes."""
     pytest.importorskip("deepspeed")
     cfg = PPOConfig(strategy="deepspeed", gradient_checkpointing=True, actor_lr=1e-3, critic_lr=1e-3, train_batch_size=2,
-                    critic_update_steps=1, generate_max_tokens=6)
+                    critic_update_steps=1, generate_max_tokens=6, num_warmup_steps=1)  # one step: bf16 must see it
     p_stats, c_stats, changed = ppo_step(cfg, LLMConfig(model=str(tiny_llm_dir)))
     assert changed and all(torch.isfinite(torch.tensor(v)) for v in [*p_stats.values(), *c_stats.values()])
+
+
+def test_learning_rates_warm_up_over_the_first_updates_and_resume_where_they_were(tiny_llm_dir, tmp_path):
+    """ORZ ramps both learning rates over num_warmup_steps updates; without it the first PPO updates of a fresh
+    critic moved the policy at full rate."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = PPOConfig(strategy="torch", num_warmup_steps=4, gradient_checkpointing=False)
+    model = TorchStrategy(cfg, torch.device("cpu")).prepare(AutoModelForCausalLM.from_pretrained(tiny_llm_dir), 1e-3)
+    rates = []
+    for _ in range(5):
+        rates.append(model.optimizer.param_groups[0]["lr"])
+        model.module(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+        model.step()
+    assert rates == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    model.save(tmp_path)
+    again = TorchStrategy(cfg, torch.device("cpu")).prepare(AutoModelForCausalLM.from_pretrained(tiny_llm_dir), 1e-3)
+    again.load(tmp_path)
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
 
 
 def test_auto_strategy_is_torch_on_cpu():
