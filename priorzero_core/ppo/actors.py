@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -46,6 +46,15 @@ def _cpu_state(module: torch.nn.Module) -> StateDict:
     return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in module.state_dict().items()}
 
 
+def in_rows(rollout: Rollout, size: int, module: torch.nn.Module,
+            forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`forward(sequences, attention_mask)` over `size` rows of the rollout at a time, on `module`'s device; the
+    results concatenated on the CPU. Activations then scale with `size`, not with the rollout."""
+    device = next(module.parameters()).device
+    return torch.cat([forward(rollout.sequences[i : i + size].to(device), rollout.attention_mask[i : i + size].to(device)).cpu()
+                      for i in range(0, len(rollout), size)])
+
+
 class PolicyActor:
     """Trains the LLM with the clipped PPO objective; also generates rollouts with transformers."""
 
@@ -63,11 +72,10 @@ class PolicyActor:
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
-        device = next(self.model.module.parameters()).device
-        with evaluating(self.model.module), self.model.autocast():
-            out = response_logprobs(self.model.module, rollout.sequences.to(device), rollout.attention_mask.to(device),
-                                    rollout.response_len)
-        return out.cpu()
+        module = self.model.module
+        with evaluating(module), self.model.autocast():
+            return in_rows(rollout, self.cfg.micro_forward_batch_size, module,
+                           lambda seqs, mask: response_logprobs(module, seqs, mask, rollout.response_len))
 
     def train(self, rollout: Rollout) -> dict[str, float]:
         """`policy_update_steps` passes over the rollout in minibatches of `train_batch_size`."""
@@ -122,10 +130,10 @@ class CriticActor:
 
     @torch.no_grad()
     def values(self, rollout: Rollout) -> torch.Tensor:
-        device = next(self.model.module.parameters()).device
-        with evaluating(self.model.module), self.model.autocast():
-            out = self.model.module(rollout.sequences.to(device), rollout.attention_mask.to(device), rollout.response_len)
-        return out.cpu()
+        module = self.model.module
+        with evaluating(module), self.model.autocast():
+            return in_rows(rollout, self.cfg.micro_forward_batch_size, module,
+                           lambda seqs, mask: module(seqs, mask, rollout.response_len))
 
     def train(self, rollout: Rollout) -> dict[str, float]:
         cfg, module = self.cfg, self.model.module
@@ -156,14 +164,14 @@ class ReferenceActor:
 
     def __init__(self, ppo: PPOConfig, llm: LLMConfig, weights: Optional[StateDict] = None, seed: int = 0):
         _setup_process(ppo.actor_num_cpus)
+        self.cfg = ppo
         self.model, _ = _load_lm(llm, weights)
         self.model.requires_grad_(False).to(actor_device())
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        return response_logprobs(self.model, rollout.sequences.to(device), rollout.attention_mask.to(device),
-                                 rollout.response_len).cpu()
+        return in_rows(rollout, self.cfg.micro_forward_batch_size, self.model,
+                       lambda seqs, mask: response_logprobs(self.model, seqs, mask, rollout.response_len))
 
     def load_weights(self, weights: StateDict) -> None:
         self.model.load_state_dict(weights)

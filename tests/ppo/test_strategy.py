@@ -83,3 +83,45 @@ def test_checkpointing_works_with_either_transformers_method_name(tiny_llm_dir):
     assert calls == [{"use_reentrant": False}]
     Critic(lm).activation_checkpointing_enable()
     assert lm.model.gradient_checkpointing
+
+
+def test_response_logprobs_in_blocks_equal_one_full_forward_with_their_gradients(tiny_llm_dir):
+    """The LM head runs a few rows at a time (and is recomputed in the backward), so the rollout's fp32
+    full-vocabulary logits never exist at once; values and gradients are those of the plain forward."""
+    from transformers import AutoModelForCausalLM
+
+    from priorzero_core.ppo.experience import position_ids
+    from priorzero_core.ppo.models import response_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(0, 1000, (5, 20), generator=g)
+    mask = torch.ones_like(seqs)
+    mask[0, :3] = 0  # a left-padded prompt
+
+    def plain() -> torch.Tensor:
+        logits = model(input_ids=seqs, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
+        logits, targets = logits[:, -8:-1].float(), seqs[:, -7:]
+        return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+    with torch.no_grad():
+        assert torch.allclose(response_logprobs(model, seqs, mask, 7, rows=2), plain(), atol=1e-6)
+    grads = []
+    for forward in (plain, lambda: response_logprobs(model, seqs, mask, 7, rows=2)):
+        model.zero_grad()
+        (forward() * torch.linspace(-1, 1, 7)).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+
+
+def test_making_experience_in_micro_batches_gives_the_one_batch_result(tiny_llm_dir):
+    llm = LLMConfig(model=str(tiny_llm_dir))
+    rollout = make_rollout([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], [[1, 2], [3], [4, 5, 6], [7, 8]], pad_id=2)
+    results = []
+    for micro in (1, 16):
+        cfg = PPOConfig(strategy="torch", micro_forward_batch_size=micro)
+        reference, critic = ReferenceActor(cfg, llm), CriticActor(cfg, llm)
+        with torch.no_grad():  # a value head that is not zero, the same in both
+            critic.model.module.value_head.weight.copy_(torch.linspace(-1, 1, critic.model.module.value_head.in_features))
+        results.append((reference.logprobs(rollout), critic.values(rollout)))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*results))
