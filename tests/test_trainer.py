@@ -242,19 +242,23 @@ def test_deterministic_runs_of_one_seed_write_identical_checkpoints_replay_files
 
 
 def test_a_run_resumed_after_dying_mid_iteration_ends_as_the_uninterrupted_run(tmp_path, monkeypatch, one_thread):
-    """Iteration 3 dies in world-model training, after its collect wrote a replay file and moved the episodes on:
-    the resume sets that file aside, restores the episodes in progress and every RNG from checkpoint 2, and runs
-    iteration 3 again to the same checkpoint, replay and metrics as a run that never stopped."""
-    cfg = load_config("debug", TINY + ["llm.enabled=false", "game.max_episode_steps=5", *DETERMINISTIC])
-    run_plain(cfg, tmp_path / "whole", iterations=3, progress=False)
-    monkeypatch.setenv("PRIORZERO_FAULTS", "train_world_model-update@3")
+    """A checkpoint every 2 iterations; iteration 4 dies in world-model training, after its collect wrote a replay
+    file and moved the episodes on. The resume from checkpoint 2 sets the files and metrics rows of iterations 3
+    and 4 aside, restores the episodes in progress and every RNG, and runs both again to the same checkpoint,
+    replay and metrics as a run that never stopped."""
+    cfg = load_config("debug", TINY + ["llm.enabled=false", "game.max_episode_steps=5", "run.checkpoint_freq=2",
+                                       "schedule.iterations=4", *DETERMINISTIC])
+    run_plain(cfg, tmp_path / "whole", progress=False)
+    monkeypatch.setenv("PRIORZERO_FAULTS", "train_world_model-update@4")
     with pytest.raises(RuntimeError, match="injected fault"):
-        run_plain(cfg, tmp_path / "cut", iterations=3, progress=False)
+        run_plain(cfg, tmp_path / "cut", progress=False)
     monkeypatch.delenv("PRIORZERO_FAULTS")
-    assert [p.name[:11] for p in sorted((tmp_path / "cut" / "replay").iterdir())] == ["iter-000001", "iter-000002",
-                                                                                    "iter-000003"]
+    assert [p.name[:11] for p in sorted((tmp_path / "cut" / "replay").iterdir())] == [
+        "iter-000001", "iter-000002", "iter-000003", "iter-000004"]
+    assert [int(r["iteration"]) for r in read_metrics(tmp_path / "cut")] == [1, 2, 3]
 
-    run_plain(cfg, tmp_path / "cut", iterations=3, resume=True, progress=False)
+    run_plain(cfg, tmp_path / "cut", resume=True, progress=False)
 
     assert trained(tmp_path / "cut") == trained(tmp_path / "whole")
-    assert len(list((tmp_path / "cut" / "replay").glob("iter-000003-*.after-checkpoint-*"))) == 1
+    assert len(list((tmp_path / "cut" / "replay").glob("iter-00000[34]-*.after-checkpoint-*"))) == 2
+    assert list((tmp_path / "cut" / "logs").glob("metrics.jsonl.before-resume-*"))
