@@ -226,7 +226,7 @@ def evaluate(
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    trainer = Trainer(load_config(saved, _overrides(set_, more)), run_dir, resume=True, record_config=False)
+    trainer = Trainer(load_config(saved, _overrides(set_, more)), run_dir, resume=True, readonly=True)
     try:
         result = trainer.evaluate(trainer.iteration)
     finally:

@@ -256,11 +256,14 @@ class ReplayBuffer:
             fsync_path(Path(replay_dir))
         return moved
 
-    def load_dir(self, replay_dir: Path) -> int:
-        """Load every complete per-iteration file in collection order; returns segments loaded."""
+    def load_dir(self, replay_dir: Path, up_to: Optional[int] = None) -> int:
+        """Load every complete per-iteration file (of iterations up to `up_to`) in collection order; returns
+        segments loaded."""
         count = 0
         files = sorted(Path(replay_dir).glob("iter-*.jsonl.gz"), key=lambda p: (p.name.split("-")[1], p.stat().st_mtime))
         for path in files:
+            if up_to is not None and int(path.name.split("-")[1]) > up_to:
+                continue
             segs = self.read_segments(path)
             self.add(segs)
             count += len(segs)

@@ -78,10 +78,13 @@ class Trainer:
     """Holds envs, models, replay and counters for one run directory."""
 
     def __init__(self, cfg: PriorZeroConfig, run_dir: Path | str, *, resume: bool = False, progress: bool = True,
-                 record_config: bool = True):
+                 readonly: bool = False):
+        """`readonly` (a one-off evaluation, perhaps of a run still training): load the newest checkpoint and leave
+        every file of the run dir as it is, its config.yaml, replay files and metrics rows included."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self.readonly = readonly
         self._check_run_dir()
         setup_run_logging(self.run_dir)
         if cfg.run.torch_threads:
@@ -132,7 +135,7 @@ class Trainer:
         self.collector.record_env_state = self.ppo_enabled  # PPO rewards replay actions from saved states
         if resume:
             self._resume()
-        if record_config:  # False for a one-off evaluation with overrides: the run's own config stays
+        if not readonly:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
 
     # ------------------------------------------------------------------ setup
@@ -487,8 +490,9 @@ class Trainer:
             if ckpt.list_checkpoints(root):
                 raise CheckpointError(f"no checkpoint in {root} verifies (all are incomplete or corrupt); start a new run dir")
             log.info("resume: no checkpoint in %s yet, starting fresh", root)
-            self._set_aside_replay(0)
-            restore_metrics(self.run_dir, 0, None)
+            if not self.readonly:
+                self._set_aside_replay(0)
+                restore_metrics(self.run_dir, 0, None)
             return
         path, manifest = found
         meta = manifest["meta"]
@@ -525,9 +529,10 @@ class Trainer:
         self.iteration = int(meta["iteration"])
         self.env_steps = int(meta["env_steps"])
         self._steps_since_wm = int(meta.get("steps_since_wm", 0))
-        self._set_aside_replay(self.iteration)
-        restore_metrics(self.run_dir, self.iteration, meta.get("metrics"))
-        self.replay.load_dir(self.run_dir / "replay")
+        if not self.readonly:
+            self._set_aside_replay(self.iteration)
+            restore_metrics(self.run_dir, self.iteration, meta.get("metrics"))
+        self.replay.load_dir(self.run_dir / "replay", up_to=self.iteration)
         if len(self.replay) != meta.get("replay_steps", len(self.replay)):
             log.warning("resume: the replay files hold %d steps where checkpoint %s counted %d (files were moved or "
                         "removed); training goes on, but not as the interrupted run would have",

@@ -94,10 +94,20 @@ def test_eval_overrides_apply_to_that_evaluation_only(tmp_path):
     run_dir = tmp_path / "run"
     run_plain(load_config("debug", ["llm.enabled=false", "collect.steps_per_iteration=2", "mcts.num_simulations=2",
                                     "eval.max_episode_steps=2", "schedule.iterations=1"]), run_dir, progress=False)
-    saved = (run_dir / "config.yaml").read_text()
+    # As if the run were still training: iteration 2 collected and logged, not yet checkpointed. A resume sets
+    # these aside; an evaluation must leave them be.
+    (replay,) = (run_dir / "replay").iterdir()
+    (run_dir / "replay" / "iter-000002-later.jsonl.gz").write_bytes(replay.read_bytes())
+    with open(run_dir / "logs" / "metrics.jsonl", "a") as fh:
+        fh.write('{"iteration": 2}\n')
+    def files() -> dict:  # all but the logs and transcripts an evaluation adds to
+        return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*")
+                if p.is_file() and "transcripts" not in p.parts and p.suffix != ".log"}
+
+    saved = files()
 
     result = runner.invoke(app, ["eval", str(run_dir), "eval.modes=[random]", "eval.num_episodes=3"])
 
     assert result.exit_code == 0, result.output
     assert "evals/random/reward_mean" in result.output and "evals/wm/reward_mean" not in result.output
-    assert (run_dir / "config.yaml").read_text() == saved
+    assert files() == saved  # config.yaml, replay files, metrics rows as they were
