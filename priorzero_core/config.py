@@ -231,6 +231,7 @@ class PPOConfig(_Section):
     rollout_batch_size: int = Field(default=128, gt=0)
     train_batch_size: int = Field(default=32, gt=0)
     micro_forward_batch_size: int = Field(default=16, gt=0)  # responses per forward when making experience
+    micro_train_batch_size: int = Field(default=8, gt=0)  # responses per forward/backward; gradients accumulate
     n_samples_per_prompt: int = Field(default=4, gt=0)
     actor_lr: float = Field(default=1e-6, gt=0)
     critic_lr: float = Field(default=5e-6, gt=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -55,6 +55,17 @@ def in_rows(rollout: Rollout, size: int, module: torch.nn.Module,
                       for i in range(0, len(rollout), size)])
 
 
+def micro_batches(mb: Rollout, size: int) -> Iterator[tuple[Rollout, float, bool]]:
+    """A minibatch as micro-batches of `size` responses: (micro-batch, its share of the minibatch's response
+    tokens, whether it is the last). The losses are token means, so the shares make the accumulated gradient the
+    minibatch's own while activations scale with `size`."""
+    tokens = float(mb.action_mask.sum().clamp(min=1))
+    starts = range(0, len(mb), size)
+    for start in starts:
+        micro = mb.select(torch.arange(start, min(start + size, len(mb))))
+        yield micro, float(micro.action_mask.sum()) / tokens, start == starts[-1]
+
+
 class PolicyActor:
     """Trains the LLM with the clipped PPO objective; also generates rollouts with transformers."""
 
@@ -87,18 +98,21 @@ class PolicyActor:
         module.train()
         for _ in range(cfg.policy_update_steps):
             for mb in rollout.minibatches(cfg.train_batch_size, self.generator):
-                mask = mb.action_mask.to(device)
-                with self.model.autocast():
-                    logp = response_logprobs(module, mb.sequences.to(device), mb.attention_mask.to(device), mb.response_len)
-                loss, clip_frac = policy_loss(logp, mb.old_logp.to(device), mb.advantages.to(device), mask, cfg.clip_eps)
-                kl = masked_mean(approx_kl(logp, mb.ref_logp.to(device), k3=True), mask)
-                if kl_loss:
-                    loss = loss + cfg.kl_coef * kl
-                self.model.backward(loss)
+                for micro, weight, last in micro_batches(mb, cfg.micro_train_batch_size):
+                    mask = micro.action_mask.to(device)
+                    with self.model.autocast():
+                        logp = response_logprobs(module, micro.sequences.to(device), micro.attention_mask.to(device),
+                                                 micro.response_len)
+                    loss, clip_frac = policy_loss(logp, micro.old_logp.to(device), micro.advantages.to(device), mask,
+                                                  cfg.clip_eps)
+                    kl = masked_mean(approx_kl(logp, micro.ref_logp.to(device), k3=True), mask)
+                    if kl_loss:
+                        loss = loss + cfg.kl_coef * kl
+                    self.model.backward(loss * weight, last=last)
+                    sums["policy_loss"] += loss.item() * weight
+                    sums["clip_frac"] += float(clip_frac) * weight
+                    sums["kl_loss"] += kl.item() * weight
                 sums["grad_norm"] += self.model.step()
-                sums["policy_loss"] += loss.item()
-                sums["clip_frac"] += float(clip_frac)
-                sums["kl_loss"] += kl.item()
                 steps += 1
         module.eval()
         return {k: v / max(steps, 1) for k, v in sums.items()}
@@ -142,12 +156,14 @@ class CriticActor:
         module.train()
         for _ in range(cfg.critic_update_steps):
             for mb in rollout.minibatches(cfg.train_batch_size, self.generator):
-                with self.model.autocast():
-                    values = module(mb.sequences.to(device), mb.attention_mask.to(device), mb.response_len)
-                loss = value_loss(values, mb.values.to(device), mb.returns.to(device), mb.action_mask.to(device), cfg.value_clip)
-                self.model.backward(loss)
+                for micro, weight, last in micro_batches(mb, cfg.micro_train_batch_size):
+                    with self.model.autocast():
+                        values = module(micro.sequences.to(device), micro.attention_mask.to(device), micro.response_len)
+                    loss = value_loss(values, micro.values.to(device), micro.returns.to(device),
+                                      micro.action_mask.to(device), cfg.value_clip)
+                    self.model.backward(loss * weight, last=last)
+                    total += loss.item() * weight
                 self.model.step()
-                total += loss.item()
                 steps += 1
         module.eval()
         return {"value_loss": total / max(steps, 1)}

@@ -32,11 +32,12 @@ class Trainable(ABC):
     module: nn.Module
 
     @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """Add `loss`'s gradients; `last`: the final micro-batch before `step` (gradient accumulation)."""
 
     @abstractmethod
     def step(self) -> float:
-        """Clip, apply and clear the gradients; returns the gradient norm."""
+        """Clip, apply and clear the gradients accumulated since the last step; returns the gradient norm."""
 
     @abstractmethod
     def autocast(self) -> contextlib.AbstractContextManager: ...
@@ -80,7 +81,7 @@ class _TorchTrainable(Trainable):
         self.bf16 = bf16
         self.device_type = device.type
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         loss.backward()
 
     def step(self) -> float:
@@ -120,7 +121,10 @@ class _DeepSpeedTrainable(Trainable):
         self.engine = engine
         self.module = engine.module
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        # The engine is configured without accumulation steps (each loss already carries its token share);
+        # this tells ZeRO-2 when a minibatch's gradients are complete, so step() applies them once.
+        self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
 
     def step(self) -> float:
@@ -170,7 +174,7 @@ class DeepSpeedStrategy(Strategy):
     def prepare(self, model: nn.Module, lr: float) -> Trainable:
         self._checkpointing(model)
         config = {
-            "train_micro_batch_size_per_gpu": self.cfg.train_batch_size,
+            "train_micro_batch_size_per_gpu": min(self.cfg.micro_train_batch_size, self.cfg.train_batch_size),
             "gradient_accumulation_steps": 1,
             "gradient_clipping": self.cfg.grad_clip,
             "bf16": {"enabled": self.cfg.bf16 is not False},

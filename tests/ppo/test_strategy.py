@@ -38,7 +38,8 @@ def test_deepspeed_strategy_runs_a_ppo_step_on_cpu(tiny_llm_dir):
     """ZeRO-2 + bf16 + gradient checkpointing, one gloo rank: the code path a GPU run takes."""
     pytest.importorskip("deepspeed")
     cfg = PPOConfig(strategy="deepspeed", gradient_checkpointing=True, actor_lr=1e-3, critic_lr=1e-3, train_batch_size=2,
-                    critic_update_steps=1, generate_max_tokens=6, num_warmup_steps=1)  # one step: bf16 must see it
+                    critic_update_steps=1, generate_max_tokens=6, num_warmup_steps=1,  # one step: bf16 must see it
+                    micro_train_batch_size=1)  # each minibatch's gradients accumulated over two micro-batches
     p_stats, c_stats, changed = ppo_step(cfg, LLMConfig(model=str(tiny_llm_dir)))
     assert changed and all(torch.isfinite(torch.tensor(v)) for v in [*p_stats.values(), *c_stats.values()])
 
@@ -125,3 +126,31 @@ def test_making_experience_in_micro_batches_gives_the_one_batch_result(tiny_llm_
             critic.model.module.value_head.weight.copy_(torch.linspace(-1, 1, critic.model.module.value_head.in_features))
         results.append((reference.logprobs(rollout), critic.values(rollout)))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*results))
+
+
+def test_training_in_micro_batches_makes_the_same_update_as_whole_minibatches(tiny_llm_dir):
+    """Gradients accumulate over micro-batches weighted by their share of the minibatch's response tokens, so
+    memory follows micro_train_batch_size while each update applies the minibatch's gradient."""
+    llm = LLMConfig(model=str(tiny_llm_dir))
+    rollout = make_rollout([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], [[1, 2], [3], [4, 5, 6], [7, 8]], pad_id=2)
+    runs = []
+    for micro in (1, 4):
+        cfg = PPOConfig(strategy="torch", train_batch_size=4, critic_update_steps=1, num_warmup_steps=0,
+                        micro_train_batch_size=micro, gradient_checkpointing=False)
+        policy, critic = PolicyActor(cfg, llm), CriticActor(cfg, llm)
+        rollout.old_logp = rollout.ref_logp = policy.logprobs(rollout)
+        rollout.values = torch.zeros_like(rollout.old_logp)
+        rollout.advantages = torch.linspace(-1, 1, rollout.old_logp.numel()).view_as(rollout.old_logp) * rollout.action_mask
+        rollout.returns = rollout.advantages
+        grads: list[list[torch.Tensor]] = []
+        for actor in (policy, critic):  # the gradient each update applies
+            step = actor.model.step
+            actor.model.step = lambda step=step, model=actor.model: (
+                grads.append([p.grad.clone() for p in model.params]), step())[1]
+        stats = policy.train(rollout), critic.train(rollout)
+        runs.append((grads, stats))
+    (g1, s1), (g4, s4) = runs
+    assert len(g1) == len(g4) == 2  # one update each for policy and critic, however many micro-batches
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for x, y in zip(g1, g4) for a, b in zip(x, y))
+    assert s1[0]["policy_loss"] == pytest.approx(s4[0]["policy_loss"], abs=1e-6)
+    assert s1[1]["value_loss"] == pytest.approx(s4[1]["value_loss"], abs=1e-6)
