@@ -42,11 +42,11 @@ def wait_final(flow_run_id: UUID, timeout: float = 300):
 
 def test_a_served_deployment_run_killed_part_way_is_crashed_and_prefects_retry_resumes_its_run_dir(
         prefect_api, debug_overrides, tmp_path):
-    """`prefect deployment run priorzero/debug`, its process killed with -9 after checkpoint 2 (the runner marks
+    """`prefect deployment run priorzero/debug`, its process killed with -9 after checkpoint 1 (the runner marks
     the flow run Crashed), then the UI's "Retry" (the same API call): the same flow run runs again, resumes
-    the same run dir from checkpoint 2 and completes iteration 3."""
+    the same run dir from checkpoint 1 and completes iteration 2."""
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect-client"),
-           "PRIORZERO_FAULTS": "kill:checkpoint-done@2"}
+           "PRIORZERO_FAULTS": "kill:checkpoint-done@1"}
     with open(tmp_path / "serve.log", "w") as log:
         serve = subprocess.Popen([str(BIN / "priorzero"), "serve", "--poll-seconds", "1"], env=env, cwd=tmp_path,
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -54,7 +54,7 @@ def test_a_served_deployment_run_killed_part_way_is_crashed_and_prefects_retry_r
         for name in ("priorzero/debug", "priorzero/zork", "priorzero/detective"):
             wait_for_deployment(name, serve)
         run = subprocess.run(
-            [str(BIN / "prefect"), "deployment", "run", "priorzero/debug", "--param", "iterations=3",
+            [str(BIN / "prefect"), "deployment", "run", "priorzero/debug", "--param", "iterations=2",
              "--param", f"overrides={json.dumps(debug_overrides)}", "--watch", "--watch-timeout", "400"],
             env=env, capture_output=True, text=True, timeout=450)
         output = run.stdout + run.stderr + (tmp_path / "serve.log").read_text()[-3000:]
@@ -75,5 +75,5 @@ def test_a_served_deployment_run_killed_part_way_is_crashed_and_prefects_retry_r
     assert retried.state.is_completed(), (tmp_path / "serve.log").read_text()[-3000:]
     assert retried.run_count == 2
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name]  # no new run dir
-    assert [p.name for p in sorted((run_dir / "checkpoints").glob("iter-*"))][-1] == "iter-000003"
+    assert [p.name for p in sorted((run_dir / "checkpoints").glob("iter-*"))][-1] == "iter-000002"
     assert "(resumed)" in (run_dir / "logs" / "flow.log").read_text()

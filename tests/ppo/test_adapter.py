@@ -22,7 +22,7 @@ def _tokens(tokenizer, text):
 
 
 def test_prompts_carry_what_the_reward_needs(zork_segment, tokenizer):
-    records = GameSegmentToORZAdapter(PPOConfig()).convert_segments_to_prompts([zork_segment], tokenizer)
+    records = GameSegmentToORZAdapter(PPOConfig(think=True)).convert_segments_to_prompts([zork_segment], tokenizer)
     assert len(records) == len(zork_segment.steps)
     for rec, step in zip(records, zork_segment.steps):
         assert rec.prompt.endswith(THINK_PREFILL) and "<answer>" in rec.prompt
@@ -33,8 +33,8 @@ def test_prompts_carry_what_the_reward_needs(zork_segment, tokenizer):
     assert f"Action: {zork_segment.steps[0].action}" in records[1].prompt  # history of earlier steps
 
 
-def test_answer_prefill_for_small_models(zork_segment, tokenizer):
-    rec = GameSegmentToORZAdapter(PPOConfig(think=False)).convert_segments_to_prompts([zork_segment], tokenizer)[0]
+def test_answer_prefill_for_small_models_by_default(zork_segment, tokenizer):
+    rec = GameSegmentToORZAdapter(PPOConfig()).convert_segments_to_prompts([zork_segment], tokenizer)[0]
     assert rec.prompt.endswith(ANSWER_PREFILL) and rec.prefill == ANSWER_PREFILL
 
 
@@ -65,7 +65,7 @@ def test_steps_without_env_state_give_no_prompt_and_history_spans_segments(zork_
 
 
 def test_prompt_file_round_trips(zork_segment, tokenizer, tmp_path):
-    records = GameSegmentToORZAdapter(PPOConfig()).convert_segments_to_prompts([zork_segment], tokenizer)
+    records = GameSegmentToORZAdapter(PPOConfig(think=True)).convert_segments_to_prompts([zork_segment], tokenizer)
     assert read_prompts(write_prompts(tmp_path / "p.jsonl", records)) == records
 
 

@@ -1,9 +1,9 @@
 """kill -9 of the process running the flow at every stage, each followed by `priorzero resume`: nothing saved is
 lost, and the resumed run ends exactly where the uninterrupted one does.
 
-One run of the debug config is killed five times in a row (PRIORZERO_FAULTS=kill:<point>@<iteration>, see
+One run of the debug config is killed four times in a row (PRIORZERO_FAULTS=kill:<point>@<iteration>, see
 priorzero_core/faults.py), each resume dying at the next point (mid-collect, mid world-model training, while
-writing the checkpoint, after committing it but before its metrics are logged, at the next evaluation),
+writing the checkpoint, after committing it but before its metrics are logged),
 then a last resume finishes iteration 3. After every kill: exit -9, no process left, the last complete checkpoint
 is the one expected, every file of a complete checkpoint and every replay file is byte-identical to before
 (renamed aside when the iteration runs again), and MLflow holds exactly the steps of the iterations it was sent.
@@ -31,7 +31,6 @@ KILLS = [
     ("kill:train_world_model-update@2", 1, [1]),
     ("kill:checkpoint-write@2", 1, [1]),  # parts written, no manifest: only a .tmp dir exists
     ("kill:checkpoint-done@2", 2, [1]),  # checkpoint 2 committed, its metrics not yet sent: the resume sends them
-    ("kill:evaluate@3", 2, [1, 2]),
 ]
 
 
