@@ -208,10 +208,6 @@ class Collector:
         stats.seconds = time.perf_counter() - t0
         return done_segments, stats
 
-    def reset(self) -> None:
-        """Forget running episodes: the next collect starts new ones in every env."""
-        self._running = []
-
     def snapshot(self) -> list[tuple[Any, _Running]]:
         """The episodes in progress, in memory, for `restore` (a collect that fails part-way starts over from here)."""
         return [(self.pool.get_state(i), _copy(r)) for i, r in enumerate(self._running)]
@@ -241,10 +237,11 @@ class Collector:
         return {"running": out}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Restore the envs and episodes `state` describes (a checkpoint's, or a failed collect's starting point)."""
+        """Restore the envs and episodes a checkpoint's `state` describes (`restore` undoes a failed collect)."""
         running = state["running"]
         if running and len(running) != self.pool.size:
             raise ValueError(f"collector state has {len(running)} envs; this run has {self.pool.size}")
+        self._running = []
         self._running = []
         for i, row in enumerate(running):
             ts = self.pool.set_state(i, state_from_bytes(base64.b64decode(row["env"])))
