@@ -203,10 +203,33 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def demo_segment(cell: Cell, discount: float) -> GameSegment:
+def without_loops(steps: list[StepRecord]) -> list[StepRecord]:
+    """The steps with every detour that came back to a world state already passed through (same world hash, same
+    score) cut out: from each state, go on from the last time the trajectory was in it. Exploration's random
+    tries leave many such detours (open/close, west/east); what is left reaches the same states with the same
+    rewards in fewer moves. Steps without a hash (records from before hashes were kept) are never cut."""
+    score_before, last = [], {}
+    score = steps[0].score - steps[0].reward if steps else 0
+    for k, step in enumerate(steps):
+        score_before.append(score)
+        score = step.score
+        if step.state_hash is not None:
+            last[(step.state_hash, score_before[k])] = k
+    out, k = [], 0
+    while k < len(steps):
+        k = last.get((steps[k].state_hash, score_before[k]), k) if steps[k].state_hash is not None else k
+        out.append(steps[k])
+        k += 1
+    return out
+
+
+def demo_segment(cell: Cell, discount: float, cut_loops: bool = False) -> GameSegment:
     """The trajectory to `cell` as one segment the learners imitate: each step's policy target is the action
-    taken (one-hot) and its stored value the discounted return still to come along the trajectory."""
+    taken (one-hot) and its stored value the discounted return still to come along the trajectory. With
+    `cut_loops`, detours back to a state already passed through are left out (`without_loops`)."""
     steps = trace_steps(cell.trace)
+    if cut_loops:
+        steps = without_loops(steps)
     out: list[StepRecord] = []
     to_go = 0.0
     for step in reversed(steps):
@@ -218,5 +241,5 @@ def demo_segment(cell: Cell, discount: float) -> GameSegment:
     out.reverse()
     if out:  # the value after the trajectory's end is unknown: no bootstrap past it
         out[-1] = replace(out[-1], truncated=True)
-    return GameSegment(episode_id=f"demo-{cell.key}-{cell.length}", index=0, start_step=0, steps=out)
+    return GameSegment(episode_id=f"demo-{cell.key}-{cell.length}-{len(out)}", index=0, start_step=0, steps=out)
 

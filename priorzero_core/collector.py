@@ -174,6 +174,7 @@ class Collector:
                     terminal=bool(ts.done and not truncated),
                     truncated=bool(truncated),
                     env_state=states[i] if states else None,
+                    state_hash=r.view.timestep.state_hash,
                 )
                 r.segment.steps.append(record)
                 r.trace = Trace.extend(r.trace, record) if self.archive is not None else None

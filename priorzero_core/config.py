@@ -182,6 +182,8 @@ class ExploreConfig(_Section):
     # Share of each world-model batch (and of the LLM's SFT samples) drawn from the best trajectory found, whose
     # policy target is the action it took and whose value is the return it went on to get (self-imitation).
     demo_fraction: float = Field(default=0.25, ge=0, lt=1)
+    # Imitate the best trajectory without its detours back to a world state it had already passed through.
+    demo_cut_loops: bool = True
 
 
 class ReplayConfig(_Section):

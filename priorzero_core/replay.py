@@ -36,6 +36,7 @@ class StepRecord:
     terminal: bool = False  # game over or won after this step (no bootstrap beyond it)
     truncated: bool = False  # episode cut (step limit, stuck valid-action worker)
     env_state: Optional[str] = None  # the env before `action`, as ppo.env_state.encode_state wrote it (PPO replays from it)
+    state_hash: Optional[str] = None  # the world state `action` was taken in (TimeStep.state_hash)
 
 
 @dataclass

@@ -288,7 +288,7 @@ class Trainer:
         best = self.archive.best() if self.archive is not None else None
         if best is None or best.score <= 0:
             return
-        demo = demo_segment(best, self.cfg.world_model.discount)
+        demo = demo_segment(best, self.cfg.world_model.discount, self.cfg.explore.demo_cut_loops)
         if demo.episode_id == self._demo:
             return
         if self.llm_prior is not None:  # the LLM learns from the prompts it would see on that trajectory
@@ -298,7 +298,8 @@ class Trainer:
                 history.append((step.observation, step.action, step.reward))
         self.replay.set_demos([demo])
         self._demo = demo.episode_id
-        log.info("imitating the best trajectory found: score %d in %d steps", best.score, best.length)
+        log.info("imitating the best trajectory found: score %d in %d steps (%d without its loops)", best.score,
+                 best.length, len(demo.steps))
 
     def wm_batch(self):
         """A world-model batch: sequences of unroll_steps + 1 steps, each with the history a search root has."""

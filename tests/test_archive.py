@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from priorzero_core.agent import Agent
-from priorzero_core.archive import Archive, Trace, demo_segment, trace_steps
+from priorzero_core.archive import Archive, Trace, demo_segment, trace_steps, without_loops
 from priorzero_core.collector import Collector
 from priorzero_core.config import ExploreConfig, load_config
 from priorzero_core.games import EnvPool, game_spec
@@ -107,6 +107,31 @@ def test_demonstration_targets_the_action_taken_and_values_the_return_to_come():
     assert [buf.value_target(demo, t) for t in range(4)] == pytest.approx(returns)  # n-step targets are exact
 
 
+def test_a_demonstration_leaves_out_detours_back_to_a_state_it_passed_through():
+    from dataclasses import replace
+
+    def at(state: str, action: str, score: int, reward: float = 0.0) -> StepRecord:
+        return replace(record(action, reward), action=action, state_hash=state, score=score)
+
+    steps = [at("A", "open box", 0), at("B", "close box", 0),  # back to A
+             at("A", "west", 0), at("W", "east", 0),  # back to A again
+             at("A", "north", 10, 10.0), at("N", "drop coin", 5, -5.0), at("N2", "take coin", 10, 5.0),  # N, same score
+             at("N", "up", 10), at("U", "down", 10),  # back to N at 10: cut
+             at("N", "east", 15, 5.0)]
+    kept = without_loops(steps)
+    assert [s.action for s in kept] == ["north", "east"]
+    assert sum(s.reward for s in kept) == sum(s.reward for s in steps) and kept[-1].score == 15
+    # the state N at score 10 after "north" and N at 5 after "drop coin" differ: a detour must end at the same score
+    assert [s.action for s in without_loops(steps[4:6] + [at("N", "up", 5)])] == ["north", "drop coin", "up"]
+    assert [s.observation for s in without_loops([record("a"), record("b"), record("a")])] == ["at a", "at b", "at a"]  # no hashes
+    archive = Archive(ExploreConfig(), np.random.default_rng(0))
+    archive.visit("end", 15, trace_of(*steps), lambda: "end")
+    assert len(demo_segment(archive.best(), 0.9).steps) == 10
+    demo = demo_segment(archive.best(), 0.9, cut_loops=True)
+    assert [s.action for s in demo.steps] == ["north", "east"] and demo.steps[-1].truncated
+    assert demo.steps[0].root_value == pytest.approx(10 + 0.9 * 5)
+
+
 def test_sample_draws_the_demo_fraction_of_a_batch_from_demonstrations():
     buf = ReplayBuffer(100, discount=0.9, n_step=1)
     buf.add([GameSegment("e", 0, 0, [record("z") for _ in range(20)])])
@@ -154,7 +179,7 @@ def test_collection_returns_to_archived_states_with_their_history_and_explores_a
     for cell in list(archive.cells.values())[:5]:
         ts = pool.reset([0])[0]
         for step in trace_steps(cell.trace):
-            assert step.observation == ts.observation
+            assert step.observation == ts.observation and step.state_hash == ts.state_hash
             ts = pool.step([step.action], indices=[0])[0]
         assert pool.cell_key(0) == cell.key and cell.length == len(trace_steps(cell.trace))
 
