@@ -136,6 +136,16 @@ def tiny_llm_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_lm(tiny_llm_dir):
+    """The tiny Llama as (model, tokenizer), like `smollm`: training mechanics without the 135M model's cost."""
+    from transformers import AutoModelForCausalLM
+
+    from priorzero_core.llm_prior import load_tokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval(), load_tokenizer(tiny_llm_dir)
+
+
+@pytest.fixture(scope="session")
 def zork_segment(rom_dir):
     """Twelve real Zork 1 walkthrough steps (a tree, an egg worth 5 points, a window, the kitchen worth 10)
     with saved states and 0.7 of the visits on the walkthrough's move."""

@@ -26,8 +26,8 @@ def _cfg(**overrides) -> LLMConfig:
     return LLMConfig(**{**base, **overrides})
 
 
-def _prior(smollm, cfg: LLMConfig) -> TransformersPrior:
-    model, tok = smollm
+def _prior(lm, cfg: LLMConfig) -> TransformersPrior:
+    model, tok = lm
     return TransformersPrior(copy.deepcopy(model), tok, cfg)
 
 
@@ -50,8 +50,8 @@ def _cross_entropy(prior: TransformersPrior, samples: list[LLMSample]) -> float:
     return float(np.mean([-(s.visit_dist * lp).sum() for s, lp in zip(samples, scores)]))
 
 
-def test_both_losses_are_nonzero_and_all_metrics_reported(smollm):
-    prior = _prior(smollm, _cfg(batch_size=2))
+def test_both_losses_are_nonzero_and_all_metrics_reported(tiny_lm):
+    prior = _prior(tiny_lm, _cfg(batch_size=2))
     metrics = LLMTrainer(prior, prior.cfg).train(_samples(prior))
     assert tuple(metrics) == METRIC_KEYS
     assert all(np.isfinite(v) for v in metrics.values())
@@ -61,9 +61,9 @@ def test_both_losses_are_nonzero_and_all_metrics_reported(smollm):
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_training_moves_the_right_weights_and_the_prior_scores_with_them(smollm, lora):
+def test_training_moves_the_right_weights_and_the_prior_scores_with_them(tiny_lm, lora):
     cfg = _cfg(lr=3e-4 if lora else 1e-5, updates_per_train=1, lora=LoraConfig(enabled=lora))
-    prior = _prior(smollm, cfg)
+    prior = _prior(tiny_lm, cfg)
     samples = _samples(prior)
     before_scores = prior.score([(s.prompt, s.valid_actions) for s in samples])
     trainer = LLMTrainer(prior, cfg)
@@ -80,8 +80,8 @@ def test_training_moves_the_right_weights_and_the_prior_scores_with_them(smollm,
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_a_bf16_scoring_copy_follows_the_fp32_weights_training_updates(smollm, lora):
-    model, tok = smollm
+def test_a_bf16_scoring_copy_follows_the_fp32_weights_training_updates(tiny_lm, lora):
+    model, tok = tiny_lm
     # Mean scores: bf16 rounds each token's log-prob by ≈0.1 nat, which a sum over the label would add up.
     cfg = _cfg(lr=3e-4 if lora else 1e-4, updates_per_train=1, lora=LoraConfig(enabled=lora), label_score="mean")
     prior = TransformersPrior(copy.deepcopy(model), tok, cfg, torch.bfloat16)
@@ -104,10 +104,10 @@ def test_a_bf16_scoring_copy_follows_the_fp32_weights_training_updates(smollm, l
     assert any(not np.allclose(a, b, atol=1e-3) for a, b in zip(after, before))
 
 
-def test_bf16_autocast_training_matches_fp32_and_keeps_fp32_weights(smollm, caplog):
+def test_bf16_autocast_training_matches_fp32_and_keeps_fp32_weights(tiny_lm, caplog):
     runs, grads = {}, {}
     for dtype in ("float32", "bfloat16"):
-        prior = _prior(smollm, _cfg(updates_per_train=1, train_dtype=dtype))
+        prior = _prior(tiny_lm, _cfg(updates_per_train=1, train_dtype=dtype))
         with caplog.at_level("INFO", logger="priorzero_core.llm_train"):
             caplog.clear()
             torch.manual_seed(0)  # the same LoRA initialisation in both
@@ -135,9 +135,9 @@ def test_sft_lowers_cross_entropy_to_the_visit_distribution(smollm):
     assert _cross_entropy(prior, samples) < before - 0.05
 
 
-def test_rft_reinforces_the_executed_action_label_by_advantage_sign(smollm):
+def test_rft_reinforces_the_executed_action_label_by_advantage_sign(tiny_lm):
     cfg = _cfg(sft_weight=0.0)
-    prior = _prior(smollm, cfg)
+    prior = _prior(tiny_lm, cfg)
     samples = _samples(prior, advantages=(2.0, -1.0))
     before = _label_logprobs(prior, samples)
     LLMTrainer(prior, cfg).train(samples)
@@ -147,15 +147,15 @@ def test_rft_reinforces_the_executed_action_label_by_advantage_sign(smollm):
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_saved_state_restores_weights_and_optimizer(smollm, tmp_path, lora):
+def test_saved_state_restores_weights_and_optimizer(tiny_lm, tmp_path, lora):
     cfg = _cfg(lr=3e-4 if lora else 1e-5, updates_per_train=1, rft_weight=0.0, lora=LoraConfig(enabled=lora))
-    prior = _prior(smollm, cfg)
+    prior = _prior(tiny_lm, cfg)
     samples = _samples(prior)[:1]
     trainer = LLMTrainer(prior, cfg)
     trainer.train(samples)
     trainer.save_state(tmp_path)
 
-    fresh = _prior(smollm, cfg)
+    fresh = _prior(tiny_lm, cfg)
     restored = LLMTrainer(fresh, cfg)
     restored.load_state(tmp_path)
     batch = [(s.prompt, s.valid_actions) for s in samples]
@@ -167,10 +167,10 @@ def test_saved_state_restores_weights_and_optimizer(smollm, tmp_path, lora):
     assert torch.equal(saved_state[first]["exp_avg"], loaded_state[first]["exp_avg"])
 
 
-def test_zero_loss_weights_are_a_config_error(smollm):
+def test_zero_loss_weights_are_a_config_error(tiny_lm):
     cfg = _cfg(sft_weight=0.0, rft_weight=0.0)
     with pytest.raises(ConfigError, match="both 0"):
-        LLMTrainer(_prior(smollm, cfg), cfg)
+        LLMTrainer(_prior(tiny_lm, cfg), cfg)
 
 
 @pytest.mark.parametrize("label_score", ["sum", "mean"])
