@@ -23,9 +23,11 @@ from prefect.exceptions import ObjectNotFound, TerminationSignal
 from prefect.futures import PrefectFuture
 from prefect.logging.formatters import PrefectFormatter
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
 from prefect.states import Crashed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from priorzero.flows.artifacts import RunArtifacts
 from priorzero.tasks import Tracker, close_trainer, configured_stages, open_trainer, skipped, trainer_for
 from priorzero_core.config import PriorZeroConfig, is_plain_name, load_config, resolve_config_path
 from priorzero_core.errors import ConfigError
@@ -50,25 +52,28 @@ class TrainingFailed(RuntimeError):
 
 @dataclass
 class Iteration:
-    """One iteration's stage states, and the artifacts of the stages that completed (their metrics the trainer
-    keeps: `Trainer.finish_iteration`)."""
+    """One iteration's stage states, the reasons of the stages skipped because one they need failed, and the
+    artifacts of the stages that completed (their metrics the trainer keeps: `Trainer.finish_iteration`)."""
 
     number: int
     states: dict[str, State] = field(default_factory=dict)
     artifacts: dict[str, Path] = field(default_factory=dict)
+    blocked: dict[str, str] = field(default_factory=dict)
 
     def record(self, stage: str, state: State) -> None:
         self.states[stage] = state
-        if state.is_completed():
+        if state.is_completed() and stage not in self.blocked:
             self.artifacts.update(state.result().artifacts)
 
     def skip_reason(self, stage: str) -> Optional[str]:
         for need in NEEDS.get(stage, ()):
+            if need in self.blocked:
+                return self.blocked[need]
             state = self.states.get(need)
             if state is not None and not state.is_completed():
-                return state.message if state.name == "Skipped" else f"{need}-{self.number} failed"
+                return f"{need}-{self.number} failed"
         if stage == "ppo_train" and "adapt" in self.states and "prompts" not in self.artifacts:
-            return f"adapt-{self.number} found no collected states to make prompts of"  # it skipped itself
+            return self.states["adapt"].message or f"adapt-{self.number} made no prompts"  # it skipped itself
         return None
 
     def failure(self) -> Optional[str]:
@@ -79,13 +84,13 @@ class Iteration:
                 return f"{stage}-{self.number}: {type(err).__name__}: {err}"
         return None
 
-    def failure_tags(self, failure: Optional[str]) -> dict[str, str]:
-        """MLflow tags of an iteration that failed with `failure` (see `failure`): the stage that failed and
-        why, and the stages skipped."""
+    def failure_row(self, failure: Optional[str]) -> Optional[dict[str, Any]]:
+        """The row of the run's failures table for an iteration that failed with `failure` (see `failure`):
+        the iteration, the stage that failed and why, and the stages skipped because of it."""
         if failure is None:
-            return {}
-        skipped = [f"{stage}-{self.number}" for stage, state in self.states.items() if state.name == "Skipped"]
-        return {f"priorzero.failed.{self.number}": failure, f"priorzero.skipped.{self.number}": ", ".join(skipped)}
+            return None
+        return {"iteration": self.number, "failure": failure,
+                "skipped": ", ".join(f"{stage}-{self.number}" for stage in self.blocked)}
 
 
 def run_iteration(stages: dict[str, Task], trainer: Trainer, run_dir: str, n: int) -> Iteration:
@@ -94,6 +99,7 @@ def run_iteration(stages: dict[str, Task], trainer: Trainer, run_dir: str, n: in
     def start(stage: str, *args: Any) -> PrefectFuture:
         reason = it.skip_reason(stage)
         if reason is not None:
+            it.blocked[stage] = reason
             return skipped.submit(stage, n, reason)
         return stages[stage].submit(run_dir, n, *args)
 
@@ -130,22 +136,23 @@ class Progress:
 
 
 def train(cfg: PriorZeroConfig, trainer: Trainer, run_dir: Path, tracker: Tracker, progress: Progress,
-          logger: logging.LoggerAdapter) -> None:
+          logger: logging.LoggerAdapter, artifacts: RunArtifacts) -> None:
     stages = configured_stages(cfg.run)
     failed_in_row = 0
     for n in range(trainer.iteration + 1, cfg.schedule.iterations + 1):
         trainer.begin_iteration(n)
         it = run_iteration(stages, trainer, str(run_dir), n)
-        row = trainer.finish_iteration(n)  # the metrics of the stages that completed, as run_plain's
         failure = it.failure()
-        tracker.log_iteration(n, row, it.artifacts, it.failure_tags(failure))
+        row = trainer.finish_iteration(n, failed=failure is not None)  # the completed stages' metrics, as run_plain's
+        tracker.log_iteration(n, row, it.artifacts, it.failure_row(failure))
+        artifacts.iteration_done(n, row, it.artifacts.get("transcript"))
         if "checkpoint" in it.artifacts:
             progress.last_checkpoint = n
             tracker.commit()
         if failure is None:
             failed_in_row = 0
             progress.last_ok = n
-            logger.info("iteration %d done in %.1f s", n, row["timing/iteration_s"])
+            logger.info("iteration %d done in %.1f s; %s", n, row["timing/iteration_s"], artifacts.progress_line(n))
         else:
             failed_in_row += 1
             progress.failed.append(n)
@@ -249,6 +256,12 @@ def take_over(run_dir: Path, flow_run_id: str, logger: logging.LoggerAdapter) ->
     (run_dir / FLOW_RUNS_FILE).write_text(json.dumps([*earlier, flow_run_id]))
 
 
+def flow_run_link() -> Optional[str]:
+    """This flow run's page in the Prefect UI; None on Prefect's temporary server, whose UI is gone after the run
+    (a link that cannot resolve is not written)."""
+    return flow_run.ui_url if PREFECT_UI_URL.value() else None
+
+
 def attach_log_file(path: Path) -> Callable[[], None]:
     """Copy flow, task and trainer log lines to `path`; returns the step that detaches it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,17 +298,19 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
     progress = Progress()
     status = "FAILED"
     try:
-        tracker.start(run_name=run_dir.name, tags={  # in the background, while the trainer loads
-            "prefect.flow_run_id": str(flow_run.id),
-            "prefect.flow_run_url": flow_run.ui_url or "",
-            "priorzero.config": config,
-            "priorzero.run_dir": str(run_dir),
-        })
+        tags = {"prefect.flow_run_id": str(flow_run.id), "priorzero.config": config, "priorzero.run_dir": str(run_dir)}
+        if flow_run_link() is not None:
+            tags["prefect.flow_run_url"] = flow_run_link()
+        tracker.start(run_name=run_dir.name, tags=tags)  # in the background, while the trainer loads
         trainer = open_trainer(cfg, run_dir, resume=resume)
         progress.last_ok = progress.last_checkpoint = trainer.iteration
         if resume:  # checkpointed iterations whose process died before MLflow had them
             tracker.catch_up(read_metrics(run_dir))
-        train(cfg, trainer, run_dir, tracker, progress, logger)
+        artifacts = RunArtifacts(cfg, run_dir.name, logger, trainer.iteration)
+        artifacts.start()
+        if tracker.wait_started():
+            artifacts.mlflow_run(tracker.uri, tracker.experiment_id, tracker.run_id)
+        train(cfg, trainer, run_dir, tracker, progress, logger, artifacts)
         status = "FINISHED"
     except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C; SIGTERM (Prefect's handler during a flow run)
         status = "KILLED"

@@ -315,6 +315,10 @@ class TrackingConfig(_Section):
     enabled: bool = True
     uri: Optional[str] = None  # default: sqlite store in ./mlruns shared by all runs
     experiment: Optional[str] = None  # default: priorzero-<game>
+    # MLflow's own system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, ...),
+    # sampled every `system_metrics_interval_s` seconds for as long as the run trains
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(default=10.0, gt=0)
 
     @field_validator("uri")
     @classmethod

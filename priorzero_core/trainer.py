@@ -42,7 +42,7 @@ STAGES = ("evaluate", "collect", "train_world_model", "train_llm", "adapt", "ppo
 class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, Path] = field(default_factory=dict)
-    skipped: bool = False
+    skipped: Optional[str] = None  # why the stage had nothing to do (the flow shows it as a Skipped state)
 
 
 def setup_run_logging(run_dir: Path) -> None:
@@ -313,7 +313,8 @@ class Trainer:
     def train_world_model(self, iteration: int) -> StageResult:
         sch = self.cfg.schedule
         if len(self.replay) == 0 or self.env_steps < sch.warmup_steps:
-            return StageResult(skipped=True)
+            return StageResult(skipped=f"{self.env_steps} env steps collected, training starts after "
+                                       f"{max(1, sch.warmup_steps)}")
         # The updates owed are fixed on the stage's first attempt; a retry after a failure part-way does the rest
         # and reports the losses of all of them.
         if self._wm_updates_owed is None:
@@ -330,7 +331,7 @@ class Trainer:
         self._wm_updates_owed = None
         updates = self._wm_done
         if not updates:
-            return StageResult(skipped=True)
+            return StageResult(skipped="no world-model updates owed (min_wm_updates 0)")
         metrics = {k: v / updates for k, v in sums.items()}
         metrics["train/wm_updates"] = float(updates)
         log.info("iteration %d world model: %d updates, loss %.4f", iteration, updates, metrics["train/wm_total_loss"])
@@ -338,7 +339,7 @@ class Trainer:
 
     def train_llm(self, iteration: int) -> StageResult:
         if self.llm_trainer is None:
-            return StageResult(skipped=True)
+            return StageResult(skipped="no LLM to train (llm.enabled is false)")
         n = self.cfg.llm.batch_size * self.cfg.llm.updates_per_train
         with self._lock:
             recent = [(seg, t) for seg, t in self.replay.recent(4 * n) if seg.steps[t].prompt is not None]
@@ -350,7 +351,7 @@ class Trainer:
             contexts = [self.replay.sequence(seg, t, 1, self.cfg.world_model.context_length - 1) for seg, t in picks]
             samples = self.agent.llm_samples(picks, targets, contexts) if picks else []
         if not samples:
-            return StageResult(skipped=True)
+            return StageResult(skipped="no collected step has an LLM prompt to train on")
         metrics = self.llm_trainer.train(samples)
         log.info("iteration %d LLM: sft %.4f rft %.4f on %d samples", iteration, metrics.get("train/llm_sft_loss", 0.0),
                  metrics.get("train/llm_rft_loss", 0.0), len(samples))
@@ -362,7 +363,7 @@ class Trainer:
         with self._lock:
             segments = [seg for seg in self.replay.segments if seg.iteration > since and any(s.env_state for s in seg.steps)]
         if not segments:
-            return StageResult(skipped=True)
+            return StageResult(skipped=f"no states collected since iteration {since} to make PPO prompts of")
         with self._restart_ppo_on_failure():
             path = self.ppo.adapt(segments, iteration)
         return StageResult(metrics={"ppo/prompt_segments": float(len(segments))}, artifacts={"prompts": path})
@@ -466,10 +467,12 @@ class Trainer:
         self._current = iteration
         self._metrics = {}
 
-    def finish_iteration(self, iteration: int) -> dict[str, float]:
+    def finish_iteration(self, iteration: int, failed: bool = False) -> dict[str, float]:
         """Call after each iteration, whatever its stages did: appends its metrics row (what its completed
-        stages measured, and `timing/iteration_s`) to logs/metrics.jsonl and returns it."""
-        row = {**self._metrics, "timing/iteration_s": time.monotonic() - self._iteration_started}
+        stages measured, `iteration/failed` 0 or 1: whether a stage failed after its retries, and
+        `timing/iteration_s`) to logs/metrics.jsonl and returns it."""
+        row = {**self._metrics, "iteration/failed": float(failed),
+               "timing/iteration_s": time.monotonic() - self._iteration_started}
         append_metrics(self.run_dir, iteration, row)
         self.iteration = max(self.iteration, iteration)
         self._current = None

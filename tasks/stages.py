@@ -11,7 +11,7 @@ from typing import Optional
 
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Cancelled, State
+from prefect.states import Completed, State
 
 from priorzero_core.config import PriorZeroConfig, RunConfig
 from priorzero_core.trainer import StageResult, Trainer
@@ -39,8 +39,15 @@ def close_trainer(run_dir: Path) -> None:
         trainer.close()
 
 
-def _run_stage(stage: str, run_dir: str, iteration: int, *args: object) -> StageResult:
-    return _trainers[Path(run_dir).resolve()].run_stage(stage, iteration, *args)
+SKIPPED = "Skipped"  # the name of every skipped stage's state (its type is Completed), with the reason as message
+
+
+def _run_stage(stage: str, run_dir: str, iteration: int, *args: object) -> StageResult | State:
+    """The stage's result; a stage with nothing to do ends as a Completed state named Skipped, with the reason."""
+    result = _trainers[Path(run_dir).resolve()].run_stage(stage, iteration, *args)
+    if result.skipped is not None:
+        return Completed(name=SKIPPED, message=f"{stage}-{iteration}: {result.skipped}", data=result)
+    return result
 
 
 # Stage results are small and live only for the flow run: no caching, no result storage.
@@ -48,37 +55,37 @@ _stage = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
 @task(name="evaluate", task_run_name="evaluate-{iteration}", **_stage)
-def evaluate(run_dir: str, iteration: int) -> StageResult:
+def evaluate(run_dir: str, iteration: int) -> StageResult | State:
     return _run_stage("evaluate", run_dir, iteration)
 
 
 @task(name="collect", task_run_name="collect-{iteration}", **_stage)
-def collect(run_dir: str, iteration: int) -> StageResult:
+def collect(run_dir: str, iteration: int) -> StageResult | State:
     return _run_stage("collect", run_dir, iteration)
 
 
 @task(name="train_world_model", task_run_name="train_world_model-{iteration}", **_stage)
-def train_world_model(run_dir: str, iteration: int) -> StageResult:
+def train_world_model(run_dir: str, iteration: int) -> StageResult | State:
     return _run_stage("train_world_model", run_dir, iteration)
 
 
 @task(name="train_llm", task_run_name="train_llm-{iteration}", **_stage)
-def train_llm(run_dir: str, iteration: int) -> StageResult:
+def train_llm(run_dir: str, iteration: int) -> StageResult | State:
     return _run_stage("train_llm", run_dir, iteration)
 
 
 @task(name="adapt", task_run_name="adapt-{iteration}", **_stage)
-def adapt(run_dir: str, iteration: int) -> StageResult:
+def adapt(run_dir: str, iteration: int) -> StageResult | State:
     return _run_stage("adapt", run_dir, iteration)
 
 
 @task(name="ppo_train", task_run_name="ppo_train-{iteration}", **_stage)
-def ppo_train(run_dir: str, iteration: int, prompts: Path) -> StageResult:
+def ppo_train(run_dir: str, iteration: int, prompts: Path) -> StageResult | State:
     return _run_stage("ppo_train", run_dir, iteration, prompts)
 
 
 @task(name="checkpoint", task_run_name="checkpoint-{iteration}", **_stage)
-def checkpoint(run_dir: str, iteration: int) -> StageResult:
+def checkpoint(run_dir: str, iteration: int) -> StageResult | State:
     return _run_stage("checkpoint", run_dir, iteration)
 
 
@@ -86,10 +93,11 @@ def checkpoint(run_dir: str, iteration: int) -> StageResult:
 def skipped(stage: str, iteration: int, reason: str) -> State:
     """Stands in for a stage that did not run because one it depends on failed.
 
-    A Cancelled state named "Skipped" shows grey with the reason in the UI: not green (nothing ran)
-    and not red (nothing failed here); it does not fail the flow.
+    Every stage that did not do its work, whether a stage it needs failed or it had nothing to do, ends in a
+    Completed-type state named "Skipped" with the reason as its message: it does not fail the flow, it is never
+    mistaken for a user's cancellation, and the UI's and API's state-name filters find all of them.
     """
-    return Cancelled(name="Skipped", message=reason)
+    return Completed(name=SKIPPED, message=reason)
 
 
 STAGE_TASKS: dict[str, Task] = {

@@ -24,6 +24,7 @@ RUN_FILE = "mlflow_run.json"  # in the run dir: which MLflow run a resume contin
 CURVE_METRIC = "evals/reward_mean"
 CHANGED_TAG = "priorzero.config."  # + a config key: its value since a resume changed it
 STEP_METRIC = "timing/iteration_s"  # in every iteration's row: the steps it has are the iterations logged
+FAILURES_TABLE = "failures.json"  # one row per iteration that had a failed stage: which, why, what it skipped
 
 
 def tracking_uri(cfg: PriorZeroConfig) -> str:
@@ -55,6 +56,18 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def source_tags() -> dict[str, str]:
+    """`mlflow.source.git.*` of the checkout priorzero_core runs from; none for an installed package."""
+    import priorzero_core
+    from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL
+
+    where = str(Path(priorzero_core.__file__).parent)
+    found = {MLFLOW_GIT_COMMIT: get_git_commit(where), MLFLOW_GIT_BRANCH: get_git_branch(where),
+             MLFLOW_GIT_REPO_URL: get_git_repo_url(where)}
+    return {k: v for k, v in found.items() if v}
+
+
 def _check_reachable(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
         # Without this, MLflow's own HTTP retries stall the run for minutes on a down server.
@@ -79,9 +92,12 @@ class Tracker:
         self.uri = tracking_uri(cfg)
         self.client: Any = None
         self.run_id: Optional[str] = None
+        self.experiment_id: Optional[str] = None
+        self._started: Optional[Future] = None
         self._off = not cfg.tracking.enabled
         self._curves: dict[str, dict[int, float]] = {}  # what the learning curve plots: key -> {step: value}
-        self._pending: list[tuple[int, dict[str, float], dict[str, Path], dict[str, str]]] = []  # see commit()
+        self._pending: list[tuple[int, dict[str, float], dict[str, Path], Optional[dict]]] = []  # see commit()
+        self._system: Any = None  # MLflow's SystemMetricsMonitor while the run trains
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-tracking")
 
     @property
@@ -90,23 +106,34 @@ class Tracker:
 
     def start(self, *, run_name: str, tags: dict[str, str]) -> None:
         """Open (or on resume, reopen) this run dir's MLflow run and log the resolved config."""
-        self._submit("start", lambda: self._start(run_name, tags))
+        self._started = self._submit("start", lambda: self._start(run_name, tags))
+
+    def wait_started(self, timeout: float = 30.0) -> bool:
+        """Wait (at most `timeout` s) until `start` is done; whether the run is being tracked."""
+        if self._started is None:
+            return False
+        try:
+            self._started.result(timeout)
+        except Exception:
+            return False
+        return self.active
 
     def log_iteration(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path],
-                      tags: Optional[dict[str, str]] = None) -> None:
-        """Hold one iteration's metrics, tags and artifacts until `commit`: MLflow shows an iteration once a
-        checkpoint holds it, so the iterations a resume runs again are never logged twice."""
-        self._pending.append((iteration, dict(metrics), dict(artifacts), dict(tags or {})))
+                      failure: Optional[dict[str, Any]] = None) -> None:
+        """Hold one iteration's metrics, artifacts and failure (a row for the failures table) until `commit`:
+        MLflow shows an iteration once a checkpoint holds it, so the iterations a resume runs again are never
+        logged twice."""
+        self._pending.append((iteration, dict(metrics), dict(artifacts), failure))
 
     def commit(self, timeout: float = 60.0) -> None:
-        """After a checkpoint: send the iterations held, each as one batch of metrics and tags (step = iteration)
-        and then its artifacts, and wait (at most `timeout` s) until the metrics are written. A kill -9 before
+        """After a checkpoint: send the iterations held, each as one batch of metrics (step = iteration) and
+        then its artifacts and failure, and wait (at most `timeout` s) until the metrics are written. A kill -9 before
         they are is made good by `catch_up` on resume; the artifacts (transcript, learning-curve PNG) may
         still be on their way."""
         written = None
-        for iteration, metrics, artifacts, tags in self._pending:
-            written = self._submit("logging", partial(self._log_metrics, iteration, metrics, tags))
-            self._submit("logging", partial(self._log_artifacts, iteration, metrics, artifacts))
+        for iteration, metrics, artifacts, failure in self._pending:
+            written = self._submit("logging", partial(self._log_metrics, iteration, metrics))
+            self._submit("logging", partial(self._log_artifacts, iteration, metrics, artifacts, failure))
         self._pending = []
         if written is not None:
             self._wait(written, timeout)
@@ -119,7 +146,7 @@ class Tracker:
             for row in rows:
                 metrics = {k: v for k, v in row.items() if k != "iteration"}
                 if int(row["iteration"]) not in logged:
-                    self._log_metrics(int(row["iteration"]), metrics, {})
+                    self._log_metrics(int(row["iteration"]), metrics)
         self._wait(self._submit("catch-up", log_missing), timeout)
 
     def _wait(self, written: Future, timeout: float) -> None:
@@ -135,8 +162,14 @@ class Tracker:
             self.log.info("MLflow: iterations %s not logged: no checkpoint holds them",
                           ", ".join(str(p[0]) for p in self._pending))
             self._pending = []
-        self._submit("end", lambda: self.client.set_terminated(self.run_id, status=status))
+        self._submit("end", lambda: self._end(status))
         self._worker.shutdown(wait=True)
+
+    def _end(self, status: str) -> None:
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
+        self.client.set_terminated(self.run_id, status=status)
 
     def _submit(self, what: str, call: Callable[[], None]) -> Future:
         # The caller's context goes along: Prefect keeps its settings and run context in context variables.
@@ -157,8 +190,10 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = self._experiment_id()
         run_id = self._previous_run_id()
-        if run_id is not None:
+        resumed = run_id is not None
+        if resumed:
             self.client.update_run(run_id, status="RUNNING")
             data = self.client.get_run(run_id).data
             known = data.params
@@ -166,11 +201,17 @@ class Tracker:
                 if _plotted(key):
                     self._curves[key] = {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
         else:
-            run_id = self.client.create_run(self._experiment_id(), run_name=run_name).info.run_id
+            run_id = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
             (self.run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": self.uri, "run_id": run_id}))
             known = {}
         self.run_id = run_id
         self._log_config(known, tags)
+        if self.cfg.tracking.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(run_id, sampling_interval=self.cfg.tracking.system_metrics_interval_s,
+                                                resume_logging=resumed, tracking_uri=self.uri)
+            self._system.start()
         self.log.info("MLflow run %s in experiment %s at %s", run_id, experiment_name(self.cfg), self.uri)
 
     def _previous_run_id(self) -> Optional[str]:
@@ -196,7 +237,12 @@ class Tracker:
 
     def _log_config(self, known: dict[str, str], tags: dict[str, str]) -> None:
         from mlflow.entities import Param, RunTag
+        from mlflow.tracking.context.registry import resolve_tags
 
+        # What mlflow.start_run adds (user, source), and the commit of the code that trains (MLflow looks for it
+        # beside the script that started the process, which under Prefect or pytest is not this code's checkout):
+        # from this process, so a resume records its own.
+        tags = resolve_tags({**source_tags(), **tags})
         # MLflow params are immutable: on resume new keys are added, and a value the resume changed goes into a
         # tag `priorzero.config.<key>` (the param keeps the first value); config.yaml holds the current ones.
         flat = {k: v[:6000] for k, v in flatten(self.cfg.model_dump(mode="json")).items()}
@@ -207,17 +253,20 @@ class Tracker:
             self.client.log_batch(self.run_id, params=params[i:i + 100])
         self.client.log_text(self.run_id, dump_config(self.cfg), "config.yaml")
 
-    def _log_metrics(self, iteration: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
-        from mlflow.entities import Metric, RunTag
+    def _log_metrics(self, iteration: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, iteration) for key, value in sorted(metrics.items())]
-        self.client.log_batch(self.run_id, metrics=batch, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, metrics=batch)
         for key, value in metrics.items():
             if _plotted(key):
                 self._curves.setdefault(key, {})[iteration] = float(value)
 
-    def _log_artifacts(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
+    def _log_artifacts(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path],
+                       failure: Optional[dict[str, Any]] = None) -> None:
+        if failure is not None:  # MLflow appends the row to the table
+            self.client.log_table(self.run_id, {k: [v] for k, v in failure.items()}, FAILURES_TABLE)
         if "transcript" in artifacts:
             self.client.log_artifact(self.run_id, str(artifacts["transcript"]), "transcripts")
         if "checkpoint" in artifacts:

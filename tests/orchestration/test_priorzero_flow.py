@@ -1,7 +1,9 @@
 """The priorzero flow against a real Prefect server and a real MLflow sqlite store, with the real Trainer."""
 
+import json
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import TaskRunSort
-from prefect.states import Cancelled, Completed, Failed
+from prefect.states import Completed, Failed
 
 from priorzero.flows.priorzero_flow import (TRAINING_PID_FILE, Iteration, Progress, final_checkpoint, priorzero,
                                             resolve_run, take_over)
@@ -38,8 +40,11 @@ def test_a_failed_collect_skips_training_and_checkpoint_and_skips_pass_their_rea
 
     assert it.skip_reason("train_world_model") == "collect-2 failed"
     assert it.skip_reason("checkpoint") == "collect-2 failed"
-    it.states["adapt"] = Cancelled(name="Skipped", message="collect-2 failed")
-    assert it.skip_reason("ppo_train") == "collect-2 failed"
+    it.blocked["adapt"] = "collect-2 failed"  # run_iteration skipped it: Completed(name="Skipped")
+    it.record("adapt", Completed(name="Skipped", message="collect-2 failed"))
+    assert it.skip_reason("ppo_train") == "collect-2 failed"  # a Completed-type Skipped state still blocks
+    assert it.failure_row(it.failure()) == {"iteration": 2, "failure": "collect-2: FailedRun: boom",
+                                            "skipped": "adapt-2"}
 
 
 def test_an_adapt_stage_that_skips_itself_skips_ppo_train_instead_of_passing_it_no_prompts():
@@ -47,8 +52,8 @@ def test_an_adapt_stage_that_skips_itself_skips_ppo_train_instead_of_passing_it_
 
     it = Iteration(5)
     it.record("collect", Completed(data=StageResult(metrics={})))
-    it.record("adapt", Completed(data=StageResult(skipped=True)))
-    assert it.skip_reason("ppo_train") == "adapt-5 found no collected states to make prompts of"
+    it.record("adapt", Completed(name="Skipped", message="adapt-5: no states", data=StageResult(skipped="no states")))
+    assert it.skip_reason("ppo_train") == "adapt-5: no states"
     it.record("adapt", Completed(data=StageResult(metrics={}, artifacts={"prompts": "prompts-5.jsonl"})))
     assert it.skip_reason("ppo_train") is None
 
@@ -86,7 +91,8 @@ def test_a_run_dir_another_live_process_trains_is_refused_and_a_dead_ones_is_tak
 
 
 def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_api, debug_overrides):
-    state = priorzero(config="debug", overrides=debug_overrides, iterations=3, return_state=True)
+    state = priorzero(config="debug", overrides=[*debug_overrides, "tracking.system_metrics_interval_s=1"],
+                      iterations=3, return_state=True)
 
     assert state.is_completed(), state.message
     runs = task_runs(state.state_details.flow_run_id)
@@ -104,6 +110,32 @@ def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoint.json", "transcripts", "plots"} <= artifacts
     assert run.info.status == "FINISHED"
+    # what a comparison needs: who ran which code; the system's load; no link to a server that will not exist
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
+    assert run.data.tags["mlflow.source.git.commit"] == subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    assert "prefect.flow_run_url" in run.data.tags  # a real server's UI (the session's server)
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "iteration/failed")] == [0.0, 0.0, 0.0]
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
+
+    # The flow run's Prefect artifacts: progress, one evaluation table per evaluation, where its MLflow run is.
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_type = {}
+    for art in found:
+        by_type.setdefault(art.type, []).append(art)
+    (prog,) = by_type["progress"]
+    assert prog.data == 100.0 and prog.key.endswith("-progress") and "3/3 iterations" in prog.description
+    tables = by_type["table"]
+    assert len(tables) == 2 and all(t.key.endswith("-evaluation") for t in tables)  # iterations 1 and 3
+    rows = json.loads(tables[0].data) if isinstance(tables[0].data, str) else tables[0].data
+    assert rows[0]["mode"] == "wm" and {"reward_mean", "reward_max"} <= set(rows[0])
+    assert any("First episode: `> " in t.description for t in tables)
+    (where,) = by_type["markdown"]
+    assert run.info.run_id in where.data and "mlflow ui --backend-store-uri" in where.data
 
 
 def test_collect_failure_is_retried_then_skips_the_rest_of_its_iteration(prefect_api, debug_overrides, monkeypatch):
@@ -216,3 +248,26 @@ def test_parallel_mode_trains_world_model_and_llm_at_the_same_time(prefect_api, 
     runs = task_runs(state.state_details.flow_run_id)
     wm, llm = runs["train_world_model-1"], runs["train_llm-1"]
     assert wm.start_time < llm.end_time and llm.start_time < wm.end_time  # sequential would end one before the other
+
+
+def test_a_stage_with_nothing_to_do_ends_completed_named_skipped_with_its_reason(debug_overrides):
+    from priorzero.tasks.stages import _run_stage
+    from priorzero_core.trainer import StageResult
+
+    cfg, run_dir, _ = resolve_run("debug", [*debug_overrides, "tracking.enabled=false", "schedule.warmup_steps=1000"],
+                                  3, False, "nothing-to-do")
+    trainer = open_trainer(cfg, run_dir, resume=False)
+    try:
+        trainer.begin_iteration(1)
+        collected = _run_stage("collect", str(run_dir), 1)
+        assert isinstance(collected, StageResult) and collected.skipped is None  # did its work: its result
+        state = _run_stage("train_world_model", str(run_dir), 1)
+        assert state.is_completed() and state.name == "Skipped"
+        assert state.message == "train_world_model-1: 5 env steps collected, training starts after 1000"
+        assert state.result().skipped is not None and state.result().artifacts == {}
+        it = Iteration(1)
+        it.record("collect", Completed(data=collected))
+        it.record("train_world_model", state)
+        assert it.skip_reason("checkpoint") is None and it.failure() is None  # a skip of its own blocks nothing
+    finally:
+        close_trainer(run_dir)

@@ -45,6 +45,7 @@ def test_sigterm_stops_the_run_its_temporary_server_and_marks_mlflow_killed(tmp_
         client = MlflowClient(uri)
         (run,) = client.search_runs([client.get_experiment_by_name("priorzero-embedded").experiment_id])
         assert run.info.status == "KILLED"
+        assert "prefect.flow_run_url" not in run.data.tags  # the temporary server's UI is gone with it
         assert ckpt.latest_valid(run_dir / "checkpoints") is not None  # what was saved is still there
     finally:
         for left in session_processes(proc.pid):

@@ -25,16 +25,19 @@ def test_a_failing_or_hanging_stage_is_retried_then_skips_its_dependents_and_say
     runs = task_runs(state.state_details.flow_run_id)
     failed = runs["train_world_model-2"]
     assert failed.state.is_failed() and failed.run_count == 2  # the first try and one retry
-    assert runs["checkpoint-2"].state.name == "Skipped"
+    assert runs["checkpoint-2"].state.name == "Skipped" and runs["checkpoint-2"].state.type.value == "COMPLETED"
     assert runs["checkpoint-2"].state.message == "train_world_model-2 failed"
     assert all(runs[f"{stage}-3"].state.is_completed() for stage in ("collect", "train_world_model", "checkpoint"))
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "runs" / "faulty" / "checkpoints")] == [
         "iter-000001", "iter-000003"]
 
     client, run = mlflow_run(debug_overrides)
-    assert run.data.tags["priorzero.failed.2"].startswith("train_world_model-2: ")
-    assert error in run.data.tags["priorzero.failed.2"]
-    assert run.data.tags["priorzero.skipped.2"] == "checkpoint-2"
-    assert "priorzero.failed.3" not in run.data.tags
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "iteration/failed")] == [
+        (1, 0.0), (2, 1.0), (3, 0.0)]
+    import pandas as pd  # the failures table: one row per iteration that failed
+    (table,) = [a.path for a in client.list_artifacts(run.info.run_id) if a.path == "failures.json"]
+    failures = pd.read_json(client.download_artifacts(run.info.run_id, table), orient="split")
+    assert failures["iteration"].tolist() == [2] and failures["skipped"].tolist() == ["checkpoint-2"]
+    assert failures["failure"][0].startswith("train_world_model-2: ") and error in failures["failure"][0]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/wm_total_loss")] == [1, 3]
     assert run.info.status == "FINISHED"
