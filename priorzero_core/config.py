@@ -1,4 +1,5 @@
-"""Typed configuration: YAML files in configs/ validated into one model; all defaults live here."""
+"""Typed configuration: YAML files in configs/ (the package's `priorzero_core/configs`) validated into one model;
+all defaults live here."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package; ./configs links here
 DEFAULT_ROM_DIR_ENV = "PRIORZERO_ROM_DIR"
 CACHE_ROOT_ENV = "PRIORZERO_CACHE_DIR"
 
