@@ -7,14 +7,11 @@ import signal
 import sys
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from priorzero_core.errors import ConfigError, PriorZeroError
-
-if TYPE_CHECKING:
-    from priorzero_core.config import PriorZeroConfig
 
 LOCAL_PREFECT_API = "http://127.0.0.1:4200/api"  # where `prefect server start --host 127.0.0.1` listens
 
@@ -77,17 +74,6 @@ def connect_prefect(require_server: bool) -> None:
     watch_temporary_servers()  # the temporary server stops when this process dies, even by kill -9
 
 
-def check_inputs(cfg: "PriorZeroConfig") -> None:
-    """The game's ROM and a user-given LLM, checked before a flow run starts (and logs a traceback for them)."""
-    from priorzero_core.games.catalog import EMBEDDED, resolve_rom
-    from priorzero_core.llm_prior import check_model
-
-    if cfg.game.name != EMBEDDED:
-        resolve_rom(cfg.game)
-    if cfg.llm.enabled:
-        check_model(cfg.llm)
-
-
 def _run_flow(**params: object) -> None:
     connect_prefect(require_server=False)
     from priorzero.flows.priorzero_flow import priorzero
@@ -110,6 +96,7 @@ def train(
 ) -> None:
     """Train with the priorzero flow in this process; no Prefect server needed."""
     from priorzero_core.config import load_config
+    from priorzero_core.preflight import check_inputs
 
     overrides = _overrides(set_, more)
     check_inputs(load_config(config, overrides))  # bad input fails here, in one line, before Prefect starts
@@ -146,6 +133,22 @@ def serve(
     from priorzero.flows.deployments import serve_deployments
 
     serve_deployments(poll_seconds=poll_seconds, limit=limit)
+
+
+@app.command()
+def deploy(
+    pool: Annotated[str, typer.Option(help="The process work pool (made if missing).")] = "priorzero",
+    working_dir: Annotated[Optional[Path], typer.Option(
+        help="Where the flow runs work: their runs/ and mlruns/ (default: this directory).")] = None,
+) -> None:
+    """Register priorzero/zork, priorzero/detective and priorzero/debug with a process work pool; then start
+    workers with `prefect worker start --pool POOL` and runs with `prefect deployment run priorzero/debug`."""
+    connect_prefect(require_server=True)
+    from priorzero.flows.deployments import DEPLOYMENTS, deploy_to_pool
+
+    deploy_to_pool(pool, working_dir or Path.cwd())
+    typer.echo(f"deployments {', '.join(f'priorzero/{n}' for n in DEPLOYMENTS)} in work pool {pool!r}; "
+               f"start a worker: prefect worker start --pool {pool}")
 
 
 @config_app.command("show")

@@ -31,6 +31,7 @@ from priorzero.flows.artifacts import RunArtifacts
 from priorzero.tasks import Tracker, close_trainer, configured_stages, open_trainer, skipped, trainer_for
 from priorzero_core.config import PriorZeroConfig, is_plain_name, load_config, resolve_config_path
 from priorzero_core.errors import ConfigError
+from priorzero_core.preflight import check_inputs
 from priorzero_core.trainer import Trainer, read_metrics
 
 # A stage runs only if each stage it needs, when that one ran this iteration, completed.
@@ -283,13 +284,22 @@ def attach_log_file(path: Path) -> Callable[[], None]:
     return detach
 
 
-@flow(name="priorzero", task_runner=ThreadPoolTaskRunner(max_workers=2), persist_result=False)
+def flow_run_name() -> str:
+    """`<config>-<run name>` for a named run, else `<config>-<date>-<time>`: the config in every flow run's name."""
+    params = flow_run.parameters
+    config = Path(str(params.get("config", "debug"))).stem
+    return f"{config}-{params.get('run_name') or f'{datetime.now():%Y%m%d-%H%M%S}'}"
+
+
+@flow(name="priorzero", flow_run_name=flow_run_name, task_runner=ThreadPoolTaskRunner(max_workers=2),
+      persist_result=False)
 def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iterations: Optional[int] = None,
               resume: bool = False, run_name: Optional[str] = None) -> dict[str, Any]:
     """Train PriorZero. config: a name in configs/ or a YAML path; overrides: section.key=value items;
     iterations: last iteration to train (default schedule.iterations); resume: continue run_name's run dir."""
     logger = get_run_logger()
     cfg, run_dir, resume = resolve_run(config, overrides or [], iterations, resume, run_name, str(flow_run.id))
+    check_inputs(cfg)  # whatever started this flow run: the CLI, a served or a work-pool deployment
     take_over(run_dir, str(flow_run.id), logger)
     detach_log = attach_log_file(run_dir / "logs" / "flow.log")
     logger.info("run dir %s (%s), %s mode, iterations up to %d", run_dir, "resumed" if resume else "new",

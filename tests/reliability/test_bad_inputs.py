@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from priorzero.flows.cli import check_inputs
+from priorzero_core.preflight import check_inputs
 from priorzero.flows.priorzero_flow import resolve_run
 from priorzero.flows.servers import check_port_free
 from priorzero_core.config import LLMConfig, config_from_dict, load_config
