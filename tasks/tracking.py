@@ -3,6 +3,11 @@
 Training never waits on tracking: calls run on a background thread, and if the store cannot be reached a
 single warning says so and tracking stops for the rest of the flow run (a down server would otherwise cost
 HTTP retries every iteration). `priorzero resume` reconnects to the same MLflow run, with steps continuing.
+
+MLflow's own asynchronous logging (`synchronous=False`) queues metrics, params and tags but not artifacts, and
+reports a failure only when its operation is waited on; this thread keeps an iteration's metrics, failures
+table, transcript and checkpoint reference in order and turns a dead store into one warning. Learning curves
+are MLflow's metric charts (and `scripts/learning_curves.py` for a PNG of several runs).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from typing import Any, Callable, Optional
 from priorzero_core.config import PriorZeroConfig, dump_config
 
 RUN_FILE = "mlflow_run.json"  # in the run dir: which MLflow run a resume continues
-CURVE_METRIC = "evals/reward_mean"
 CHANGED_TAG = "priorzero.config."  # + a config key: its value since a resume changed it
 STEP_METRIC = "timing/iteration_s"  # in every iteration's row: the steps it has are the iterations logged
 FAILURES_TABLE = "failures.json"  # one row per iteration that had a failed stage: which, why, what it skipped
@@ -95,7 +99,6 @@ class Tracker:
         self.experiment_id: Optional[str] = None
         self._started: Optional[Future] = None
         self._off = not cfg.tracking.enabled
-        self._curves: dict[str, dict[int, float]] = {}  # what the learning curve plots: key -> {step: value}
         self._pending: list[tuple[int, dict[str, float], dict[str, Path], Optional[dict]]] = []  # see commit()
         self._system: Any = None  # MLflow's SystemMetricsMonitor while the run trains
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-tracking")
@@ -128,12 +131,12 @@ class Tracker:
     def commit(self, timeout: float = 60.0) -> None:
         """After a checkpoint: send the iterations held, each as one batch of metrics (step = iteration) and
         then its artifacts and failure, and wait (at most `timeout` s) until the metrics are written. A kill -9 before
-        they are is made good by `catch_up` on resume; the artifacts (transcript, learning-curve PNG) may
+        they are is made good by `catch_up` on resume; the artifacts (transcript, checkpoint reference) may
         still be on their way."""
         written = None
         for iteration, metrics, artifacts, failure in self._pending:
             written = self._submit("logging", partial(self._log_metrics, iteration, metrics))
-            self._submit("logging", partial(self._log_artifacts, iteration, metrics, artifacts, failure))
+            self._submit("logging", partial(self._log_artifacts, iteration, artifacts, failure))
         self._pending = []
         if written is not None:
             self._wait(written, timeout)
@@ -195,11 +198,7 @@ class Tracker:
         resumed = run_id is not None
         if resumed:
             self.client.update_run(run_id, status="RUNNING")
-            data = self.client.get_run(run_id).data
-            known = data.params
-            for key in data.metrics:  # read once, so a resumed run's curve shows its whole history
-                if _plotted(key):
-                    self._curves[key] = {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
+            known = self.client.get_run(run_id).data.params
         else:
             run_id = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
             (self.run_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": self.uri, "run_id": run_id}))
@@ -259,12 +258,8 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, iteration) for key, value in sorted(metrics.items())]
         self.client.log_batch(self.run_id, metrics=batch)
-        for key, value in metrics.items():
-            if _plotted(key):
-                self._curves.setdefault(key, {})[iteration] = float(value)
 
-    def _log_artifacts(self, iteration: int, metrics: dict[str, float], artifacts: dict[str, Path],
-                       failure: Optional[dict[str, Any]] = None) -> None:
+    def _log_artifacts(self, iteration: int, artifacts: dict[str, Path], failure: Optional[dict[str, Any]] = None) -> None:
         if failure is not None:  # MLflow appends the row to the table
             self.client.log_table(self.run_id, {k: [v] for k, v in failure.items()}, FAILURES_TABLE)
         if "transcript" in artifacts:
@@ -273,30 +268,3 @@ class Tracker:
             ref = {"iteration": iteration, "path": str(Path(artifacts["checkpoint"]).resolve())}
             self.client.log_dict(self.run_id, ref, "checkpoint.json")
             self.client.set_tag(self.run_id, "latest_checkpoint", ref["path"])
-        if CURVE_METRIC in metrics:
-            self.client.log_artifact(self.run_id, str(self._learning_curve()), "plots")
-
-    def _learning_curve(self) -> Path:
-        """Reward and losses so far, from what this tracker logged (plus, on resume, the run's earlier history)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        keys = sorted(k for k in self._curves if k != CURVE_METRIC)
-        fig = Figure(figsize=(10, 4), layout="constrained")
-        FigureCanvasAgg(fig)
-        reward, losses = fig.subplots(1, 2)
-        for ax, names, title in ((reward, [CURVE_METRIC], "evaluation reward"), (losses, keys, "training losses")):
-            for key in names:
-                steps = sorted(self._curves.get(key, {}))
-                ax.plot(steps, [self._curves[key][s] for s in steps], marker=".", label=key)
-            ax.set(title=title, xlabel="iteration")
-            if names:
-                ax.legend(fontsize="small")
-        path = self.run_dir / "plots" / "learning_curve.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        return path
-
-
-def _plotted(key: str) -> bool:
-    return key == CURVE_METRIC or "loss" in key
