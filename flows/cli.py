@@ -214,30 +214,63 @@ def play(
 
 @app.command("eval")
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `priorzero train`.")],
+    run_dir: Annotated[str, typer.Argument(help="A run directory made by `priorzero train`, or a registered "
+                                                "agent such as models:/priorzero-zork1@best.")],
     more: MoreArgs = None,
     set_: SetOpt = None,
 ) -> None:
-    """Evaluate a run's latest checkpoint and print its metrics and transcript path.
+    """Evaluate a run's latest checkpoint (or a registered agent) and print its metrics and transcript path.
 
     Overrides change only this evaluation (the run's config.yaml stays as it is), e.g. the random baseline
     over the same valid actions: `priorzero eval runs/zork eval.modes=[random] eval.num_episodes=20`.
     """
-    from priorzero_core.config import load_config
-    from priorzero_core.trainer import Trainer
+    if run_dir.startswith(("models:/", "runs:/")):
+        result = _evaluate_registered(run_dir, _overrides(set_, more))
+    else:
+        from priorzero_core.config import load_config
+        from priorzero_core.trainer import Trainer
 
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    trainer = Trainer(load_config(saved, _overrides(set_, more)), run_dir, resume=True, readonly=True)
-    try:
-        result = trainer.evaluate(trainer.iteration)
-    finally:
-        trainer.close()
+        saved = Path(run_dir) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+        trainer = Trainer(load_config(saved, _overrides(set_, more)), Path(run_dir), resume=True, readonly=True)
+        try:
+            result = trainer.evaluate(trainer.iteration)
+        finally:
+            trainer.close()
     for key, value in sorted(result.metrics.items()):
         typer.echo(f"{key} {value:.4g}")
     for key, path in result.artifacts.items():
         typer.echo(f"{key} {path}")
+
+
+def _evaluate_registered(uri: str, overrides: list[str]):
+    """Download an agent logged by a run (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/agent) from the MLflow
+    store ($MLFLOW_TRACKING_URI, else ./mlruns) and evaluate it; the transcript goes to ./transcripts/."""
+    import tempfile
+    import time
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from priorzero.tasks.tracking import tracking_uri
+    from priorzero_core.agent_model import AGENT_FILE, evaluate_agent
+    from priorzero_core.config import config_from_dict
+    from priorzero_core.trainer import StageResult
+
+    mlflow.set_tracking_uri(tracking_uri(config_from_dict({})))
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except MlflowException as err:
+            raise PriorZeroError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: "
+                                 f"{str(err).splitlines()[0]}") from None
+        found = sorted(local.rglob(AGENT_FILE))
+        if not found:
+            raise PriorZeroError(f"{uri} is not a PriorZero agent (no {AGENT_FILE} in it)")
+        transcript = Path("transcripts") / f"eval-{uri.split(':/', 1)[1].replace('/', '-').replace('@', '-')}-{int(time.time())}.txt"
+        played = evaluate_agent(found[0].parent, overrides, transcript)
+    return StageResult(metrics=played.metrics, artifacts={"transcript": transcript})
 
 
 @app.command()

@@ -15,8 +15,6 @@ Each deployment runs one flow run at a time (`concurrency_limit=1`: a second run
 from __future__ import annotations
 
 import os
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Optional
 from uuid import UUID
@@ -37,12 +35,9 @@ DESCRIPTIONS = {
 
 def code_version() -> str:
     """The package version, with the git commit of the checkout it runs from when there is one."""
-    from priorzero.tasks.tracking import source_tags
+    from priorzero.tasks.tracking import package_version, source_tags
 
-    try:
-        base = package_version("priorzero")
-    except PackageNotFoundError:
-        base = "0+unknown"
+    base = package_version()
     commit = source_tags().get("mlflow.source.git.commit")
     return f"{base}+g{commit[:12]}" if commit else base
 

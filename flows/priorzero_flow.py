@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -134,6 +136,32 @@ class Progress:
     last_ok: int = 0  # last iteration where every stage completed
     last_checkpoint: int = 0
     failed: list[int] = field(default_factory=list)
+    evaluation: dict[str, float] = field(default_factory=dict)  # the latest evaluation's evals/* metrics
+    best: float = -math.inf  # the best evaluation whose agent was logged
+
+    def saw(self, row: dict[str, float]) -> None:
+        if "evals/reward_mean" in row:
+            self.evaluation = {k: v for k, v in row.items() if k.startswith("evals/") and k.count("/") == 1}
+
+    def new_best(self) -> bool:
+        """Whether the latest evaluation beats every one whose agent was logged (then it counts as logged)."""
+        if self.evaluation.get("evals/reward_mean", -math.inf) <= self.best:
+            return False
+        self.best = self.evaluation["evals/reward_mean"]
+        return True
+
+
+def log_best_agent(cfg: PriorZeroConfig, trainer: Trainer, run_dir: Path, tracker: Tracker, progress: Progress,
+                   n: int, checkpoint: Path) -> None:
+    """At checkpoint `n`: when its latest evaluation is the run's best, export its agent and have MLflow log and
+    register it (`tracking.log_models`)."""
+    if not (cfg.tracking.log_models and tracker.active and progress.new_best()):
+        return
+    from priorzero_core.agent_model import export_agent
+
+    dest = run_dir / "agents" / f"iter-{n:06d}-{time.time_ns()}"  # the tracker deletes it once logged
+    export_agent(checkpoint, cfg, trainer.spec, dest, n, progress.evaluation)
+    tracker.log_agent(n, dest)
 
 
 def train(cfg: PriorZeroConfig, trainer: Trainer, run_dir: Path, tracker: Tracker, progress: Progress,
@@ -147,9 +175,11 @@ def train(cfg: PriorZeroConfig, trainer: Trainer, run_dir: Path, tracker: Tracke
         row = trainer.finish_iteration(n, failed=failure is not None)  # the completed stages' metrics, as run_plain's
         tracker.log_iteration(n, row, it.artifacts, it.failure_row(failure))
         artifacts.iteration_done(n, row, it.artifacts.get("transcript"))
+        progress.saw(row)
         if "checkpoint" in it.artifacts:
             progress.last_checkpoint = n
             tracker.commit()
+            log_best_agent(cfg, trainer, run_dir, tracker, progress, n, it.artifacts["checkpoint"])
         if failure is None:
             failed_in_row = 0
             progress.last_ok = n
@@ -315,7 +345,11 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
         trainer = open_trainer(cfg, run_dir, resume=resume)
         progress.last_ok = progress.last_checkpoint = trainer.iteration
         if resume:  # checkpointed iterations whose process died before MLflow had them
-            tracker.catch_up(read_metrics(run_dir))
+            rows = read_metrics(run_dir)
+            tracker.catch_up(rows)
+            for row in rows:  # the best evaluation so far, whose agent was logged then
+                progress.saw(row)
+                progress.new_best()
         artifacts = RunArtifacts(cfg, run_dir.name, logger, trainer.iteration)
         artifacts.start()
         if tracker.wait_started():

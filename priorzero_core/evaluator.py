@@ -10,6 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .agent import Agent, Decision, EnvView
+from .config import PriorZeroConfig
 
 MODE_NAMES = {"wm": "world model only", "wm_llm": "world model + LLM prior", "llm": "LLM prior only",
               "random": "uniformly random valid action (baseline)"}
@@ -30,6 +31,17 @@ def untried_first(d: Decision, tried: set[str]) -> int:
         if d.valid_actions[idx] not in tried:
             return int(idx)
     return d.action_index
+
+
+def eval_modes(cfg: PriorZeroConfig, has_llm: bool) -> list[str]:
+    """The configured evaluation modes this agent can play, its main mode first: the one collection searches
+    with (with the LLM in the prior when there is one and `mcts.prior_mode` uses it, else the world model)."""
+    modes = [m for m in cfg.eval.modes if has_llm or m in ("wm", "random")]
+    main = "wm_llm" if has_llm and cfg.mcts.prior_mode != "wm" else "wm"
+    if main in modes:
+        modes.remove(main)
+        modes.insert(0, main)
+    return modes
 
 
 def evaluate(pool, agent: Agent, modes: list[str], num_episodes: int, max_steps: int, progress: bool = False,

@@ -302,6 +302,12 @@ class LLMTrainer:
         for path in (weights, optimizer):
             if not path.is_file():
                 raise CheckpointError(f"LLM checkpoint file {path} is missing")
+        self.load_weights(weights)
+        self.optimizer.load_state_dict(torch.load(optimizer, weights_only=True))
+
+    def load_weights(self, weights: str | Path) -> None:
+        """Load the weights file `save_state` wrote (LoRA adapters or the full model) and push them to the prior."""
+        weights = Path(weights)
         kind = "lora" if self.cfg.lora.enabled else "full"
         with safe_open(str(weights), framework="pt") as f:
             saved = (f.metadata() or {}).get("kind")
@@ -316,5 +322,4 @@ class LLMTrainer:
             set_peft_model_state_dict(self.model, load_file(weights, device=str(device)))
         else:
             load_model(self._lm, str(weights))
-        self.optimizer.load_state_dict(torch.load(optimizer, weights_only=True))
         self.prior.sync_weights(self.model)

@@ -28,7 +28,7 @@ from .archive import Archive, demo_segment
 from .collector import Collector
 from .config import PriorZeroConfig, dump_config
 from .errors import CheckpointError, ConfigError
-from .evaluator import evaluate
+from .evaluator import eval_modes, evaluate
 from .games import EnvPool, game_spec
 from .ppo.env_state import state_bytes, state_from_bytes
 from .replay import ReplayBuffer
@@ -216,12 +216,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ stages
     def evaluate(self, iteration: int) -> StageResult:
-        modes = [m for m in self.cfg.eval.modes if self.llm_prior is not None or m in ("wm", "random")]
-        # The main mode (evals/reward_mean) is how collection searches: with the LLM in its prior or without.
-        main = "wm_llm" if self.llm_prior is not None and self.cfg.mcts.prior_mode != "wm" else "wm"
-        if main in modes:
-            modes.remove(main)
-            modes.insert(0, main)
+        modes = eval_modes(self.cfg, self.llm_prior is not None)
         max_steps = self.cfg.eval.max_episode_steps or self.spec.max_episode_steps
         with torch.inference_mode():
             result = evaluate(self.eval_pool, self.agent, modes, self.cfg.eval.num_episodes, max_steps, progress=self.progress,

@@ -16,6 +16,7 @@ import contextvars
 import json
 import logging
 import os
+import shutil
 import time
 import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,6 +59,16 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = json.dumps(value) if isinstance(value, (list, type(None))) else str(value)
     return flat
+
+
+def package_version() -> str:
+    """The installed priorzero's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("priorzero")
+    except PackageNotFoundError:
+        return "0.1.0"
 
 
 def source_tags() -> dict[str, str]:
@@ -233,6 +244,45 @@ class Tracker:
         # The kind tag makes the MLflow UI open on the runs table and metric charts, not on GenAI traces.
         return self.client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
                                              tags={"mlflow.experimentKind": "custom_model_development"})
+
+    def log_agent(self, iteration: int, agent_dir: Path) -> None:
+        """Log an exported agent (`priorzero_core.agent_model.export_agent`) as this run's MLflow model `agent`,
+        register it as a new version of `registered_model_name` with the alias `best`, then delete `agent_dir`."""
+        self._submit("model logging", partial(self._log_agent, iteration, Path(agent_dir)))
+
+    @property
+    def registered_model_name(self) -> str:
+        return f"priorzero-{Path(self.cfg.game.name).stem}"
+
+    def _log_agent(self, iteration: int, agent_dir: Path) -> None:
+        import tempfile
+
+        import mlflow.pyfunc
+        from mlflow.exceptions import MlflowException
+
+        from priorzero_core.agent_model import AGENT_FILE, PriorZeroAgentModel
+
+        info = json.loads((agent_dir / AGENT_FILE).read_text())
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                model = Path(tmp) / "agent"
+                mlflow.pyfunc.save_model(str(model), python_model=PriorZeroAgentModel(), artifacts={"agent": str(agent_dir)},
+                                         pip_requirements=[f"priorzero=={package_version()}"],
+                                         metadata={"iteration": iteration, "evaluation": info["evaluation"]})
+                self.client.log_artifacts(self.run_id, str(model), "agent")
+            name = self.registered_model_name
+            try:
+                self.client.create_registered_model(name, description="PriorZero agents: world model, trained LLM "
+                                                    "weights and config; @best is the best evaluation")
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            tags = {"iteration": str(iteration), **{k: str(v) for k, v in info["evaluation"].items()}}
+            version = self.client.create_model_version(name, f"runs:/{self.run_id}/agent", run_id=self.run_id, tags=tags)
+            self.client.set_registered_model_alias(name, "best", version.version)
+            self.log.info("MLflow model %s version %s (iteration %d) is now @best", name, version.version, iteration)
+        finally:
+            shutil.rmtree(agent_dir, ignore_errors=True)
 
     def _log_config(self, known: dict[str, str], tags: dict[str, str]) -> None:
         from mlflow.entities import Param, RunTag

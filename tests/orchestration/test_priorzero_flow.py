@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,36 @@ def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_
     assert any("First episode: `> " in t.description for t in tables)
     (where,) = by_type["markdown"]
     assert run.info.run_id in where.data and "mlflow ui --backend-store-uri" in where.data
+
+    # The agent of each checkpoint whose evaluation was the best so far is a version of priorzero-embedded in the
+    # Model Registry, the best at @best; it loads and acts in a fresh process, and `priorzero eval` plays it.
+    best = client.get_model_version_by_alias("priorzero-embedded", "best")
+    versions = client.search_model_versions("name='priorzero-embedded'")
+    evals = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "evals/reward_mean")}
+    logged = sorted(int(v.tags["iteration"]) for v in versions)
+    assert logged[0] == 1 and set(logged) <= set(evals)  # the first evaluation, then only improvements
+    assert all(evals[b] > evals[a] for a, b in zip(logged, logged[1:]))
+    assert int(best.tags["iteration"]) == logged[-1] and best.run_id == run.info.run_id
+    assert float(best.tags["evals/reward_mean"]) == max(evals.values())
+    (run_dir,) = Path(debug_overrides[0].split("=", 1)[1]).iterdir()
+    assert not list((run_dir / "agents").iterdir())  # the exported copies were logged, then removed
+    uri = next(o.split("=", 1)[1] for o in debug_overrides if o.startswith("tracking.uri="))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    code = ("import mlflow, pandas as pd\n"
+            "m = mlflow.pyfunc.load_model('models:/priorzero-embedded@best')\n"
+            "print(m.predict(pd.DataFrame([{'observation': 'You are in a kitchen. There is a door to the north.',"
+            " 'valid_actions': ['go north', 'look', 'inventory']}]))[0])\n")
+    loaded = subprocess.run([sys.executable, "-c", code], env=env, cwd=run_dir, capture_output=True, text=True,
+                            timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.strip().splitlines()[-1] in ("go north", "look", "inventory")
+    played = subprocess.run([str(Path(sys.executable).parent / "priorzero"), "eval", "models:/priorzero-embedded@best",
+                             "eval.num_episodes=2", "eval.modes=[wm]"], env=env, cwd=run_dir, capture_output=True,
+                            text=True, timeout=300)
+    assert played.returncode == 0, played.stdout[-2000:] + played.stderr[-3000:]
+    metrics = dict(line.split(" ", 1) for line in played.stdout.splitlines() if line.startswith("evals/"))
+    assert "evals/wm/reward_mean" in metrics and float(metrics["evals/reward_max"]) >= 0
+    assert list((run_dir / "transcripts").glob("eval-priorzero-embedded-best-*.txt"))
 
 
 def test_collect_failure_is_retried_then_skips_the_rest_of_its_iteration(prefect_api, debug_overrides, monkeypatch):
