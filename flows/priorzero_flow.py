@@ -160,7 +160,11 @@ def log_best_agent(cfg: PriorZeroConfig, trainer: Trainer, run_dir: Path, tracke
     from priorzero_core.agent_model import export_agent
 
     dest = run_dir / "agents" / f"iter-{n:06d}-{time.time_ns()}"  # the tracker deletes it once logged
-    export_agent(checkpoint, cfg, trainer.spec, dest, n, progress.evaluation)
+    try:
+        export_agent(checkpoint, cfg, trainer.spec, dest, n, progress.evaluation)
+    except OSError as err:  # tracking never stops training
+        logging.getLogger("priorzero").warning("agent of iteration %d not logged: %s", n, err)
+        return
     tracker.log_agent(n, dest)
 
 
