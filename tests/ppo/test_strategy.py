@@ -154,3 +154,45 @@ def test_training_in_micro_batches_makes_the_same_update_as_whole_minibatches(ti
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for x, y in zip(g1, g4) for a, b in zip(x, y))
     assert s1[0]["policy_loss"] == pytest.approx(s4[0]["policy_loss"], abs=1e-6)
     assert s1[1]["value_loss"] == pytest.approx(s4[1]["value_loss"], abs=1e-6)
+
+
+PEAK_RSS_STEP = """
+import resource, sys, torch
+from priorzero_core.config import LLMConfig, PPOConfig
+from priorzero_core.ppo.actors import CriticActor, PolicyActor, ReferenceActor
+from priorzero_core.ppo.experience import make_rollout
+torch.manual_seed(0)
+batch, micro = int(sys.argv[2]), int(sys.argv[3])
+cfg = PPOConfig(strategy="torch", train_batch_size=batch, critic_update_steps=1, num_warmup_steps=0,
+                micro_forward_batch_size=micro, micro_train_batch_size=micro)
+llm = LLMConfig(model=sys.argv[1])
+policy, reference, critic = PolicyActor(cfg, llm), ReferenceActor(cfg, llm), CriticActor(cfg, llm)
+prompts = torch.randint(10, 1000, (batch, 32)).tolist()
+responses = torch.randint(10, 1000, (batch, 48)).tolist()
+rollout = make_rollout(prompts, responses, pad_id=2)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rollout.old_logp, rollout.ref_logp = policy.logprobs(rollout), reference.logprobs(rollout)
+rollout.values = critic.values(rollout) * rollout.action_mask
+rollout.advantages = rollout.returns = torch.linspace(-1, 1, rollout.old_logp.numel()).view_as(rollout.old_logp) * rollout.action_mask
+policy.train(rollout), critic.train(rollout)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_peak_memory_of_a_ppo_step_follows_the_micro_batch_not_the_rollout(tiny_llm_dir):
+    """Making experience and updating with a 4x larger rollout at the same micro-batch raises peak RSS by far
+    less than the 4x more full-vocabulary logits would; with micro-batches as large as the rollout it does not."""
+    import subprocess
+    import sys
+
+    def peak_mb(batch: int, micro: int) -> float:
+        out = subprocess.run([sys.executable, "-c", PEAK_RSS_STEP, str(tiny_llm_dir), str(batch), str(micro)],
+                             capture_output=True, text=True, check=True, env={"TOKENIZERS_PARALLELISM": "false",
+                                                                               "OMP_NUM_THREADS": "1", "PATH": ""})
+        return float(out.stdout.split()[-1])
+
+    logits_mb = 48 * 49152 * 4 / 2**20  # one response's fp32 logits over the vocabulary: 9 MB
+    small, large = peak_mb(8, 4), peak_mb(32, 4)
+    assert large - small < 6 * logits_mb, (small, large)  # 24 more responses would be 216 MB of logits alone
+    whole = peak_mb(32, 32)
+    assert whole - large > 10 * logits_mb, (large, whole)  # the same rollout in one piece: the test can tell
