@@ -150,6 +150,8 @@ class MCTSConfig(_Section):
     policy_target: Literal["visits", "improved"] = "improved"
     c_visit: float = Field(default=50.0, gt=0)
     c_scale: float = Field(default=0.1, gt=0)
+    # The tree's walk and backup in numba-compiled code (priorzero_core/mcts_compiled.py); false: the numpy path.
+    compiled: bool = True
 
     @field_validator("mix_weight")
     @classmethod

@@ -10,6 +10,7 @@ changed (and for a whole tree when its Q bounds move), so a level of the walk is
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
@@ -316,6 +317,14 @@ def select_action(visit_counts: Tensor, temperature: float, rng: np.random.Gener
 
 
 @torch.inference_mode()
+@functools.cache
+def _compiled():
+    """The numba kernels (compiled, or loaded from numba's cache, on first use)."""
+    from . import mcts_compiled
+
+    return mcts_compiled
+
+
 def search(
     recurrent_fn: RecurrentFn,
     root: RootOutput,
@@ -339,14 +348,24 @@ def search(
         prior = dirichlet_noise(prior, valid_mask, cfg.root_dirichlet_alpha, cfg.root_noise_weight, rng)
     tree = init_tree(root, valid_mask, cfg.num_simulations, prior, cfg, discount)
     envs = np.arange(len(tree.root))
+    kernels = _compiled() if cfg.compiled else None
     for sim in range(1, cfg.num_simulations + 1):
-        path, actions = simulate(tree)
+        if kernels is not None:
+            path, actions = kernels.simulate(tree.best, tree.children, tree.root, tree.empty)
+        else:
+            path, actions = simulate(tree)
         last = (path != tree.empty).sum(1) - 1
         leaf = tree.root + sim
         leaf_value = expand(tree, recurrent_fn, leaf, path[envs, last], actions[envs, last], valid_mask)
         path = np.concatenate([path, np.full((len(envs), 1), tree.empty)], 1)
         path[envs, last + 1] = leaf
-        backup(tree, path, actions, leaf_value, discount, cfg)
+        if kernels is not None:
+            kernels.backup(path, actions, leaf_value, discount, tree.reward, tree.returns, tree.value_sum,
+                           tree.visit_count, tree.min_value, tree.max_value, tree.child_visits, tree.child_q,
+                           tree.explore, tree.best, tree.prior, tree.valid_mask, tree.root, tree.num_nodes,
+                           tree.expanded, tree.empty, cfg.pb_c_base, cfg.pb_c_init)
+        else:
+            backup(tree, path, actions, leaf_value, discount, cfg)
 
     device = valid_mask.device
     visit_counts = torch.from_numpy(tree.child_visits[tree.root]).float().to(device)

@@ -201,3 +201,64 @@ def test_improved_policy_finds_the_best_action_that_few_simulations_never_visit(
     visits_cfg = MCTSConfig(num_simulations=2, policy_target="visits")
     out = search(model, root, mask, visits_cfg, np.random.default_rng(0), False, discount=1.0, temperature=0, lookahead_fn=model)
     assert out.selected_action.item() == 0  # the reference behaviour follows the visits
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_compiled_walk_and_backup_keep_the_numpy_paths_trees(seed):
+    """Two trees stepped in lockstep, one by mcts.simulate/backup (numpy), one by the numba kernels: the same
+    walks, choices, visit counts and children after every simulation; values equal up to summation order."""
+    from priorzero_core import mcts_compiled
+
+    g = torch.Generator().manual_seed(seed)
+    B, D, N = 4, 8, 60
+    w = torch.randn(D + A, D, generator=g)
+
+    def model(state, action):
+        x = torch.tanh(torch.cat([state[0], torch.nn.functional.one_hot(action, A).float()], -1) @ w)
+        return (x,), x[:, 0] * 2, x[:, 1:1 + A] * 3, x[:, -1]
+
+    cfg = MCTSConfig(num_simulations=N)
+    mask = torch.rand(B, A, generator=g) > 0.2
+    mask[:, 0] = True
+    root = RootOutput((torch.randn(B, D, generator=g),), torch.randn(B, A, generator=g), torch.randn(B, generator=g))
+    prior = masked_softmax(root.prior_logits, mask)
+    trees = [mcts.init_tree(root, mask, N, prior, cfg, 0.997) for _ in range(2)]
+    envs = np.arange(B)
+    for sim in range(1, N + 1):
+        walks = [mcts.simulate(trees[0]), mcts_compiled.simulate(trees[1].best, trees[1].children, trees[1].root,
+                                                                   trees[1].empty)]
+        for (p0, a0), (p1, a1) in zip(walks[:1], walks[1:]):
+            np.testing.assert_array_equal(p0, p1)
+            np.testing.assert_array_equal(a0, a1)
+        for k, (tree, (path, actions)) in enumerate(zip(trees, walks)):
+            last = (path != tree.empty).sum(1) - 1
+            leaf = tree.root + sim
+            value = mcts.expand(tree, model, leaf, path[envs, last], actions[envs, last], mask)
+            path = np.concatenate([path, np.full((B, 1), tree.empty)], 1)
+            path[envs, last + 1] = leaf
+            if k == 0:
+                mcts.backup(tree, path, actions, value, 0.997, cfg)
+            else:
+                mcts_compiled.backup(path, actions, value, 0.997, tree.reward, tree.returns, tree.value_sum,
+                                     tree.visit_count, tree.min_value, tree.max_value, tree.child_visits, tree.child_q,
+                                     tree.explore, tree.best, tree.prior, tree.valid_mask, tree.root, tree.num_nodes,
+                                     tree.expanded, tree.empty, cfg.pb_c_base, cfg.pb_c_init)
+        numpy_tree, compiled_tree = trees
+        for name in ("best", "children", "child_visits", "visit_count"):
+            np.testing.assert_array_equal(getattr(numpy_tree, name), getattr(compiled_tree, name), err_msg=name)
+        for name in ("value_sum", "child_q", "explore", "min_value", "max_value"):
+            np.testing.assert_allclose(getattr(numpy_tree, name), getattr(compiled_tree, name), rtol=1e-12, atol=1e-12,
+                                       err_msg=name)
+
+
+def test_search_gives_the_same_result_compiled_or_not():
+    model = ChainMDP()
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True], [False, True, True, True]])
+    outs = []
+    for compiled in (True, False):
+        cfg = MCTSConfig(num_simulations=30, compiled=compiled)
+        outs.append(search(model, model.root([2, 1, 3], [0, 3, 1]), mask, cfg, np.random.default_rng(0), True,
+                           discount=0.997, temperature=0))
+    assert torch.equal(outs[0].visit_counts, outs[1].visit_counts)
+    assert torch.equal(outs[0].selected_action, outs[1].selected_action)
+    torch.testing.assert_close(outs[0].root_value, outs[1].root_value)
