@@ -29,6 +29,15 @@ def wait_for_deployment(name: str, serve: subprocess.Popen, timeout: float = 120
     raise AssertionError(f"deployment {name} not registered after {timeout:.0f} s")
 
 
+def interrupt(proc: subprocess.Popen) -> None:
+    """Ctrl-C for `priorzero serve` or a worker; killed if it has not stopped 30 s later."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def wait_final(flow_run_id: UUID, timeout: float = 300):
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
@@ -66,11 +75,7 @@ def test_a_served_deployment_run_killed_part_way_is_crashed_and_prefects_retry_r
             client.set_flow_run_state(UUID(flow_run_id), AwaitingRetry(message="Retry from the UI"), force=False)
         retried = wait_final(UUID(flow_run_id))
     finally:
-        serve.send_signal(signal.SIGINT)
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        interrupt(serve)
 
     assert retried.state.is_completed(), (tmp_path / "serve.log").read_text()[-3000:]
     assert retried.run_count == 2
@@ -107,11 +112,7 @@ def test_work_pool_deployments_run_on_a_process_worker_one_at_a_time_with_their_
     try:
         runs = [wait_final(r.id, timeout=400) for r in (first, second, missing)]
     finally:
-        worker.send_signal(signal.SIGINT)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        interrupt(worker)
     log = (tmp_path / "worker.log").read_text()[-4000:]
     a, b, rom = runs
     assert a.state.is_completed() and b.state.is_completed(), log
