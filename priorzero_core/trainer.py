@@ -112,6 +112,7 @@ class Trainer:
         self._collect_undo: Optional[dict] = None  # set while a collect stage runs; see collect()
         self._current: Optional[int] = None  # the iteration in progress
         self._metrics: dict[str, float] = {}  # its metrics so far
+        self._failed: set[str] = set()  # its stages whose last attempt raised
         self._metrics_lock = threading.Lock()
         self._lock = threading.Lock()  # parallel mode: WM and LLM training share the replay buffer
 
@@ -427,7 +428,8 @@ class Trainer:
                 "steps_since_wm": self._steps_since_wm,
                 # This iteration's metrics row as far as it goes (all but the checkpoint's own time): a resume
                 # restores it when the process died before the row was written.
-                "metrics": {**self._metrics, "timing/iteration_s": time.monotonic() - self._iteration_started},
+                "metrics": {**self._metrics, "iteration/failed": float(bool(self._failed)),
+                            "timing/iteration_s": time.monotonic() - self._iteration_started},
             }
             path = writer.commit(meta)
         except BaseException:
@@ -441,10 +443,16 @@ class Trainer:
 
     def run_stage(self, stage: str, iteration: int, *args: object) -> StageResult:
         """Run one stage of the iteration in progress (the fault hook first, see faults.py); its metrics, with
-        its time, go into the iteration's metrics row. A stage that raises records nothing."""
-        faults.inject(stage, iteration)
-        start = time.perf_counter()
-        result: StageResult = getattr(self, stage)(iteration, *args)
+        its time, go into the iteration's metrics row. A stage that raises records nothing, and the iteration
+        counts as failed unless a retry of that stage succeeds."""
+        try:
+            faults.inject(stage, iteration)
+            start = time.perf_counter()
+            result: StageResult = getattr(self, stage)(iteration, *args)
+        except BaseException:
+            self._failed.add(stage)
+            raise
+        self._failed.discard(stage)
         result.metrics[f"timing/{stage}_s"] = time.perf_counter() - start
         with self._metrics_lock:  # parallel mode: the world-model stage finishes beside the LLM's
             self._metrics.update(result.metrics)
@@ -461,12 +469,13 @@ class Trainer:
         self._iteration_started = now
         self._current = iteration
         self._metrics = {}
+        self._failed = set()
 
     def finish_iteration(self, iteration: int, failed: bool = False) -> dict[str, float]:
         """Call after each iteration, whatever its stages did: appends its metrics row (what its completed
         stages measured, `iteration/failed` 0 or 1: whether a stage failed after its retries, and
         `timing/iteration_s`) to logs/metrics.jsonl and returns it."""
-        row = {**self._metrics, "iteration/failed": float(failed),
+        row = {**self._metrics, "iteration/failed": float(failed or bool(self._failed)),
                "timing/iteration_s": time.monotonic() - self._iteration_started}
         append_metrics(self.run_dir, iteration, row)
         self.iteration = max(self.iteration, iteration)

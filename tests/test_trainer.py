@@ -10,6 +10,7 @@ from priorzero_core.config import load_config
 from priorzero_core.errors import CheckpointError, ConfigError
 from priorzero_core.replay import ReplayBuffer
 from priorzero_core.trainer import Trainer, read_metrics, run_plain
+from measures import wall_clock
 
 TINY = [
     "collect.num_envs=2",
@@ -215,11 +216,6 @@ def test_resume_restores_every_random_state_the_checkpoint_was_taken_with(tmp_pa
         assert (random.random(), resumed.replay.rng.random(), resumed.rng.random()) == expected
     finally:
         resumed.close()
-
-
-def wall_clock(key: str) -> bool:
-    """Metrics that measure time or caches (cold after a restart), not what was trained."""
-    return key.startswith("timing/") or key.endswith(("_per_s", "_s", "seconds")) or "cache_hit_rate" in key
 
 
 def trained(run_dir):

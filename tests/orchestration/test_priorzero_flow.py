@@ -20,6 +20,7 @@ from priorzero.tasks import Tracker, close_trainer, open_trainer
 from priorzero_core import checkpoint as ckpt
 from priorzero_core.trainer import read_metrics, run_plain
 from priorzero_core.errors import ConfigError
+from measures import wall_clock
 
 
 def task_runs(flow_run_id) -> dict[str, object]:
@@ -188,11 +189,6 @@ def test_collect_failure_is_retried_then_skips_the_rest_of_its_iteration(prefect
 
     client, run = mlflow_run(debug_overrides)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/wm_total_loss")] == [1, 3]
-
-
-def wall_clock(key: str) -> bool:
-    """Metrics that measure time or caches (cold after a restart), not what was trained."""
-    return key.startswith("timing/") or key.endswith(("_per_s", "_s", "seconds")) or "cache_hit_rate" in key
 
 
 def test_a_flow_whose_stages_fail_once_ends_at_the_checkpoint_and_metrics_of_the_plain_loop(

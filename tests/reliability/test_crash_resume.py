@@ -24,6 +24,7 @@ from priorzero_core.replay import ReplayBuffer
 from priorzero_core.trainer import read_metrics
 
 from .conftest import metric_steps, saved_files, tracking_uri, wait_gone
+from measures import wall_clock
 
 # (fault, last complete checkpoint when it strikes, the MLflow steps it leaves); each resumes from the one before.
 KILLS = [
@@ -32,11 +33,6 @@ KILLS = [
     ("kill:checkpoint-write@2", 1, [1]),  # parts written, no manifest: only a .tmp dir exists
     ("kill:checkpoint-done@2", 2, [1]),  # checkpoint 2 committed, its metrics not yet sent: the resume sends them
 ]
-
-
-def wall_clock(key: str) -> bool:
-    """Metrics that measure time or caches (cold after a restart), not what was trained."""
-    return key.startswith("timing/") or key.endswith(("_per_s", "_s", "seconds")) or "cache_hit_rate" in key
 
 
 def replay_steps(run_dir) -> int:
