@@ -82,8 +82,8 @@ def torch_model_timer(roots, step, steps: int) -> Timer:
     return timed
 
 
-def ours(path: Path, simulations: int, searches: int) -> tuple[Timer, Timer]:
-    """This project's priorzero_core.mcts.search, in this process."""
+def ours(path: Path, simulations: int, searches: int, compiled: bool = True) -> tuple[Timer, Timer]:
+    """This project's priorzero_core.mcts.search, in this process (`compiled`: the numba tree, else numpy's)."""
     import torch
 
     from priorzero_core.config import MCTSConfig
@@ -95,7 +95,7 @@ def ours(path: Path, simulations: int, searches: int) -> tuple[Timer, Timer]:
     root = RootOutput((roots,), logits, value)
     mask = torch.ones_like(logits, dtype=torch.bool)
     cfg = MCTSConfig(num_simulations=simulations, pb_c_base=PB_C_BASE, pb_c_init=PB_C_INIT,
-                     root_dirichlet_alpha=DIRICHLET_ALPHA, root_noise_weight=NOISE_WEIGHT)
+                     root_dirichlet_alpha=DIRICHLET_ALPHA, root_noise_weight=NOISE_WEIGHT, compiled=compiled)
 
     def recurrent_fn(state, action):
         nxt, reward, logits, value = step(state[0], action)
@@ -278,12 +278,15 @@ def main() -> None:
             print(f"skip {name}: no venv at {python.parent.parent}; make it with scripts/setup_bench_peers.sh")
     os.environ.update(ONE_THREAD)  # as the workers have it, before torch is imported
     timed, timed_model = ours(model, args.simulations, args.searches)
-    timed(), timed_model()
+    timed_numpy, _ = ours(model, args.simulations, args.searches, compiled=False)
+    timed(), timed_numpy(), timed_model()
     model_seconds = {"ours": min(timed_model() for _ in range(3))}
+    model_seconds["ours-numpy"] = model_seconds["ours"]
     model_seconds |= {p.name: p.ready() for p in peers}
     rounds: dict[str, list[float]] = {name: [] for name in model_seconds}
     for _ in range(args.repeats):  # alternate, so every search sees the same machine load
         rounds["ours"].append(timed())
+        rounds["ours-numpy"].append(timed_numpy())
         for p in peers:
             rounds[p.name].append(p.round())
     for p in peers:
@@ -298,8 +301,9 @@ def main() -> None:
     for name, times in rounds.items():
         median = statistics.median(times)
         print(f"{name:<12}{median:>10.4f}{rate[name]:>10.0f}{model_seconds[name] / median:>12.0%}")
+    print(f"compiled tree vs numpy tree (mcts.compiled): {rate['ours'] / rate['ours-numpy']:.2f}x")
     for name in rounds:
-        if name != "ours":
+        if name not in ("ours", "ours-numpy"):
             print(f"ratio mcts_vs_{name} {rate['ours'] / rate[name]:.2f}")
 
 
