@@ -125,7 +125,7 @@ try:
             self.cfg, self.spec, self.agent = load_agent(Path(context.artifacts["agent"]))
             self.mode = eval_modes(self.cfg, self.agent.llm is not None)[0]
 
-        def predict(self, context: Any, model_input: Any, params: Optional[dict[str, Any]] = None) -> list[str]:
+        def predict(self, context, model_input, params=None):  # no hints: MLflow would read them as a signature
             from .agent import EnvView
             from .games.base import TimeStep
 
