@@ -28,7 +28,7 @@ TARGETS = {
     "env_valid_actions": (">=", 5.0),
     "llm_scoring": (">=", 8.0),
     "mcts_batched": (">=", 4.0),
-    "mcts_vs_lightzero": (">=", 1.0),
+    "mcts_vs_lightzero": (">=", 1.2),
     "orchestration_overhead": ("<=", 1.05),
     "ppo_vs_trl": (">=", 1.0),
 }
