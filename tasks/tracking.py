@@ -281,6 +281,9 @@ class Tracker:
             version = self.client.create_model_version(name, f"runs:/{self.run_id}/agent", run_id=self.run_id, tags=tags)
             self.client.set_registered_model_alias(name, "best", version.version)
             self.log.info("MLflow model %s version %s (iteration %d) is now @best", name, version.version, iteration)
+        except Exception as err:  # a registry that refuses the model must not stop the metrics (see _guard)
+            self.log.warning("MLflow: the agent of iteration %d was not registered (%s: %s)", iteration,
+                             type(err).__name__, str(err).splitlines()[0] if str(err) else "")
         finally:
             shutil.rmtree(agent_dir, ignore_errors=True)
 
