@@ -262,8 +262,8 @@ class Tracker:
 
         from priorzero_core.agent_model import AGENT_FILE, PriorZeroAgentModel
 
-        info = json.loads((agent_dir / AGENT_FILE).read_text())
         try:
+            info = json.loads((agent_dir / AGENT_FILE).read_text())
             with tempfile.TemporaryDirectory() as tmp:
                 model = Path(tmp) / "agent"
                 mlflow.pyfunc.save_model(str(model), python_model=PriorZeroAgentModel(), artifacts={"agent": str(agent_dir)},

@@ -127,3 +127,21 @@ def test_disabled_tracking_touches_no_store(tmp_path):
 
     assert not tracker.active
     assert not (tmp_path / "store").exists()
+
+
+def test_an_agent_that_cannot_be_registered_is_a_warning_and_metrics_go_on(tmp_path, caplog):
+    cfg = make_cfg(tmp_path)
+    (tmp_path / "run").mkdir()
+    broken = tmp_path / "run" / "agents" / "iter-000001"
+    broken.mkdir(parents=True)  # no agent.json: not an exported agent
+    tracker = Tracker(cfg, tmp_path / "run", LOG)
+    tracker.start(run_name="run", tags={})
+    with caplog.at_level("WARNING", logger=LOG.name):
+        tracker.log_agent(1, broken)
+        tracker.log_iteration(2, {"train/wm_total_loss": 1.0}, {})
+        tracker.commit()
+        tracker.end("FINISHED")
+    assert "the agent of iteration 1 was not registered" in caplog.text
+    assert not broken.exists()
+    client = MlflowClient(cfg.tracking.uri)
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "train/wm_total_loss")] == [2]
