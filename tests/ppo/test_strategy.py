@@ -157,7 +157,7 @@ def test_training_in_micro_batches_makes_the_same_update_as_whole_minibatches(ti
 
 
 PEAK_RSS_STEP = """
-import resource, sys, torch
+import sys, threading, psutil, torch
 from priorzero_core.config import LLMConfig, PPOConfig
 from priorzero_core.ppo.actors import CriticActor, PolicyActor, ReferenceActor
 from priorzero_core.ppo.experience import make_rollout
@@ -170,12 +170,23 @@ policy, reference, critic = PolicyActor(cfg, llm), ReferenceActor(cfg, llm), Cri
 prompts = torch.randint(10, 1000, (batch, 32)).tolist()
 responses = torch.randint(10, 1000, (batch, 48)).tolist()
 rollout = make_rollout(prompts, responses, pad_id=2)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+me = psutil.Process()
+before = peak = me.memory_info().rss
+done = threading.Event()
+def sample():  # the high-water mark of this step alone (ru_maxrss would include loading the models)
+    global peak
+    while not done.is_set():
+        peak = max(peak, me.memory_info().rss)
+        done.wait(0.001)
+sampler = threading.Thread(target=sample)
+sampler.start()
 rollout.old_logp, rollout.ref_logp = policy.logprobs(rollout), reference.logprobs(rollout)
 rollout.values = critic.values(rollout) * rollout.action_mask
 rollout.advantages = rollout.returns = torch.linspace(-1, 1, rollout.old_logp.numel()).view_as(rollout.old_logp) * rollout.action_mask
 policy.train(rollout), critic.train(rollout)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+done.set()
+sampler.join()
+print((peak - before) / 2**20)
 """
 
 
