@@ -102,7 +102,8 @@ def evaluate_agent(src: Path, overrides: Optional[list[str]] = None, transcript:
     try:
         with torch.inference_mode():
             result = evaluate(pool, agent, eval_modes(cfg, agent.llm is not None), cfg.eval.num_episodes,
-                              cfg.eval.max_episode_steps or spec.max_episode_steps, break_loops=cfg.eval.break_loops)
+                              cfg.eval.max_episode_steps or spec.max_episode_steps, break_loops=cfg.eval.break_loops,
+                              act_on=cfg.eval.act_on)
     finally:
         pool.close()
     if transcript is not None:

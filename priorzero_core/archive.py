@@ -120,6 +120,21 @@ class Archive:
             return None
         return max(self.cells.values(), key=lambda c: (c.score, -c.length))
 
+    def candidates(self, limit: int) -> list[Cell]:
+        """Up to `limit` cells from the best score down, shortest first within a score, at most a quarter of
+        `limit` (and at least one) per score."""
+        per_score = max(1, limit // 4)
+        ranked = sorted(self.cells.values(), key=lambda c: (-c.score, c.length, c.key))
+        out: list[Cell] = []
+        taken: dict[int, int] = {}
+        for cell in ranked:
+            if len(out) >= limit:
+                break
+            if taken.get(cell.score, 0) < per_score:
+                taken[cell.score] = taken.get(cell.score, 0) + 1
+                out.append(cell)
+        return out
+
     def metrics(self) -> dict[str, float]:
         best = self.best()
         return {
@@ -221,6 +236,22 @@ def without_loops(steps: list[StepRecord]) -> list[StepRecord]:
         out.append(steps[k])
         k += 1
     return out
+
+
+def robust_best(cells: list[Cell], scores: Callable[[Cell], float], cache: dict[tuple[str, int], float]
+                ) -> Optional[tuple[Cell, float]]:
+    """The cell whose `scores` (a trajectory's mean score over other game seeds) is highest; on ties the higher
+    archive score, then the shorter trajectory. `cache` keeps each (cell, trajectory length)'s figure, so a
+    trajectory is replayed once."""
+    best: Optional[tuple[Cell, float]] = None
+    for cell in cells:
+        key = (cell.key, cell.length)
+        if key not in cache:
+            cache[key] = float(scores(cell))
+        value = cache[key]
+        if best is None or (value, cell.score, -cell.length) > (best[1], best[0].score, -best[0].length):
+            best = (cell, value)
+    return best
 
 
 def demo_segment(cell: Cell, discount: float, cut_loops: bool = False) -> GameSegment:

@@ -186,6 +186,14 @@ class ExploreConfig(_Section):
     demo_fraction: float = Field(default=0.25, ge=0, lt=1)
     # Imitate the best trajectory without its detours back to a world state it had already passed through.
     demo_cut_loops: bool = True
+    # Which trajectory is imitated, in a game with random events (Jericho games; the embedded game has none):
+    # the archive's top cells (by score, shortest first; at most `demo_candidates`, a quarter of them per score)
+    # are each replayed from the start under `demo_seeds` game seeds that neither collection nor evaluation
+    # uses, followed by each valid action of the cell's state, and the one with the best mean of those scores
+    # is imitated. A trajectory that walked past a random danger by luck, or that ends one move from losing
+    # points, scores less than its cell. 0: the archive's best score, shortest first.
+    demo_seeds: int = Field(default=8, ge=0)
+    demo_candidates: int = Field(default=128, gt=0)
 
 
 class ReplayConfig(_Section):
@@ -204,6 +212,10 @@ class EvalConfig(_Section):
     # Back in a world state it has been in before in the episode, take the best-ranked action not yet taken
     # there: greedy search in a deterministic game otherwise repeats a loop (open/close, west/east) to the end.
     break_loops: bool = True
+    # What the greedy agent acts on: the search's most visited action (as MuZero and LightZero evaluate; ties to
+    # the improved policy), or the improved policy itself, whose one-step Q of unvisited actions can outweigh
+    # what the policy learned to imitate.
+    act_on: Literal["visits", "improved"] = "visits"
 
 
 class ScheduleConfig(_Section):

@@ -22,12 +22,15 @@ class EvalResult:
     transcript: str
 
 
-def untried_first(d: Decision, tried: set[str]) -> int:
-    """The index of the best-ranked action (by the decision's policy target) not in `tried`; the decision's own
-    choice when every action has been tried."""
+def untried_first(d: Decision, tried: set[str], act_on: str = "improved") -> int:
+    """The index of the best-ranked action not in `tried` (ranked as the agent acts: by visits, ties to the policy
+    target, or by the policy target); the decision's own choice when every action has been tried."""
     if d.action not in tried:
         return d.action_index
-    for idx in np.argsort(-np.asarray(d.policy_target, dtype=np.float64), kind="stable"):
+    rank = np.asarray(d.policy_target, dtype=np.float64)
+    if act_on == "visits":
+        rank = np.asarray(d.visit_dist, dtype=np.float64) + 1e-3 * rank
+    for idx in np.argsort(-rank, kind="stable"):
         if d.valid_actions[idx] not in tried:
             return int(idx)
     return d.action_index
@@ -45,13 +48,14 @@ def eval_modes(cfg: PriorZeroConfig, has_llm: bool) -> list[str]:
 
 
 def evaluate(pool, agent: Agent, modes: list[str], num_episodes: int, max_steps: int, progress: bool = False,
-             break_loops: bool = True) -> EvalResult:
+             break_loops: bool = True, act_on: str = "improved") -> EvalResult:
     """Plays `num_episodes` episodes per mode (envs of `pool` in parallel, episodes in rounds).
 
     `evals/reward_mean` is the mean final score of the first mode that runs (the agent's main mode: "wm_llm"
     when an LLM is present, else "wm"); every mode also gets its own `evals/<mode>/...` metrics.
     `break_loops`: back in a world state it has been in before this episode, the greedy agent takes its
-    best-ranked action not yet taken there (the same action from the same state would go round the same loop).
+    best-ranked action not yet taken there (the same action from the same state would go round the same loop),
+    ranked as `act_on` (the agent's `eval.act_on`) says.
     """
     metrics: dict[str, float] = {}
     lines: list[str] = []
@@ -74,7 +78,7 @@ def evaluate(pool, agent: Agent, modes: list[str], num_episodes: int, max_steps:
                 if break_loops and mode != "random":
                     for i, d in zip(active, decisions):
                         taken = tried[i].setdefault(views[i].timestep.state_hash, set())
-                        d.action_index = untried_first(d, taken)
+                        d.action_index = untried_first(d, taken, act_on)
                         d.action = d.valid_actions[d.action_index]
                         taken.add(d.action)
                 steps = pool.step([d.action for d in decisions], indices=active)

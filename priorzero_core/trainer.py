@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import faults
 from .agent import Agent, sequences_to_wm_batch
-from .archive import Archive, demo_segment
+from .archive import Archive, demo_segment, robust_best, trace_steps
 from .collector import Collector
 from .config import PriorZeroConfig, dump_config
 from .errors import CheckpointError, ConfigError
@@ -128,6 +128,15 @@ class Trainer:
         self.collect_pool = EnvPool(cfg.game, cfg.collect.num_envs, seed=cfg.run.seed)
         self.archive = Archive(cfg.explore, self.rng) if cfg.explore.enabled else None
         self._demo: Optional[str] = None  # the episode id of the demonstration the learners imitate
+        self._demo_value = 0.0  # its mean score over other game seeds (explore.demo_seeds)
+        self._seed_replays: dict[tuple[str, int], float] = {}  # (cell, trajectory length) -> that mean
+        self._replayer = None
+        if self.archive is not None and cfg.explore.demo_seeds and self.spec.backend == "jericho":
+            from .games.jericho_env import SeedReplayer
+
+            # seeds apart from collection's (run.seed + env) and evaluation's (run.seed + 10_000 + episode)
+            self._replayer = SeedReplayer(self.spec.path, [cfg.run.seed + 20_000 + k
+                                                           for k in range(cfg.explore.demo_seeds)])
         self.collector = Collector(self.collect_pool, self.agent, cfg.collect.segment_length, cfg.collect.epsilon,
                                    self.rng, self.archive, cfg.explore, context=wmc.context_length - 1)
         self._eval_pool: Optional[EnvPool] = None
@@ -221,7 +230,7 @@ class Trainer:
         max_steps = self.cfg.eval.max_episode_steps or self.spec.max_episode_steps
         with torch.inference_mode():
             result = evaluate(self.eval_pool, self.agent, modes, self.cfg.eval.num_episodes, max_steps, progress=self.progress,
-                              break_loops=self.cfg.eval.break_loops)
+                              break_loops=self.cfg.eval.break_loops, act_on=self.cfg.eval.act_on)
         path = self.run_dir / "transcripts" / f"eval-{iteration:06d}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():  # a re-run iteration or `priorzero eval` keeps the earlier transcript
@@ -253,6 +262,7 @@ class Trainer:
         metrics = stats.metrics()
         if self.archive is not None:
             metrics.update(self.archive.metrics())
+            metrics["explore/demo_seed_score"] = self._demo_value
         if self.llm_prior is not None:
             hits, misses = self.llm_prior.cache_stats()
             if hits + misses:
@@ -279,10 +289,29 @@ class Trainer:
         if self.archive is not None:
             self.archive.restore(snap["archive"])
 
+    def _demo_cell(self):
+        """The archive cell whose trajectory the learners imitate: the best score, shortest first; with a seed
+        replayer, the best mean score over other game seeds (`explore.demo_seeds`)."""
+        if self.archive is None or not self.archive.cells:
+            return None
+        if self._replayer is None:
+            best = self.archive.best()
+            self._demo_value = float(best.score)
+            return best
+
+        def held(cell) -> float:
+            last = getattr(cell.state, "last", None)
+            probes = list(last.valid_actions) if last is not None and not last.done else []
+            return float(np.mean(self._replayer.scores([s.action for s in trace_steps(cell.trace)], probes)))
+
+        best, self._demo_value = robust_best(self.archive.candidates(self.cfg.explore.demo_candidates), held,
+                                             self._seed_replays)
+        return best
+
     def _refresh_demo(self) -> None:
         """Imitate the archive's best trajectory once it scores (self-imitation); rebuilt when a better one is found."""
-        best = self.archive.best() if self.archive is not None else None
-        if best is None or best.score <= 0:
+        best = self._demo_cell()
+        if best is None or best.score <= 0 or self._demo_value <= 0:
             return
         demo = demo_segment(best, self.cfg.world_model.discount, self.cfg.explore.demo_cut_loops)
         if demo.episode_id == self._demo:
@@ -294,8 +323,8 @@ class Trainer:
                 history.append((step.observation, step.action, step.reward))
         self.replay.set_demos([demo])
         self._demo = demo.episode_id
-        log.info("imitating the best trajectory found: score %d in %d steps (%d without its loops)", best.score,
-                 best.length, len(demo.steps))
+        log.info("imitating the best trajectory found: score %d in %d steps (%d without its loops), %.1f on "
+                 "other game seeds", best.score, best.length, len(demo.steps), self._demo_value)
 
     def wm_batch(self):
         """A world-model batch: sequences of unroll_steps + 1 steps, each with the history a search root has."""
@@ -561,7 +590,7 @@ class Trainer:
     def close(self) -> None:
         """Shut envs and workers down; each part independently."""
         errors = []
-        for part in (self._ppo, self.collect_pool, self._eval_pool):
+        for part in (self._ppo, self.collect_pool, self._eval_pool, self._replayer):
             if part is None:
                 continue
             try:

@@ -152,3 +152,40 @@ class JerichoEnv(GameEnv):
         if self._owns_valid_actions:
             self.valid_actions.close()
         self._env.close()
+
+
+class SeedReplayer:
+    """Plays a command sequence from a Jericho game's start under other game seeds than the one it was found
+    on. A random event (a monster in the dark, a thief, a fight) that spared one seed need not spare another:
+    the scores tell a trajectory that holds from one that was lucky. No valid actions are computed, so a
+    replay costs little (≈ 0.01 ms a Zork step)."""
+
+    def __init__(self, path, seeds: list[int]):
+        self.envs = [jericho.FrotzEnv(str(path), seed=seed) for seed in seeds]
+
+    def scores(self, actions: list[str], probes: list[str]) -> list[float]:
+        """Per seed: the score after `actions` (the game may end on the way); if the game goes on, the mean score
+        after each probe command played from that end state (the state restored between probes)."""
+        out = []
+        for env in self.envs:
+            env.reset()
+            over = False
+            for action in actions:
+                over = env.step(action)[2]
+                if over:
+                    break
+            if over or not probes:
+                out.append(float(env.get_score()))
+                continue
+            end, after = env.get_state(), []
+            for probe in probes:
+                env.set_state(end)
+                env.step(probe)
+                after.append(env.get_score())
+            out.append(float(np.mean(after)))
+        return out
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
