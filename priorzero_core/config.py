@@ -189,9 +189,9 @@ class ExploreConfig(_Section):
     # Which trajectory is imitated, in a game with random events (Jericho games; the embedded game has none):
     # the archive's top cells (by score, shortest first; at most `demo_candidates`, a quarter of them per score)
     # are each replayed from the start under `demo_seeds` game seeds that neither collection nor evaluation
-    # uses, followed by each valid action of the cell's state, and the one with the best mean of those scores
-    # is imitated. A trajectory that walked past a random danger by luck, or that ends one move from losing
-    # points, scores less than its cell. 0: the archive's best score, shortest first.
+    # uses, and the one with the best mean score over them is imitated (ties: the higher score, then the
+    # shorter): a trajectory that walked past a random danger by luck scores less than its cell. In a game
+    # without random events this is the archive's best. 0: the archive's best score, shortest first.
     demo_seeds: int = Field(default=8, ge=0)
     demo_candidates: int = Field(default=128, gt=0)
 

@@ -300,9 +300,7 @@ class Trainer:
             return best
 
         def held(cell) -> float:
-            last = getattr(cell.state, "last", None)
-            probes = list(last.valid_actions) if last is not None and not last.done else []
-            return float(np.mean(self._replayer.scores([s.action for s in trace_steps(cell.trace)], probes)))
+            return float(np.mean(self._replayer.scores([s.action for s in trace_steps(cell.trace)])))
 
         best, self._demo_value = robust_best(self.archive.candidates(self.cfg.explore.demo_candidates), held,
                                              self._seed_replays)

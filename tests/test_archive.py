@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from priorzero_core.agent import Agent
-from priorzero_core.archive import Archive, Trace, demo_segment, trace_steps, without_loops
+from priorzero_core.archive import Archive, Trace, demo_segment, robust_best, trace_steps, without_loops
 from priorzero_core.collector import Collector
 from priorzero_core.config import ExploreConfig, load_config
 from priorzero_core.games import EnvPool, game_spec
@@ -243,3 +243,34 @@ def test_without_an_archive_or_with_from_start_1_every_episode_starts_at_the_sta
     collector.archive, collector._running = None, []
     segments, stats = collector.collect(12)
     assert stats.returns_to_cells == 0 and all(r.trace is None for r in collector._running)
+
+
+def test_candidates_come_from_the_best_score_down_shortest_first_a_quarter_per_score():
+    archive = Archive(ExploreConfig(), np.random.default_rng(0))
+    for k in range(5):
+        archive.visit(f"top{k}", 10, trace_of(*[record("a")] * (k + 1)), lambda: "s")
+        archive.visit(f"mid{k}", 5, trace_of(*[record("b")] * (k + 1)), lambda: "s")
+    archive.visit("low", 0, None, lambda: "s")
+    assert [c.key for c in archive.candidates(8)] == ["top0", "top1", "mid0", "mid1", "low"]
+    assert [c.key for c in archive.candidates(1)] == ["top0"]
+
+
+def test_the_robust_best_holds_on_other_seeds_and_each_trajectory_is_replayed_once():
+    archive = Archive(ExploreConfig(), np.random.default_rng(0))
+    archive.visit("lucky|44", 44, trace_of(record("a")), lambda: "s")  # shortest, highest, but often eaten
+    archive.visit("safe|40", 40, trace_of(record("b"), record("c")), lambda: "s")
+    archive.visit("also|40", 40, trace_of(record("b"), record("c"), record("d")), lambda: "s")
+    held = {"lucky|44": 34.0, "safe|40": 40.0, "also|40": 40.0}
+    calls, cache = [], {}
+
+    def scores(cell):
+        calls.append(cell.key)
+        return held[cell.key]
+
+    best, value = robust_best(archive.candidates(8), scores, cache)
+    assert (best.key, value) == ("safe|40", 40.0)  # ties go to the shorter trajectory
+    robust_best(archive.candidates(8), scores, cache)
+    assert sorted(calls) == sorted(held)  # the second choice came from the cache
+    archive.visit("safe|40", 40, trace_of(record("e")), lambda: "s")  # a shorter way: replayed anew
+    robust_best(archive.candidates(8), scores, cache)
+    assert calls.count("safe|40") == 2

@@ -61,3 +61,13 @@ def test_untried_first_keeps_the_choice_until_it_was_taken_then_follows_the_rank
     assert untried_first(d, {"open box"}) == 1
     assert untried_first(d, {"open box", "close box"}) == 2
     assert untried_first(d, set(ACTIONS)) == 0
+
+
+def test_untried_first_ranks_as_the_agent_acts():
+    d = Decision(valid_actions=list(ACTIONS), action_index=1, action="close box",
+                 visit_dist=np.array([0.25, 0.5, 0.25]), policy_target=np.array([0.1, 0.3, 0.6]), root_value=0.0,
+                 llm_prior=None, prompt=None)
+    assert untried_first(d, {"close box"}, act_on="improved") == 2
+    assert untried_first(d, {"close box"}, act_on="visits") == 2  # tied visits: the policy target decides
+    d.visit_dist = np.array([0.4, 0.5, 0.1])
+    assert untried_first(d, {"close box"}, act_on="visits") == 0

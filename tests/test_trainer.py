@@ -54,6 +54,34 @@ def test_a_jericho_run_logs_what_the_valid_action_cache_saved(tmp_path, rom_dir)
     assert first["collect/valid_actions_s"] > 0
 
 
+def test_a_jericho_run_imitates_the_trajectory_that_holds_on_other_game_seeds(tmp_path, rom_dir):
+    import jericho
+
+    from priorzero_core.archive import Trace
+    from priorzero_core.replay import StepRecord
+    from games.test_jericho_env import LUCKY
+
+    def trace(actions):
+        node = None
+        for a in actions:
+            node = Trace.extend(node, StepRecord("", [a], 0, a, 0.0, 0, [1.0], 0.0))
+        return node
+
+    # the walkthrough's first 26 moves: 40 points, down the trap door with the lamp lit, on every seed
+    lit = jericho.FrotzEnv(str(rom_dir / "zork1.z5")).get_walkthrough()[:26]
+    cfg = load_config("zork", TINY + ["llm.enabled=false", f"game.rom_dir={rom_dir}", "game.valid_action_workers=1"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    try:
+        trainer.archive.visit("lucky", 44, trace(LUCKY), lambda: None)  # 44 on its own seed, often eaten elsewhere
+        trainer.archive.visit("lit", 40, trace(lit), lambda: None)
+        chosen = trainer._demo_cell()
+        assert chosen.key == "lit" and trainer._demo_value == 40.0
+        trainer._replayer = None  # explore.demo_seeds=0: the archive's best score
+        assert trainer._demo_cell().key == "lucky"
+    finally:
+        trainer.close()
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     cfg = load_config("debug", TINY + ["llm.enabled=false"])
     run_plain(cfg, tmp_path, iterations=1, progress=False)

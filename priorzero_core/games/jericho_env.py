@@ -163,26 +163,15 @@ class SeedReplayer:
     def __init__(self, path, seeds: list[int]):
         self.envs = [jericho.FrotzEnv(str(path), seed=seed) for seed in seeds]
 
-    def scores(self, actions: list[str], probes: list[str]) -> list[float]:
-        """Per seed: the score after `actions` (the game may end on the way); if the game goes on, the mean score
-        after each probe command played from that end state (the state restored between probes)."""
+    def scores(self, actions: list[str]) -> list[float]:
+        """Per seed, the score after playing `actions` from the start (or where the game ended on the way)."""
         out = []
         for env in self.envs:
             env.reset()
-            over = False
             for action in actions:
-                over = env.step(action)[2]
-                if over:
+                if env.step(action)[2]:
                     break
-            if over or not probes:
-                out.append(float(env.get_score()))
-                continue
-            end, after = env.get_state(), []
-            for probe in probes:
-                env.set_state(end)
-                env.step(probe)
-                after.append(env.get_score())
-            out.append(float(np.mean(after)))
+            out.append(float(env.get_score()))
         return out
 
     def close(self) -> None:

@@ -81,3 +81,25 @@ def test_fast_world_state_hash_tells_apart_exactly_the_states_jericho_does(rom_d
     ours = {fast for _, fast in pairs}
     theirs = {slow for slow, _ in pairs}
     assert len(pairs) == len(ours) == len(theirs) > 60
+
+
+# A trajectory an earlier Zork 1 run's Go-Explore archive imitated (44 points on its own seed): it puts the lantern
+# down and walks on in the dark, where a grue may or may not strike, depending on the game's seed.
+LUCKY = ["south", "south", "go around trees", "up", "take egg", "throw egg at nest", "down", "south", "east",
+         "open window", "west", "take bottle", "west", "push rug", "take lantern", "put down bottle", "take bottle",
+         "open case", "open bottle", "east", "close window", "west", "throw bottle at lantern", "close case",
+         "open trap door", "take lantern", "down", "put down lantern", "put down bottle", "south", "east",
+         "take painting"]
+
+
+def test_seed_replays_tell_a_lucky_trajectory(rom_dir):
+    from priorzero_core.games.jericho_env import SeedReplayer
+
+    replayer = SeedReplayer(rom_dir / "zork1.z5", list(range(30_000, 30_010)))
+    try:
+        scores = replayer.scores(LUCKY)
+        assert scores == replayer.scores(LUCKY)  # each seed replays the same way
+        assert set(scores) == {44.0, 30.0}  # the painting on some seeds, eaten in the dark (-10) on the others
+        assert replayer.scores(["north", "north", "up", "take egg"]) == [5.0] * 10  # no random event on the way
+    finally:
+        replayer.close()
