@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -405,21 +406,30 @@ class Trainer:
     @contextlib.contextmanager
     def _restart_ppo_on_failure(self) -> Iterator[None]:
         """A PPO stage that fails (a dead Ray actor or node, an OOM-killed worker) takes its actors down with it:
-        the stage's retry, or the next PPO iteration, starts fresh ones (from the newest checkpoint's PPO state,
-        else from the policy the MCTS prior has) instead of calling dead actors forever."""
+        the stage's retry, or the next PPO iteration, starts fresh ones instead of calling dead actors forever.
+        They go on from the failed actors' own state where those still answer (`PPOTrainer.rescue`, kept in
+        run_dir/ppo-rescue), else from the newest checkpoint's PPO state, else from the policy the MCTS prior has
+        and a new critic."""
         try:
             yield
         except Exception:
             ppo, self._ppo = self._ppo, None
+            rescue = self.run_dir / "ppo-rescue"
+            shutil.rmtree(rescue, ignore_errors=True)
+            rescued = ppo is not None and ppo.rescue(rescue)
             if ppo is not None:
                 try:
                     ppo.close()
                 except Exception as err:  # noqa: BLE001 - the stage's own error is the one to report
                     log.warning("closing the failed PPO actors: %s", err)
-            found = ckpt.latest_valid(self.run_dir / "checkpoints")
-            ppo_dir = found[0] / "ppo" if found is not None else None
-            self._ppo_resume_dir = ppo_dir if ppo_dir is not None and ppo_dir.is_dir() else None
-            log.warning("PPO stage failed: its actors are stopped; the next PPO stage starts new ones")
+            if rescued:
+                self._ppo_resume_dir = rescue
+            else:
+                found = ckpt.latest_valid(self.run_dir / "checkpoints")
+                ppo_dir = found[0] / "ppo" if found is not None else None
+                self._ppo_resume_dir = ppo_dir if ppo_dir is not None and ppo_dir.is_dir() else None
+            log.warning("PPO stage failed: its actors are stopped; the next PPO stage starts new ones from %s",
+                        self._ppo_resume_dir or "the prior's policy and a new critic")
             raise
 
     # ------------------------------------------------------------------ checkpoints
@@ -434,6 +444,12 @@ class Trainer:
                 writer.directory("llm", self.llm_trainer.save_state)
             if self._ppo is not None:
                 writer.directory("ppo", self._ppo.save)
+            elif self._ppo_resume_dir is not None and self._ppo_resume_dir.is_dir():
+                # the actors are down after a failed stage and start again from this state: it stays checkpointed
+                # (an older checkpoint holding it may be pruned before the next PPO stage)
+                resume_from = self._ppo_resume_dir
+                writer.directory("ppo", lambda d: shutil.copytree(resume_from, d, copy_function=_link_or_copy,
+                                                                  dirs_exist_ok=True))
             if self.archive is not None:
                 writer.directory("archive", lambda d: self.archive.save(d, state_bytes))
             writer.json("collector", self.collector.state())
@@ -462,6 +478,8 @@ class Trainer:
         except BaseException:
             writer.abort()
             raise
+        if self._ppo is None and (path / "ppo").is_dir():
+            self._ppo_resume_dir = path / "ppo"
         ckpt.prune(self.run_dir / "checkpoints", self.cfg.run.keep_checkpoints)
         faults.inject("checkpoint-done", iteration)  # test hook: committed, the iteration's metrics not yet logged
         self.iteration = iteration
@@ -597,6 +615,14 @@ class Trainer:
                 errors.append(err)
         for err in errors:
             log.warning("while closing: %s", err)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the file system allows one (checkpoint files are never written in place), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def metrics_path(run_dir: Path) -> Path:

@@ -82,6 +82,45 @@ def test_a_jericho_run_imitates_the_trajectory_that_holds_on_other_game_seeds(tm
         trainer.close()
 
 
+def test_a_failed_ppo_stage_goes_on_from_what_its_actors_kept_and_checkpoints_carry_it(tmp_path):
+    cfg = load_config("debug", TINY + ["llm.enabled=false", "run.keep_checkpoints=1"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+
+    class Actors:
+        """Stands in for the Ray actors of a PPO stage that failed: `alive` says whether they still answer."""
+
+        def __init__(self, alive):
+            self.alive, self.closed = alive, False
+
+        def rescue(self, directory):
+            if self.alive:
+                directory.mkdir(parents=True)
+                (directory / "critic").write_text("trained critic")
+            return self.alive
+
+        def close(self):
+            self.closed = True
+
+    def fail_with(actors):
+        trainer._ppo = actors
+        with pytest.raises(RuntimeError):
+            with trainer._restart_ppo_on_failure():
+                raise RuntimeError("a PPO actor failed")
+        assert actors.closed and trainer._ppo is None
+
+    try:
+        fail_with(Actors(alive=True))
+        assert (trainer._ppo_resume_dir / "critic").read_text() == "trained critic"
+        for it in (1, 2):  # keep_checkpoints=1: the first checkpoint is pruned by the second
+            trainer.checkpoint(it)
+        assert trainer._ppo_resume_dir == tmp_path / "checkpoints" / "iter-000002" / "ppo"
+        assert (trainer._ppo_resume_dir / "critic").read_text() == "trained critic"
+        fail_with(Actors(alive=False))  # nothing answers: the newest checkpoint's PPO state
+        assert trainer._ppo_resume_dir == tmp_path / "checkpoints" / "iter-000002" / "ppo"
+    finally:
+        trainer.close()
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     cfg = load_config("debug", TINY + ["llm.enabled=false"])
     run_plain(cfg, tmp_path, iterations=1, progress=False)

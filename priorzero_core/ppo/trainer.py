@@ -11,6 +11,7 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -296,7 +297,7 @@ class PPOTrainer:
         adapters takes it as its base weights, adapters zeroed."""
         load_plain_state_dict(module, self.policy_state_dict())
 
-    def save(self, directory: Path | str) -> None:
+    def save(self, directory: Path | str, timeout_s: Optional[float] = None) -> None:
         """Policy and critic weights with their optimizer state, the step counter, the RNG and where each prompt
         file's shuffled pass has got to (a shared FS across nodes)."""
         import ray
@@ -306,10 +307,24 @@ class PPOTrainer:
         refs = [self.policy.submit("save", str(directory / "policy"))]
         if self.critic is not None:
             refs.append(self.critic.submit("save", str(directory / "critic")))
-        ray.get(refs)
+        ray.get(refs, timeout=timeout_s)
         passes = {path: [order.tolist(), start] for path, (order, start) in self._passes.items()}
         (directory / STATE_FILE).write_text(json.dumps({"global_step": self.global_step, "passes": passes,
                                                         "rng": self._rng.bit_generator.state}))
+
+    def rescue(self, directory: Path | str, timeout_s: float = 120.0) -> bool:
+        """After a failed stage, save the state as `save` does if the policy and critic actors still answer (the
+        stage failed in generation, in a reward actor, on one bad batch), so that new actors go on from it instead
+        of from the last checkpoint or, with none, a fresh critic. False (and nothing left in `directory`) when
+        one of them is gone or does not answer within `timeout_s`."""
+        try:
+            self.save(directory, timeout_s=timeout_s)
+            return True
+        except Exception as err:  # noqa: BLE001 - a dead actor is what this finds out
+            logger.warning("PPO: the failed stage's policy/critic could not be saved (%s: %s)", type(err).__name__,
+                           str(err).splitlines()[0] if str(err) else "")
+            shutil.rmtree(directory, ignore_errors=True)
+            return False
 
     def load(self, directory: Path | str) -> None:
         """Restore `save`; the reference becomes the loaded policy (KL is measured from where training resumed)."""

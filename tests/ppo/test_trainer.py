@@ -111,6 +111,12 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
             rec.prompt = ""
         with pytest.raises(Exception):
             trainer.train(write_prompts(tmp_path / "bad.jsonl", bad))
+        # the actors still answer after that failure: their state is saved for the actors that replace them
+        assert trainer.rescue(tmp_path / "rescue") and (tmp_path / "rescue" / "policy").is_dir()
+        if not grpo:  # a critic actor that is gone: nothing is saved, nothing left half-written
+            ray.kill(trainer.critic.actors[0])
+            assert not trainer.rescue(tmp_path / "rescue2", timeout_s=60)
+            assert not (tmp_path / "rescue2").exists()
         spawned |= children() - before
     finally:
         trainer.close()
