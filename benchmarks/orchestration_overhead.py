@@ -18,7 +18,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from priorzero.flows.servers import prefect_server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # scripts/servers.py, a dev tool
+from servers import prefect_server  # noqa: E402
 
 
 def train(kind: str, args: argparse.Namespace, name: str) -> None:
@@ -32,7 +33,7 @@ def train(kind: str, args: argparse.Namespace, name: str) -> None:
         cfg = load_config(args.config, [*overrides, f"schedule.iterations={args.iterations}"])
         run_plain(cfg, args.workdir / "runs" / name, progress=False)
     else:
-        from priorzero.flows.cli import connect_prefect
+        from priorzero.cli import connect_prefect
 
         connect_prefect(require_server=True)
         from priorzero.flows.priorzero_flow import priorzero

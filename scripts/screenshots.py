@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from priorzero.flows.servers import mlflow_ui, prefect_server
+from servers import mlflow_ui, prefect_server
 
 REPO = Path(__file__).resolve().parent.parent
 MLFLOW_HOST = "priorzero-mlflow"
@@ -49,7 +49,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with prefect_server(work / "prefect-home") as api:
         os.environ["PREFECT_API_URL"] = api
-        from priorzero.flows.cli import connect_prefect
+        from priorzero.cli import connect_prefect
 
         connect_prefect(require_server=True)
         from mlflow import MlflowClient

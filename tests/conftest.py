@@ -8,6 +8,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+# scripts/servers.py starts the local Prefect and MLflow servers tests need (a dev tool, not part of the package)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
@@ -66,7 +69,7 @@ def prefect_server(tmp_path_factory):
 
     Quicker to start than prefect_test_harness (≈8 s vs ≈9 s), and the end-to-end test serves against it too.
     """
-    from priorzero.flows.servers import prefect_server
+    from servers import prefect_server
 
     with prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
         yield url

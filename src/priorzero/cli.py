@@ -283,7 +283,7 @@ def bench(
     """Run the benchmarks (benchmarks/run_all.py) and print each ratio against its target."""
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "run_all.py"
     if not script.is_file():
         raise PriorZeroError(f"no {script}: the benchmarks live in the source checkout")
     cmd = [sys.executable, str(script), *(a for name in only or [] for a in ("--only", name))]

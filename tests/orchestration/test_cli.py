@@ -10,14 +10,14 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from priorzero.flows.cli import app
+from priorzero.cli import app
 
 PRIORZERO = str(Path(sys.executable).with_name("priorzero"))
 runner = CliRunner()
 
 
 def test_cli_module_imports_no_heavy_library_so_help_is_quick():
-    code = "import sys, priorzero.flows.cli; print([m for m in ('torch', 'prefect', 'mlflow') if m in sys.modules])"
+    code = "import sys, priorzero.cli; print([m for m in ('torch', 'prefect', 'mlflow') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
 
     assert out.strip() == "[]"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from priorzero.flows.servers import free_port
+from servers import free_port
 from priorzero.tasks.tracking import Tracker, artifact_root, tracking_uri
 from priorzero_core.config import config_from_dict
 

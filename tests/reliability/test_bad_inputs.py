@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from priorzero_core.preflight import check_inputs
 from priorzero.flows.priorzero_flow import resolve_run
-from priorzero.flows.servers import check_port_free
+from servers import check_port_free
 from priorzero_core.config import LLMConfig, config_from_dict, load_config
 from priorzero_core.errors import ConfigError, PriorZeroError
 from priorzero_core.llm_prior import check_model

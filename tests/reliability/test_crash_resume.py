@@ -159,7 +159,7 @@ def test_kill_9_of_a_run_on_prefects_temporary_server_takes_the_server_down_too(
     import os
     import subprocess
 
-    from priorzero.flows.cli import LOCAL_PREFECT_API, _prefect_server_up
+    from priorzero.cli import LOCAL_PREFECT_API, _prefect_server_up
 
     from .conftest import PRIORZERO, session_processes
 

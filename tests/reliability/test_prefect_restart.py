@@ -9,7 +9,7 @@ import os
 import subprocess
 import time
 
-from priorzero.flows.servers import free_port, prefect_server
+from servers import free_port, prefect_server
 from priorzero_core import checkpoint as ckpt
 
 from .conftest import PRIORZERO, session_processes, wait_gone

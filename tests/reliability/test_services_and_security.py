@@ -10,7 +10,7 @@ import psutil
 from mlflow import MlflowClient
 
 from priorzero.flows.priorzero_flow import priorzero
-from priorzero.flows.servers import mlflow_ui
+from servers import mlflow_ui
 from priorzero.tasks.tracking import Tracker
 from priorzero_core import checkpoint as ckpt
 
@@ -37,7 +37,9 @@ def test_the_prefect_server_listens_on_loopback_only(prefect_server):
 
 
 def test_project_code_never_unpickles_or_binds_beyond_loopback():
-    sources = {p: p.read_text() for d in ("priorzero_core", "flows", "tasks", "scripts") for p in (REPO / d).rglob("*.py")}
+    dirs = [REPO / d for d in ("priorzero_core", "src", "scripts")]
+    assert all(d.is_dir() for d in dirs)  # a moved directory would otherwise be scanned as empty
+    sources = {p: p.read_text() for d in dirs for p in d.rglob("*.py")}
     for path, text in sources.items():
         for line in (line for line in text.splitlines() if "torch.load(" in line):
             assert "weights_only=True" in line, f"{path}: {line.strip()}"
