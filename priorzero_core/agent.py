@@ -40,9 +40,6 @@ class Decision:
     root_value: float
     llm_prior: Optional[np.ndarray]  # log-prior over valid_actions
     prompt: Optional[str]
-    # each action's Q from the search (reward + discount·value; the one-step lookahead where unvisited); None
-    # for the LLM-only and random agents, which do not search
-    q_values: Optional[np.ndarray] = None
 
 
 def kept_actions(ts: TimeStep, limit: int) -> list[str]:
@@ -130,7 +127,6 @@ class Agent:
             probs = improved = llm_lp.softmax(-1)
             actions = probs.argmax(-1)
             values = torch.zeros(len(views))
-            q = None
         else:
             pasts = [[(o, a) for o, a, _ in v.history] for v in views]
             ctx = self._root_context(pasts, [v.timestep.observation for v in views], valid)
@@ -151,7 +147,7 @@ class Agent:
                          self.rng, add_noise=mode == "collect", discount=self.cfg.world_model.discount,
                          temperature=temperature, lookahead_fn=lookahead)
             probs, actions, values = out.visit_dist, out.selected_action, out.root_value
-            improved, q = out.improved_policy, out.completed_q
+            improved = out.improved_policy
             if mode != "collect" and self.cfg.eval.act_on == "visits":  # improved < 1 only breaks ties
                 actions = (out.visit_counts + improved).argmax(-1)
         decisions = []
@@ -167,7 +163,6 @@ class Agent:
                 root_value=float(values[b]),
                 llm_prior=None if llm_lp is None else llm_lp[b, :k].cpu().numpy(),
                 prompt=prompts[b],
-                q_values=None if q is None else q[b, :k].float().cpu().numpy(),
             ))
         return decisions
 

@@ -89,7 +89,6 @@ class SearchOutput(NamedTuple):
     improved_policy: Tensor  # [B, A] softmax(prior logits + σ(completed Q)); visit_dist without a lookahead
     root_value: Tensor  # [B] mean backed-up value at the root
     q_values: Tensor  # [B, A] reward + discount·value of root children; 0 where unvisited
-    completed_q: Tensor  # [B, A] q_values, with the one-step Q where unvisited (a lookahead); else as q_values
     selected_action: Tensor  # [B]
     tree: SearchedTree
 
@@ -374,7 +373,7 @@ def search(
     root_value = torch.from_numpy(tree.value_sum[tree.root] / tree.visit_count[tree.root]).float().to(device)
     temperature = cfg.collect_temperature if temperature is None else temperature
     visit_dist = visit_counts / visit_counts.sum(-1, keepdim=True)
-    improved, completed = visit_dist, q_values
+    improved = visit_dist
     if lookahead_fn is not None:
         completed = torch.where(visit_counts > 0, q_values, one_step_q(lookahead_fn, root.state, valid_mask, discount))
         improved = improved_policy(root.prior_logits, completed, visit_counts, valid_mask, cfg.c_visit, cfg.c_scale)
@@ -385,7 +384,6 @@ def search(
         improved_policy=improved,
         root_value=root_value,
         q_values=q_values,
-        completed_q=completed,
         selected_action=select_action(act_from, temperature, rng),
         tree=searched_tree(tree, device),
     )

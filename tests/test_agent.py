@@ -59,7 +59,6 @@ def test_the_greedy_agent_acts_on_what_eval_act_on_names(text_encoder, act_on):
         (d,) = agent.act([EnvView([], pool.reset_all()[0])], mode="wm")
     finally:
         pool.close()
-    assert d.q_values is not None and len(d.q_values) == len(d.valid_actions)
     visits_first = int(np.argmax(np.asarray(d.visit_dist) + 1e-3 * np.asarray(d.policy_target)))
     assert visits_first != int(np.argmax(d.policy_target))
     assert d.action_index == (visits_first if act_on == "visits" else int(np.argmax(d.policy_target)))
