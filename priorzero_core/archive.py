@@ -254,13 +254,17 @@ def robust_best(cells: list[Cell], scores: Callable[[Cell], float], cache: dict[
     return best
 
 
-def demo_segment(cell: Cell, discount: float, cut_loops: bool = False) -> GameSegment:
-    """The trajectory to `cell` as one segment the learners imitate: each step's policy target is the action
-    taken (one-hot) and its stored value the discounted return still to come along the trajectory. With
-    `cut_loops`, detours back to a state already passed through are left out (`without_loops`)."""
+def demo_steps(cell: Cell, cut_loops: bool = False) -> list[StepRecord]:
+    """The steps of the trajectory to `cell` that the learners imitate: with `cut_loops`, without the detours
+    back to a state already passed through (`without_loops`)."""
     steps = trace_steps(cell.trace)
-    if cut_loops:
-        steps = without_loops(steps)
+    return without_loops(steps) if cut_loops else steps
+
+
+def demo_segment(cell: Cell, discount: float, cut_loops: bool = False) -> GameSegment:
+    """The trajectory to `cell` as one segment the learners imitate (`demo_steps`): each step's policy target is
+    the action taken (one-hot) and its stored value the discounted return still to come along the trajectory."""
+    steps = demo_steps(cell, cut_loops)
     out: list[StepRecord] = []
     to_go = 0.0
     for step in reversed(steps):

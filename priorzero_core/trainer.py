@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import faults
 from .agent import Agent, sequences_to_wm_batch
-from .archive import Archive, demo_segment, robust_best, trace_steps
+from .archive import Archive, demo_segment, demo_steps, robust_best
 from .collector import Collector
 from .config import PriorZeroConfig, dump_config
 from .errors import CheckpointError, ConfigError
@@ -300,8 +300,9 @@ class Trainer:
             self._demo_value = float(best.score)
             return best
 
-        def held(cell) -> float:
-            return float(np.mean(self._replayer.scores([s.action for s in trace_steps(cell.trace)])))
+        def held(cell) -> float:  # the moves the learners would imitate (loops cut, if they are)
+            steps = demo_steps(cell, self.cfg.explore.demo_cut_loops)
+            return float(np.mean(self._replayer.scores([s.action for s in steps])))
 
         best, self._demo_value = robust_best(self.archive.candidates(self.cfg.explore.demo_candidates), held,
                                              self._seed_replays)

@@ -57,6 +57,8 @@ def test_a_jericho_run_logs_what_the_valid_action_cache_saved(tmp_path, rom_dir)
 def test_a_jericho_run_imitates_the_trajectory_that_holds_on_other_game_seeds(tmp_path, rom_dir):
     import jericho
 
+    from dataclasses import replace
+
     from priorzero_core.archive import Trace
     from priorzero_core.replay import StepRecord
     from games.test_jericho_env import LUCKY
@@ -76,7 +78,20 @@ def test_a_jericho_run_imitates_the_trajectory_that_holds_on_other_game_seeds(tm
         trainer.archive.visit("lit", 40, trace(lit), lambda: None)
         chosen = trainer._demo_cell()
         assert chosen.key == "lit" and trainer._demo_value == 40.0
+        # what is replayed is what the learners imitate: with explore.demo_cut_loops, the moves without the
+        # detours back to a state passed through. Here the hashes say the walk came back to where it started
+        # before climbing, so the cut trajectory skips the walk to the tree (its climb and the egg then fail):
+        # the window's 10 on every seed, not 15.
+        walk = trace(lit[:9])  # N, N, U, get egg, D, S, E, open window, W: 15 points
+        steps = walk.steps()
+        looped = None
+        for step, state in zip(steps, ["start", "path", "start", "tree", "d", "e", "f", "g", "h"]):
+            looped = Trace.extend(looped, replace(step, state_hash=state))
+        trainer.archive.cells.clear()
+        trainer.archive.visit("window", 15, looped, lambda: None)
+        assert trainer._demo_cell().key == "window" and trainer._demo_value == 10.0
         trainer._replayer = None  # explore.demo_seeds=0: the archive's best score
+        trainer.archive.visit("lucky", 44, trace(LUCKY), lambda: None)
         assert trainer._demo_cell().key == "lucky"
     finally:
         trainer.close()
