@@ -55,9 +55,9 @@ def test_a_jericho_run_logs_what_the_valid_action_cache_saved(tmp_path, rom_dir)
 
 
 def test_a_jericho_run_imitates_the_trajectory_that_holds_on_other_game_seeds(tmp_path, rom_dir):
-    import jericho
-
     from dataclasses import replace
+
+    import jericho
 
     from priorzero_core.archive import Trace
     from priorzero_core.replay import StepRecord
