@@ -190,9 +190,9 @@ class ExploreConfig(_Section):
     # the archive's top cells (by score, shortest first; at most `demo_candidates`, a quarter of them per score)
     # have the moves the learners would imitate (loops cut, with `demo_cut_loops`) replayed from the start under
     # `demo_seeds` game seeds that neither collection nor evaluation uses, and the one with the best mean score
-    # over them is imitated (ties: the higher score, then the
-    # shorter): a trajectory that walked past a random danger by luck scores less than its cell. In a game
-    # without random events this is the archive's best. 0: the archive's best score, shortest first.
+    # over them is imitated (ties: the higher score, then the shorter): a trajectory that walked past a random
+    # danger by luck scores less than its cell. In a game without random events this is the archive's best.
+    # 0: the archive's best score, shortest first.
     demo_seeds: int = Field(default=8, ge=0)
     demo_candidates: int = Field(default=128, gt=0)
 
