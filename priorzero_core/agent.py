@@ -136,6 +136,9 @@ class Agent:
             configured = self.cfg.mcts.prior_mode
             prior_mode = {"collect": configured, "wm": "wm", "wm_llm": configured if configured != "wm" else "mix"}[mode]
             logits = root_prior(wm_logits, llm_lp, ctx.valid_mask, prior_mode, self.cfg.mcts.mix_weight)
+            if mode != "collect" and self.cfg.eval.act_on == "policy":  # the learned policy alone, no search
+                probs = improved = logits.masked_fill(~ctx.valid_mask, -1e9).softmax(-1)
+                return self._decisions(valid, probs, improved, probs.argmax(-1), value, llm_lp, prompts)
             temperature = self.cfg.mcts.collect_temperature if mode == "collect" else 0.0
             width = ctx.valid_mask.shape[1]
             # "visits": no lookahead, so the improved policy is the visit distribution, for acting and as target
@@ -150,6 +153,10 @@ class Agent:
             improved = out.improved_policy
             if mode != "collect" and self.cfg.eval.act_on == "visits":  # improved < 1 only breaks ties
                 actions = (out.visit_counts + improved).argmax(-1)
+        return self._decisions(valid, probs, improved, actions, values, llm_lp, prompts)
+
+    @staticmethod
+    def _decisions(valid, probs, improved, actions, values, llm_lp, prompts) -> list[Decision]:
         decisions = []
         for b, acts in enumerate(valid):
             k = len(acts)

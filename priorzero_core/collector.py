@@ -68,6 +68,19 @@ class CollectStats:
         return out
 
 
+class UniformActor:
+    """Stands in for the agent in search-free exploration: every step uniform over the valid actions, no LLM."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    def act(self, views, mode="collect") -> list[Decision]:
+        return self.agent.act(views, "random")
+
+    def llm_prior(self, view: EnvView, valid: list[str]) -> tuple[None, None]:
+        return None, None
+
+
 class Collector:
     """Plays `pool` with the agent's search policy; episodes continue across collect calls."""
 
@@ -208,6 +221,16 @@ class Collector:
             seg.iteration = iteration
         stats.seconds = time.perf_counter() - t0
         return done_segments, stats
+
+    def explore_only(self, num_steps: int, iteration: int = 0) -> CollectStats:
+        """`num_steps` steps in each env from new episodes, dropped at the end with their segments: only the
+        archive keeps what they found (search-free exploration, `explore.random_steps`)."""
+        self._running = []
+        try:
+            _, stats = self.collect(num_steps, iteration)
+        finally:
+            self._running = []
+        return stats
 
     def snapshot(self) -> list[tuple[Any, _Running]]:
         """The episodes in progress, in memory, for `restore` (a collect that fails part-way starts over from here)."""

@@ -195,6 +195,12 @@ class ExploreConfig(_Section):
     # 0: the archive's best score, shortest first.
     demo_seeds: int = Field(default=8, ge=0)
     demo_candidates: int = Field(default=128, gt=0)
+    # Search-free exploration (Go-Explore's own exploration phase), env steps per iteration after collection:
+    # `random_envs` envs each return to an archived cell (drawn as above) and try uniformly random valid actions
+    # for `steps` steps. What they find grows the archive, and with it the trajectory the learners imitate; the
+    # steps never enter the replay (no search chose them). A step costs a fraction of a searched one.
+    random_steps: int = Field(default=0, ge=0)
+    random_envs: int = Field(default=8, gt=0)
 
 
 class ReplayConfig(_Section):
@@ -217,7 +223,7 @@ class EvalConfig(_Section):
     # over the learned policy), or the most visited action (as MuZero and LightZero evaluate; ties to the improved
     # policy). On the final checkpoints of the 2-hour runs, visits gave Zork 1 30.8 against 26.8 but detective
     # 100 against 310 (docs/benchmarks.md), so the improved policy stays the default.
-    act_on: Literal["visits", "improved"] = "improved"
+    act_on: Literal["visits", "improved", "policy"] = "improved"
 
 
 class ScheduleConfig(_Section):

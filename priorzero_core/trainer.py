@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import faults
 from .agent import Agent, sequences_to_wm_batch
 from .archive import Archive, demo_segment, demo_steps, robust_best
-from .collector import Collector
+from .collector import Collector, UniformActor
 from .config import PriorZeroConfig, dump_config
 from .errors import CheckpointError, ConfigError
 from .evaluator import eval_modes, evaluate
@@ -103,6 +103,7 @@ class Trainer:
                  self.spec.max_episode_steps, self.device)
         self.iteration = 0
         self.env_steps = 0
+        self.random_steps = 0  # search-free exploration's env steps (explore.random_steps), not in the replay
         self._started = time.monotonic()  # for schedule.time_budget_s
         self._iteration_started = self._started  # moves on at each iteration, the first one included
         self._final: Optional[int] = None  # the iteration the time budget ends training at
@@ -140,6 +141,15 @@ class Trainer:
                                                            for k in range(cfg.explore.demo_seeds)])
         self.collector = Collector(self.collect_pool, self.agent, cfg.collect.segment_length, cfg.collect.epsilon,
                                    self.rng, self.archive, cfg.explore, context=wmc.context_length - 1)
+        self.explore_pool: Optional[EnvPool] = None
+        self.explorer: Optional[Collector] = None
+        if self.archive is not None and cfg.explore.random_steps:
+            # its own envs (game seeds apart from collection's, evaluation's and the replays'), the same
+            # valid-action workers and cache; every episode returns to a cell
+            self.explore_pool = EnvPool(cfg.game, cfg.explore.random_envs, seed=cfg.run.seed + 30_000,
+                                        valid_actions=self.collect_pool.valid_actions)
+            self.explorer = Collector(self.explore_pool, UniformActor(self.agent), cfg.collect.segment_length, 0.0,
+                                      self.rng, self.archive, cfg.explore.model_copy(update={"from_start": 0.0}))
         self._eval_pool: Optional[EnvPool] = None
         self._ppo = None
         self._ppo_resume_dir: Optional[Path] = None
@@ -252,6 +262,11 @@ class Trainer:
             valid_actions.stats()
         with torch.inference_mode():
             segments, stats = self.collector.collect(self.cfg.collect.steps_per_iteration, iteration, progress=self.progress)
+        explored = None
+        if self.explorer is not None:
+            per_env = -(-self.cfg.explore.random_steps // self.explore_pool.size)
+            explored = self.explorer.explore_only(per_env, iteration)
+            self.random_steps += explored.env_steps
         path = ReplayBuffer.segment_file(self.run_dir / "replay", iteration, ReplayBuffer.content_tag(segments))
         ReplayBuffer.write_segments(path, segments)
         with self._lock:
@@ -264,6 +279,10 @@ class Trainer:
         if self.archive is not None:
             metrics.update(self.archive.metrics())
             metrics["explore/demo_seed_score"] = self._demo_value
+        if explored is not None:
+            metrics["explore/random_steps"] = float(explored.env_steps)
+            metrics["explore/random_steps_per_s"] = explored.env_steps / max(explored.seconds, 1e-9)
+            metrics["explore/total_random_steps"] = float(self.random_steps)
         if self.llm_prior is not None:
             hits, misses = self.llm_prior.cache_stats()
             if hits + misses:
@@ -464,6 +483,7 @@ class Trainer:
             meta = {
                 "iteration": iteration,
                 "env_steps": self.env_steps,
+                "random_steps": self.random_steps,
                 "config_hash": self.cfg.config_hash(),
                 "numpy_rng": self.rng.bit_generator.state,
                 "replay_rng": self.replay.rng.bit_generator.state,
@@ -582,6 +602,7 @@ class Trainer:
             random.setstate((version, tuple(internal), gauss))
         self.iteration = int(meta["iteration"])
         self.env_steps = int(meta["env_steps"])
+        self.random_steps = int(meta.get("random_steps", 0))
         self._steps_since_wm = int(meta.get("steps_since_wm", 0))
         if not self.readonly:
             self._set_aside_replay(self.iteration)
@@ -607,7 +628,7 @@ class Trainer:
     def close(self) -> None:
         """Shut envs and workers down; each part independently."""
         errors = []
-        for part in (self._ppo, self.collect_pool, self._eval_pool, self._replayer):
+        for part in (self._ppo, self.explore_pool, self.collect_pool, self._eval_pool, self._replayer):
             if part is None:
                 continue
             try:

@@ -253,6 +253,49 @@ def test_the_archive_and_its_demonstration_are_checkpointed_and_resumed(tmp_path
         plain.close()
 
 
+def test_search_free_exploration_grows_the_archive_but_not_the_replay(tmp_path):
+    """explore.random_steps: envs of their own return to archived cells and try uniform actions after each
+    collection; the archive (and the run's step count) keep what they found, the replay only the searched steps."""
+    base = TINY + ["llm.enabled=false", "game.max_episode_steps=6"]
+    cells = {}
+    for steps in (0, 60):
+        cfg = load_config("debug", base + [f"explore.random_steps={steps}", "explore.random_envs=3"])
+        trainer = Trainer(cfg, tmp_path / str(steps), progress=False)
+        try:
+            metrics = [trainer.collect(it).metrics for it in (1, 2)]
+            assert len(trainer.replay) == 12  # 2 envs x 3 steps, twice: the searched steps alone
+            cells[steps] = len(trainer.archive)
+            if steps:
+                assert [m["explore/random_steps"] for m in metrics] == [60, 60]
+                assert metrics[1]["explore/total_random_steps"] == 120 and trainer.explorer._running == []
+                trainer.checkpoint(2)
+            else:
+                assert trainer.explorer is None and "explore/random_steps" not in metrics[0]
+        finally:
+            trainer.close()
+    assert cells[60] > cells[0]
+    resumed = Trainer(cfg, tmp_path / "60", resume=True, progress=False)
+    try:
+        assert resumed.random_steps == 120 and len(resumed.archive) == cells[60]
+    finally:
+        resumed.close()
+
+
+def test_search_free_exploration_shares_the_collection_pool_s_valid_action_workers(tmp_path, rom_dir):
+    cfg = load_config("zork", TINY + ["llm.enabled=false", f"game.rom_dir={rom_dir}", "game.valid_action_workers=1",
+                                      "explore.random_steps=4", "explore.random_envs=2", "explore.demo_seeds=0"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    try:
+        assert trainer.explore_pool.valid_actions is trainer.collect_pool.valid_actions
+        metrics = trainer.collect(1).metrics
+        assert metrics["explore/random_steps"] == 4 and len(trainer.replay) == 6
+        trainer.explore_pool.close()  # leaves the shared workers running for the collection pool
+        trainer.explore_pool = None
+        assert all(ts.valid_actions for ts in trainer.collect_pool.step(["look", "look"]))
+    finally:
+        trainer.close()
+
+
 def test_a_world_model_stage_retried_after_failing_part_way_does_the_updates_it_still_owes(tmp_path):
     cfg = load_config("debug", TINY + ["llm.enabled=false"])
     trainer = Trainer(cfg, tmp_path, progress=False)
@@ -325,7 +368,8 @@ def test_a_run_resumed_after_dying_mid_iteration_ends_as_the_uninterrupted_run(t
     and 4 aside, restores the episodes in progress and every RNG, and runs both again to the same checkpoint,
     replay and metrics as a run that never stopped."""
     cfg = load_config("debug", TINY + ["llm.enabled=false", "game.max_episode_steps=5", "run.checkpoint_freq=2",
-                                       "schedule.iterations=4", *DETERMINISTIC])
+                                       "schedule.iterations=4", "explore.random_steps=6", "explore.random_envs=2",
+                                       *DETERMINISTIC])
     run_plain(cfg, tmp_path / "whole", progress=False)
     monkeypatch.setenv("PRIORZERO_FAULTS", "train_world_model-update@4")
     with pytest.raises(RuntimeError, match="injected fault"):

@@ -37,9 +37,13 @@ def make_env(game_cfg: GameConfig, seed: Optional[int] = None) -> GameEnv:
 class EnvPool:
     """`n` envs of one game; env i is seeded `seed + i` (Jericho's RNG; the embedded game is deterministic)."""
 
-    def __init__(self, game_cfg: GameConfig, n: int, seed: int = 0):
+    def __init__(self, game_cfg: GameConfig, n: int, seed: int = 0, valid_actions: Optional[ValidActions] = None):
+        """`valid_actions`: another pool's (its workers and cache are shared; that pool closes them)."""
         self.spec = game_spec(game_cfg)
-        self.valid_actions = valid_actions_for(self.spec, game_cfg) if self.spec.backend == "jericho" else None
+        self._owns_valid_actions = valid_actions is None
+        if valid_actions is None and self.spec.backend == "jericho":
+            valid_actions = valid_actions_for(self.spec, game_cfg)
+        self.valid_actions = valid_actions if self.spec.backend == "jericho" else None
         self.envs: list[GameEnv] = [_build(self.spec, game_cfg, seed + i, self.valid_actions) for i in range(n)]
 
     @property
@@ -104,5 +108,5 @@ class EnvPool:
     def close(self) -> None:
         for env in self.envs:
             env.close()
-        if self.valid_actions is not None:
+        if self.valid_actions is not None and self._owns_valid_actions:
             self.valid_actions.close()
