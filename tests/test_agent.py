@@ -65,3 +65,25 @@ def test_the_greedy_agent_acts_on_what_eval_act_on_names(text_encoder):
             assert d.action_index == (visits_first if act_on == "visits" else int(np.argmax(d.policy_target)))
     finally:
         pool.close()
+
+
+def test_the_greedy_agent_acting_on_its_policy_skips_the_search(text_encoder, monkeypatch):
+    import priorzero_core.agent as agent_module
+
+    cfg = load_config("debug", ["llm.enabled=false", "world_model.embed_dim=32", "world_model.num_heads=2",
+                                "eval.act_on=policy"])
+    torch.manual_seed(7)
+    model = WorldModel(cfg.world_model, text_encoder.dim)
+    pool = EnvPool(cfg.game, 1)
+    try:
+        ts = pool.reset_all()[0]
+        agent = Agent(cfg, game_spec(cfg.game), text_encoder, model, None, np.random.default_rng(0), torch.device("cpu"))
+        ctx = agent._root_context([[]], [ts.observation], [list(ts.valid_actions)])
+        _, logits, _ = model.root_inference(ctx)
+        policy = logits[0, : len(ts.valid_actions)].softmax(-1).detach().numpy()
+        monkeypatch.setattr(agent_module, "search", lambda *a, **k: pytest.fail("searched"))
+        (d,) = agent.act([EnvView([], ts)], mode="wm")
+        assert d.action_index == int(np.argmax(policy))
+        np.testing.assert_allclose(d.policy_target, policy, atol=1e-5)
+    finally:
+        pool.close()
