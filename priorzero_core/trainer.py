@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import faults
 from .agent import Agent, sequences_to_wm_batch
-from .archive import Archive, demo_segment, demo_steps, robust_best
+from .archive import Archive, Cell, demo_segment, demo_steps, robust_best
 from .collector import Collector, UniformActor
 from .config import PriorZeroConfig, dump_config
 from .errors import CheckpointError, ConfigError
@@ -309,29 +309,28 @@ class Trainer:
         if self.archive is not None:
             self.archive.restore(snap["archive"])
 
-    def _demo_cell(self):
-        """The archive cell whose trajectory the learners imitate: the best score, shortest first; with a seed
-        replayer, the best mean score over other game seeds (`explore.demo_seeds`)."""
+    def _demo_cell(self) -> Optional[tuple[Cell, float]]:
+        """The archive cell whose trajectory the learners imitate and what it scores: the best score, shortest
+        first; with a seed replayer, the best mean score over other game seeds (`explore.demo_seeds`). None while
+        the archive is empty."""
         if self.archive is None or not self.archive.cells:
             return None
         if self._replayer is None:
             best = self.archive.best()
-            self._demo_value = float(best.score)
-            return best
+            return best, float(best.score)
 
         def held(cell) -> float:  # the moves the learners would imitate (loops cut, if they are)
             steps = demo_steps(cell, self.cfg.explore.demo_cut_loops)
             return float(np.mean(self._replayer.scores([s.action for s in steps])))
 
-        best, self._demo_value = robust_best(self.archive.candidates(self.cfg.explore.demo_candidates), held,
-                                             self._seed_replays)
-        return best
+        return robust_best(self.archive.candidates(self.cfg.explore.demo_candidates), held, self._seed_replays)
 
     def _refresh_demo(self) -> None:
         """Imitate the archive's best trajectory once it scores (self-imitation); rebuilt when a better one is found."""
-        best = self._demo_cell()
-        if best is None or best.score <= 0 or self._demo_value <= 0:
+        chosen = self._demo_cell()
+        if chosen is None or chosen[0].score <= 0 or chosen[1] <= 0:
             return
+        best, self._demo_value = chosen
         demo = demo_segment(best, self.cfg.world_model.discount, self.cfg.explore.demo_cut_loops)
         if demo.episode_id == self._demo:
             return

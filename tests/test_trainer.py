@@ -76,8 +76,8 @@ def test_a_jericho_run_imitates_the_trajectory_that_holds_on_other_game_seeds(tm
     try:
         trainer.archive.visit("lucky", 44, trace(LUCKY), lambda: None)  # 44 on its own seed, often eaten elsewhere
         trainer.archive.visit("lit", 40, trace(lit), lambda: None)
-        chosen = trainer._demo_cell()
-        assert chosen.key == "lit" and trainer._demo_value == 40.0
+        chosen, value = trainer._demo_cell()
+        assert chosen.key == "lit" and value == 40.0
         # what is replayed is what the learners imitate: with explore.demo_cut_loops, the moves without the
         # detours back to a state passed through. Here the hashes say the walk came back to where it started
         # before climbing, so the cut trajectory skips the walk to the tree (its climb and the egg then fail):
@@ -89,10 +89,11 @@ def test_a_jericho_run_imitates_the_trajectory_that_holds_on_other_game_seeds(tm
             looped = Trace.extend(looped, replace(step, state_hash=state))
         trainer.archive.cells.clear()
         trainer.archive.visit("window", 15, looped, lambda: None)
-        assert trainer._demo_cell().key == "window" and trainer._demo_value == 10.0
+        chosen, value = trainer._demo_cell()
+        assert chosen.key == "window" and value == 10.0
         trainer._replayer = None  # explore.demo_seeds=0: the archive's best score
         trainer.archive.visit("lucky", 44, trace(LUCKY), lambda: None)
-        assert trainer._demo_cell().key == "lucky"
+        assert trainer._demo_cell()[0].key == "lucky"
     finally:
         trainer.close()
 

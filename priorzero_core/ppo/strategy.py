@@ -165,6 +165,13 @@ class DeepSpeedStrategy(Strategy):
         except ImportError as err:
             raise BackendUnavailable(f"DeepSpeed is not importable ({err}); pip install 'priorzero[deepspeed]'") from None
         self._deepspeed = deepspeed
+        if device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # DeepSpeed's CPU backend compiles its shared-memory all-reduce op (C++, a minute or two on 2 cores,
+            # again on every fresh machine) when it starts; with one rank there is nothing to reduce, so gloo
+            # alone does. Its op table is where DeepSpeed looks whether that op can be built.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if not torch.distributed.is_initialized():
             for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
                                ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):

@@ -42,6 +42,9 @@ def test_deepspeed_strategy_runs_a_ppo_step_on_cpu(tiny_llm_dir):
                     micro_train_batch_size=1)  # each minibatch's gradients accumulated over two micro-batches
     p_stats, c_stats, changed = ppo_step(cfg, LLMConfig(model=str(tiny_llm_dir)))
     assert changed and all(torch.isfinite(torch.tensor(v)) for v in [*p_stats.values(), *c_stats.values()])
+    from deepspeed.comm import comm
+
+    assert comm.cdb.shm_comm_op is None  # one rank: DeepSpeed's shared-memory all-reduce op is not compiled
 
 
 def test_learning_rates_warm_up_over_the_first_updates_and_resume_where_they_were(tiny_llm_dir, tmp_path):
