@@ -103,12 +103,14 @@ class Archive:
         return np.array([1 / math.sqrt(1 + c.times_chosen) + 1 / math.sqrt(1 + c.times_seen) for c in cells])
 
     def choose(self) -> Cell:
-        """A cell to return to: with probability `frontier_share` among the cells at the best score, else among
-        all, drawn by `weights`."""
+        """A cell to return to: with probability `frontier_share` among the cells at one of the best
+        `frontier_levels` scores (the level drawn uniformly, so no level's number of cells decides its share),
+        else among all, drawn by `weights`."""
         cells = list(self.cells.values())
         if self.rng.random() < self.cfg.frontier_share:
-            top = max(c.score for c in cells)
-            cells = [c for c in cells if c.score == top]
+            levels = sorted({c.score for c in cells}, reverse=True)[: self.cfg.frontier_levels]
+            level = levels[int(self.rng.integers(len(levels)))] if len(levels) > 1 else levels[0]
+            cells = [c for c in cells if c.score == level]
         w = self.weights(cells)
         cell = cells[int(self.rng.choice(len(cells), p=w / w.sum()))]
         cell.times_chosen += 1

@@ -181,6 +181,8 @@ class ExploreConfig(_Section):
     # Share of returns that go to the cells at the best score found (the frontier); the rest go to any cell.
     # Either way a cell is drawn by Go-Explore's count weights (rarely chosen or seen cells first).
     frontier_share: float = Field(default=0.5, ge=0, le=1)
+    # How many of the best scores the frontier spans; a return to the frontier first draws one of them uniformly.
+    frontier_levels: int = Field(default=1, gt=0)
     # Share of each world-model batch (and of the LLM's SFT samples) drawn from the best trajectory found, whose
     # policy target is the action it took and whose value is the return it went on to get (self-imitation).
     demo_fraction: float = Field(default=0.25, ge=0, lt=1)

@@ -62,6 +62,20 @@ def test_frontier_share_of_returns_go_to_the_cells_at_the_best_score():
     assert {archive.choose().key for _ in range(20)} == {"top"}
 
 
+def test_frontier_levels_share_the_frontier_by_score_not_by_how_many_cells_a_score_has():
+    """Many cells at the best score (a dead end that keeps making new cells) and one a level below: with
+    frontier_levels 2, the one below gets half of the frontier's returns, not 1/41 of them."""
+    archive = Archive(ExploreConfig(frontier_share=1.0, frontier_levels=2), np.random.default_rng(0))
+    for k in range(40):
+        archive.visit(f"dark{k}", 44, trace_of(record("a")), lambda: "dark")
+    archive.visit("lit", 40, trace_of(record("b")), lambda: "lit")
+    archive.visit("start", 0, None, lambda: "start")
+    draws = [archive.choose().key for _ in range(400)]
+    assert 0.4 < draws.count("lit") / 400 < 0.6 and "start" not in draws
+    archive.cfg = ExploreConfig(frontier_share=1.0)  # one level: the best score's cells only
+    assert "lit" not in {archive.choose().key for _ in range(100)}
+
+
 def test_archive_round_trips_through_its_file_with_shared_trajectory_prefixes(tmp_path):
     archive = Archive(ExploreConfig(), np.random.default_rng(0))
     prefix = trace_of(record("a", 1.0), record("b"))
