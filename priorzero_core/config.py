@@ -224,8 +224,8 @@ class EvalConfig(_Section):
     # What the greedy agent acts on: the improved policy (the search's Q, with one-step Q for unvisited actions,
     # over the learned policy), the most visited action (as MuZero and LightZero evaluate; ties to the improved
     # policy), or the learned policy alone without a search (what imitation taught it). On the final checkpoints
-    # of the 2-hour runs, visits gave Zork 1 30.8 against 26.8 but detective 100 against 310 (docs/benchmarks.md),
-    # so the improved policy stays the default.
+    # of the 2-hour runs, visits gave Zork 1 30.8 against 26.8 but detective 100 against 310, the policy alone
+    # detective 350 but Zork 1 25 against 31 (docs/benchmarks.md), so the improved policy stays the default.
     act_on: Literal["visits", "improved", "policy"] = "improved"
 
 
