@@ -24,6 +24,7 @@ TINY = [
     "world_model.num_heads=2",
     "mcts.num_simulations=2",
     "schedule.replay_ratio=0.5",
+    "explore.random_steps=0",  # zork.yaml's search-free exploration: only where a test asks for it
 ]
 
 
