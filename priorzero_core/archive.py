@@ -263,10 +263,30 @@ def demo_steps(cell: Cell, cut_loops: bool = False) -> list[StepRecord]:
     return without_loops(steps) if cut_loops else steps
 
 
-def demo_segment(cell: Cell, discount: float, cut_loops: bool = False) -> GameSegment:
-    """The trajectory to `cell` as one segment the learners imitate (`demo_steps`): each step's policy target is
-    the action taken (one-hot) and its stored value the discounted return still to come along the trajectory."""
-    steps = demo_steps(cell, cut_loops)
+def shorten(actions: list[str], scores: Callable[[list[str]], list[float]], max_passes: int = 4) -> list[str]:
+    """`actions` without every move the score does not need: each move in turn (last first) is left out where the
+    trajectory without it scores, under every game seed `scores` plays it on, at least what it scored with it;
+    passes repeat until none can go (at most `max_passes`). Exploration's random tries leave moves that change the
+    world but lead nowhere (put down, take, close); imitating them costs the learners steps and accuracy."""
+    best = list(scores(actions))
+    for _ in range(max_passes):
+        before = len(actions)
+        for k in reversed(range(len(actions))):
+            without = actions[:k] + actions[k + 1:]
+            held = list(scores(without))
+            if all(new >= old for new, old in zip(held, best)):
+                actions, best = without, held
+        if len(actions) == before:
+            break
+    return actions
+
+
+def demo_segment(cell: Cell, discount: float, cut_loops: bool = False,
+                 steps: Optional[list[StepRecord]] = None) -> GameSegment:
+    """The trajectory to `cell` as one segment the learners imitate (`demo_steps`, or `steps` where given, e.g.
+    those of a shortened trajectory): each step's policy target is the action taken (one-hot) and its stored
+    value the discounted return still to come along the trajectory."""
+    steps = demo_steps(cell, cut_loops) if steps is None else steps
     out: list[StepRecord] = []
     to_go = 0.0
     for step in reversed(steps):

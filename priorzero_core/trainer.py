@@ -25,14 +25,14 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import faults
 from .agent import Agent, sequences_to_wm_batch
-from .archive import Archive, Cell, demo_segment, demo_steps, robust_best
+from .archive import Archive, Cell, demo_segment, demo_steps, robust_best, shorten
 from .collector import Collector, UniformActor
 from .config import PriorZeroConfig, dump_config
 from .errors import CheckpointError, ConfigError
 from .evaluator import eval_modes, evaluate
 from .games import EnvPool, game_spec
 from .ppo.env_state import state_bytes, state_from_bytes
-from .replay import ReplayBuffer
+from .replay import ReplayBuffer, StepRecord
 
 log = logging.getLogger("priorzero")
 
@@ -129,7 +129,7 @@ class Trainer:
         self.replay = ReplayBuffer(cfg.replay.capacity_steps, wmc.discount, wmc.n_step, seed=cfg.run.seed)
         self.collect_pool = EnvPool(cfg.game, cfg.collect.num_envs, seed=cfg.run.seed)
         self.archive = Archive(cfg.explore, self.rng) if cfg.explore.enabled else None
-        self._demo: Optional[str] = None  # the episode id of the demonstration the learners imitate
+        self._demo: Optional[tuple[str, int]] = None  # the archive cell (key, length) whose trajectory is imitated
         self._demo_value = 0.0  # its mean score over other game seeds (explore.demo_seeds)
         self._seed_replays: dict[tuple[str, int], float] = {}  # (cell, trajectory length) -> that mean
         self._replayer = None
@@ -139,6 +139,7 @@ class Trainer:
             # seeds apart from collection's (run.seed + env) and evaluation's (run.seed + 10_000 + episode)
             self._replayer = SeedReplayer(self.spec.path, [cfg.run.seed + 20_000 + k
                                                            for k in range(cfg.explore.demo_seeds)])
+        self._recorder: Optional[EnvPool] = None  # plays a shortened demonstration once, to record its steps
         self.collector = Collector(self.collect_pool, self.agent, cfg.collect.segment_length, cfg.collect.epsilon,
                                    self.rng, self.archive, cfg.explore, context=wmc.context_length - 1)
         self.explore_pool: Optional[EnvPool] = None
@@ -330,19 +331,48 @@ class Trainer:
         chosen = self._demo_cell()
         if chosen is None or chosen[0].score <= 0 or chosen[1] <= 0:
             return
-        best, self._demo_value = chosen
-        demo = demo_segment(best, self.cfg.world_model.discount, self.cfg.explore.demo_cut_loops)
-        if demo.episode_id == self._demo:
+        best, value = chosen
+        if (best.key, best.length) == self._demo:
             return
+        steps = demo_steps(best, self.cfg.explore.demo_cut_loops)
+        if self._replayer is not None and self.cfg.explore.demo_shorten:
+            short = shorten([s.action for s in steps], self._replayer.scores)
+            recorded = self._record(short) if len(short) < len(steps) else None
+            if recorded is not None:
+                steps, value = recorded, float(np.mean(self._replayer.scores(short)))
+        demo = demo_segment(best, self.cfg.world_model.discount, steps=steps)
+        self._demo_value = value
         if self.llm_prior is not None:  # the LLM learns from the prompts it would see on that trajectory
             history = []
             for step in demo.steps:
                 step.prompt = self.llm_prior.build_prompt(history, step.observation, step.valid_actions)
                 history.append((step.observation, step.action, step.reward))
         self.replay.set_demos([demo])
-        self._demo = demo.episode_id
-        log.info("imitating the best trajectory found: score %d in %d steps (%d without its loops), %.1f on "
-                 "other game seeds", best.score, best.length, len(demo.steps), self._demo_value)
+        self._demo = (best.key, best.length)
+        log.info("imitating the best trajectory found: score %d in %d steps (%d imitated), %.1f on other game "
+                 "seeds", best.score, best.length, len(demo.steps), self._demo_value)
+
+    def _record(self, actions: list[str]) -> Optional[list[StepRecord]]:
+        """`actions` played from the game's start under the first of the replays' game seeds, as the steps the
+        learners see there; None where one is not among its state's valid actions (no agent could choose it) or
+        the game ends before it."""
+        if self._recorder is None:
+            self._recorder = EnvPool(self.cfg.game, 1, seed=self.cfg.run.seed + 20_000,
+                                     valid_actions=self.collect_pool.valid_actions)
+        (ts,) = self._recorder.reset([0])
+        steps = []
+        for action in actions:
+            if ts.done or action not in ts.valid_actions:
+                log.info("the shortened trajectory's move %d (%s) is not a valid action there: imitating it whole",
+                         len(steps), action)
+                return None
+            (after,) = self._recorder.step([action], [0])
+            steps.append(StepRecord(observation=ts.observation, valid_actions=list(ts.valid_actions),
+                                    action_index=ts.valid_actions.index(action), action=action,
+                                    reward=float(after.reward), score=int(after.score), visit_dist=[],
+                                    root_value=0.0, state_hash=ts.state_hash))
+            ts = after
+        return steps
 
     def wm_batch(self):
         """A world-model batch: sequences of unroll_steps + 1 steps, each with the history a search root has."""
@@ -627,7 +657,8 @@ class Trainer:
     def close(self) -> None:
         """Shut envs and workers down; each part independently."""
         errors = []
-        for part in (self._ppo, self.explore_pool, self.collect_pool, self._eval_pool, self._replayer):
+        for part in (self._ppo, self._recorder, self.explore_pool, self.collect_pool, self._eval_pool,
+                     self._replayer):
             if part is None:
                 continue
             try:

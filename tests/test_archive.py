@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from priorzero_core.agent import Agent
-from priorzero_core.archive import Archive, Trace, demo_segment, robust_best, trace_steps, without_loops
+from priorzero_core.archive import (Archive, Trace, demo_segment, robust_best, shorten, trace_steps,
+                                    without_loops)
 from priorzero_core.collector import Collector
 from priorzero_core.config import ExploreConfig, load_config
 from priorzero_core.games import EnvPool, game_spec
@@ -288,3 +289,33 @@ def test_the_robust_best_holds_on_other_seeds_and_each_trajectory_is_replayed_on
     archive.visit("safe|40", 40, trace_of(record("e")), lambda: "s")  # a shorter way: replayed anew
     robust_best(archive.candidates(8), scores, cache)
     assert calls.count("safe|40") == 2
+
+
+def test_shorten_leaves_out_each_move_the_score_needs_under_no_seed_and_keeps_the_rest():
+    needed = ["key", "door", "gold"]
+
+    def scores(actions):
+        """Two seeds: points for needed moves in order; seed 1 also needs "lamp" before "gold", seed 0 does not."""
+        out = []
+        for seed in (0, 1):
+            score, k, lit = 0, 0, False
+            for a in actions:
+                lit |= a == "lamp"
+                if k < len(needed) and a == needed[k] and (a != "gold" or lit or seed == 0):
+                    score, k = score + 1, k + 1
+            out.append(score)
+        return out
+
+    calls = []
+
+    def counted(actions):
+        calls.append(list(actions))
+        return scores(actions)
+
+    moves = ["wait", "key", "look", "lamp", "door", "jump", "gold", "key", "wait"]
+    short = shorten(moves, counted)
+
+    assert short == ["key", "lamp", "door", "gold"]  # the lamp holds on seed 1 only: kept
+    assert scores(short) == scores(moves) == [3, 3]
+    assert len(calls) <= 1 + 2 * len(moves)  # a pass that leaves nothing out ends it
+    assert shorten([], scores) == []

@@ -99,6 +99,41 @@ def test_a_jericho_run_imitates_the_trajectory_that_holds_on_other_game_seeds(tm
         trainer.close()
 
 
+@pytest.mark.parametrize("shorten", [True, False])
+def test_a_jericho_run_imitates_its_trajectory_without_the_moves_the_score_does_not_need(shorten, tmp_path, rom_dir):
+    from priorzero_core.archive import Trace
+    from priorzero_core.replay import StepRecord
+
+    node = None
+    moves = ["open mailbox", "take leaflet", "north", "east", "drop leaflet", "open window", "west"]  # the kitchen: 10
+    for a in moves:
+        node = Trace.extend(node, StepRecord("", [a], 0, a, 0.0, 0, [1.0], 0.0))
+    cfg = load_config("zork", TINY + ["llm.enabled=false", f"game.rom_dir={rom_dir}", "game.valid_action_workers=1",
+                                      f"explore.demo_shorten={str(shorten).lower()}"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    try:
+        trainer.archive.visit("kitchen", 10, node, lambda: None)
+        trainer._refresh_demo()
+        (demo,) = trainer.replay.demos
+        steps = demo.steps
+        if not shorten:
+            assert [s.action for s in steps] == moves
+            return
+        assert [s.action for s in steps] == ["north", "east", "open window", "west"]
+        assert trainer._demo_value == 10.0
+        # recorded where it was played (the first replay seed), as the learners see it: each move among its
+        # state's valid actions, the observation before it, the reward it earned; the trajectory's end is cut
+        assert all(s.valid_actions[s.action_index] == s.action and s.policy_target[s.action_index] == 1.0
+                   for s in steps)
+        assert "West of House" in steps[0].observation and "Behind House" in steps[2].observation
+        assert [s.reward for s in steps] == [0, 0, 0, 10] and steps[-1].score == 10 and steps[-1].truncated
+        assert steps[0].root_value == pytest.approx(10 * cfg.world_model.discount ** 3)
+        trainer._refresh_demo()  # the same cell: not shortened or recorded again
+        assert trainer.replay.demos[0] is demo
+    finally:
+        trainer.close()
+
+
 def test_a_failed_ppo_stage_goes_on_from_what_its_actors_kept_and_checkpoints_carry_it(tmp_path):
     cfg = load_config("debug", TINY + ["llm.enabled=false", "run.keep_checkpoints=1"])
     trainer = Trainer(cfg, tmp_path, progress=False)
