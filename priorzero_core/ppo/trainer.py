@@ -307,7 +307,12 @@ class PPOTrainer:
         refs = [self.policy.submit("save", str(directory / "policy"))]
         if self.critic is not None:
             refs.append(self.critic.submit("save", str(directory / "critic")))
-        ray.get(refs, timeout=timeout_s)
+        # Every save settles (or the time is up) before a failure is raised: a rescue that finds the critic dead
+        # must not delete the directory while the policy actor is still writing into it.
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        ray.get(ready)
+        if pending:
+            raise ray.exceptions.GetTimeoutError(f"the PPO actors' save did not finish within {timeout_s} s")
         passes = {path: [order.tolist(), start] for path, (order, start) in self._passes.items()}
         (directory / STATE_FILE).write_text(json.dumps({"global_step": self.global_step, "passes": passes,
                                                         "rng": self._rng.bit_generator.state}))
