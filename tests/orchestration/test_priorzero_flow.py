@@ -93,8 +93,8 @@ def test_a_run_dir_another_live_process_trains_is_refused_and_a_dead_ones_is_tak
 
 
 def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_api, debug_overrides):
-    state = priorzero(config="debug", overrides=[*debug_overrides, "tracking.system_metrics_interval_s=1"],
-                      iterations=3, return_state=True)
+    overrides = [*debug_overrides, "tracking.system_metrics_interval_s=1", "tracking.log_models=true"]
+    state = priorzero(config="debug", overrides=overrides, iterations=3, return_state=True)
 
     assert state.is_completed(), state.message
     runs = task_runs(state.state_details.flow_run_id)
@@ -153,18 +153,22 @@ def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_
     assert not list((run_dir / "agents").iterdir())  # the exported copies were logged, then removed
     uri = next(o.split("=", 1)[1] for o in debug_overrides if o.startswith("tracking.uri="))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # One fresh process (an interpreter start with torch and MLflow costs ≈10 s here): MLflow's own loader, then
+    # the `priorzero eval` command line, as the console script runs it.
     code = ("import mlflow, pandas as pd\n"
             "m = mlflow.pyfunc.load_model('models:/priorzero-embedded@best')\n"
-            "print(m.predict(pd.DataFrame([{'observation': 'You are in a kitchen. There is a door to the north.',"
-            " 'valid_actions': ['go north', 'look', 'inventory']}]))[0])\n")
-    loaded = subprocess.run([sys.executable, "-c", code], env=env, cwd=run_dir, capture_output=True, text=True,
+            "print('predicted', m.predict(pd.DataFrame([{'observation': 'You are in a kitchen. There is a door to "
+            "the north.', 'valid_actions': ['go north', 'look', 'inventory']}]))[0], flush=True)\n"
+            "import sys\n"
+            "from priorzero.cli import main\n"
+            "sys.argv = ['priorzero', 'eval', 'models:/priorzero-embedded@best', 'eval.num_episodes=2',"
+            " 'eval.modes=[wm]']\n"
+            "main()\n")
+    played = subprocess.run([sys.executable, "-c", code], env=env, cwd=run_dir, capture_output=True, text=True,
                             timeout=300)
-    assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert loaded.stdout.strip().splitlines()[-1] in ("go north", "look", "inventory")
-    played = subprocess.run([str(Path(sys.executable).parent / "priorzero"), "eval", "models:/priorzero-embedded@best",
-                             "eval.num_episodes=2", "eval.modes=[wm]"], env=env, cwd=run_dir, capture_output=True,
-                            text=True, timeout=300)
     assert played.returncode == 0, played.stdout[-2000:] + played.stderr[-3000:]
+    (predicted,) = [line.split(" ", 1)[1] for line in played.stdout.splitlines() if line.startswith("predicted ")]
+    assert predicted in ("go north", "look", "inventory")
     metrics = dict(line.split(" ", 1) for line in played.stdout.splitlines() if line.startswith("evals/"))
     assert "evals/wm/reward_mean" in metrics and float(metrics["evals/reward_max"]) >= 0
     assert list((run_dir / "transcripts").glob("eval-priorzero-embedded-best-*.txt"))

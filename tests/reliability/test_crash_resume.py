@@ -153,7 +153,8 @@ def test_kill_9_in_adapt_and_ppo_train_then_resume_finishes_the_ppo_iteration(pr
     assert metric_steps(uri, "timing/iteration_s") == [1, 2]
 
 
-def test_kill_9_of_a_run_on_prefects_temporary_server_takes_the_server_down_too(debug_overrides, tmp_path):
+def test_kill_9_of_a_run_on_prefects_temporary_server_takes_the_server_down_too(debug_overrides, prefect_home,
+                                                                                tmp_path):
     """Without a Prefect server, `priorzero train` uses Prefect's temporary one (a uvicorn child process), which
     Prefect stops only from an atexit hook: after kill -9 it used to live on, re-parented to init."""
     import os
@@ -166,7 +167,7 @@ def test_kill_9_of_a_run_on_prefects_temporary_server_takes_the_server_down_too(
     if _prefect_server_up(LOCAL_PREFECT_API):
         pytest.skip("a Prefect server on the default port would be used instead of a temporary one")
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PRIORZERO_FAULTS="kill:train_world_model@1")
+    env.update(PREFECT_HOME=str(prefect_home), PRIORZERO_FAULTS="kill:train_world_model@1")
     log = tmp_path / "train.out"  # not a pipe: a server left behind would hold it open
     with log.open("w") as out:
         proc = subprocess.Popen([PRIORZERO, "train", "debug", "--iterations", "1", "--set", *debug_overrides],

@@ -15,8 +15,9 @@ from priorzero_core import checkpoint as ckpt
 from .conftest import PRIORZERO, session_processes, wait_gone
 
 
-def test_a_prefect_server_restart_mid_run_costs_no_iteration_and_the_run_completes(debug_overrides, tmp_path):
-    port, home = free_port(), tmp_path / "prefect-home"
+def test_a_prefect_server_restart_mid_run_costs_no_iteration_and_the_run_completes(debug_overrides, prefect_home,
+                                                                                   tmp_path):
+    port, home = free_port(), prefect_home
     run_dir = tmp_path / "run"
     overrides = [o for o in debug_overrides if not o.startswith("run.run_dir=")]
     with prefect_server(home, port) as url:

@@ -17,9 +17,9 @@ from priorzero_core import checkpoint as ckpt
 from .conftest import PRIORZERO, session_processes, wait_gone
 
 
-def test_sigterm_stops_the_run_its_temporary_server_and_marks_mlflow_killed(tmp_path):
+def test_sigterm_stops_the_run_its_temporary_server_and_marks_mlflow_killed(prefect_home, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # its own temporary server and database
+    env["PREFECT_HOME"] = str(prefect_home)  # its own temporary server and database
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "run"
