@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,17 +58,14 @@ class TextEncoder(nn.Module):
         device: str | torch.device = "cpu",
     ):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer  # heavy import, only when an encoder is built
-
         path = resolve_encoder_dir(name)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = AutoModel.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as err:
+            self.model, self._tokenize, self._pad_id = _load(path)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise ModelError(f"world_model.encoder '{name}': cannot load {path} ({err})") from None
         self.model.to(device).eval().requires_grad_(finetune)
         self.finetune = finetune
-        self.dim: int = self.model.config.hidden_size
+        self.dim: int = self.model.dim
         self.cache_size = cache_size
         self.batch_size = batch_size
         self._cache: OrderedDict[bytes, Tensor] = OrderedDict()
@@ -82,14 +80,17 @@ class TextEncoder(nn.Module):
 
     def forward(self, texts: Sequence[str], pad_to: Optional[int] = None) -> Tensor:
         """Mean of the token states over real tokens, L2-normalised (the sentence-transformers recipe); padded to
-        the longest text, or to `pad_to` tokens."""
-        padding: str | bool = "max_length" if pad_to else True
-        batch = self.tokenizer(
-            list(texts), padding=padding, truncation=True, max_length=pad_to or MAX_TOKENS, return_tensors="pt"
-        ).to(self.device)
-        hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        the longest text, or to `pad_to` tokens where that is longer (texts are cut at MAX_TOKENS)."""
+        ids = self._tokenize(list(texts))
+        width = max([pad_to or 0, *map(len, ids)])
+        input_ids = torch.full((len(ids), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for row, seq in enumerate(ids):
+            input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, :len(seq)] = 1
+        hidden = self.model(input_ids.to(self.device), mask.to(self.device))
+        weights = mask.to(self.device).unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         return F.normalize(pooled, dim=-1)
 
     def encode(self, texts: Sequence[str], grad: bool = False) -> Tensor:
@@ -120,7 +121,7 @@ class TextEncoder(nn.Module):
         out = torch.zeros(len(texts), self.dim, device=self.device)
         if not texts:
             return out
-        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=MAX_TOKENS)["input_ids"]]
+        lengths = [len(ids) for ids in self._tokenize(list(texts))]
         groups: dict[int, list[int]] = {}
         for i, n in enumerate(lengths):
             groups.setdefault(min(MAX_TOKENS, -(-n // PAD_MULTIPLE) * PAD_MULTIPLE), []).append(i)
@@ -129,3 +130,96 @@ class TextEncoder(nn.Module):
                 part = rows[start:start + self.batch_size]
                 out[part] = self([texts[i] for i in part], pad_to=pad_to)
         return out
+
+
+class _Bert(nn.Module):
+    """BERT's encoder as transformers' BertModel computes `last_hidden_state` (absolute positions, GELU, no
+    pooler), in plain torch under the same parameter names: importing transformers' model code costs every
+    process that trains or evaluates 2-4 s on this machine, more than loading the 22M weights."""
+
+    def __init__(self, c: dict):
+        super().__init__()
+        d, inner, eps = c["hidden_size"], c["intermediate_size"], c["layer_norm_eps"]
+        self.dim, self.heads = d, c["num_attention_heads"]
+        self.embeddings = nn.ModuleDict({
+            "word_embeddings": nn.Embedding(c["vocab_size"], d),
+            "position_embeddings": nn.Embedding(c["max_position_embeddings"], d),
+            "token_type_embeddings": nn.Embedding(c["type_vocab_size"], d),
+            "LayerNorm": nn.LayerNorm(d, eps=eps)})
+
+        def layer() -> nn.ModuleDict:
+            return nn.ModuleDict({
+                "attention": nn.ModuleDict({
+                    "self": nn.ModuleDict({n: nn.Linear(d, d) for n in ("query", "key", "value")}),
+                    "output": nn.ModuleDict({"dense": nn.Linear(d, d), "LayerNorm": nn.LayerNorm(d, eps=eps)})}),
+                "intermediate": nn.ModuleDict({"dense": nn.Linear(d, inner)}),
+                "output": nn.ModuleDict({"dense": nn.Linear(inner, d), "LayerNorm": nn.LayerNorm(d, eps=eps)})})
+
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(layer() for _ in range(c["num_hidden_layers"]))})
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        e = self.embeddings
+        batch, length = input_ids.shape
+        x = e["word_embeddings"](input_ids) + e["token_type_embeddings"].weight[0]  # one segment: type 0
+        x = e["LayerNorm"](x + e["position_embeddings"](torch.arange(length, device=input_ids.device)))
+        keep = attention_mask.bool()[:, None, None, :]
+        for block in self.encoder["layer"]:
+            attention = block["attention"]
+            q, k, v = (attention["self"][n](x).view(batch, length, self.heads, -1).transpose(1, 2)
+                       for n in ("query", "key", "value"))
+            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(batch, length, -1)
+            x = attention["output"]["LayerNorm"](attention["output"]["dense"](mixed) + x)
+            h = F.gelu(block["intermediate"]["dense"](x))
+            x = block["output"]["LayerNorm"](block["output"]["dense"](h) + x)
+        return x
+
+
+class _Transformers(nn.Module):
+    """Any other encoder directory, through transformers' AutoModel."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.dim = model.config.hidden_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class _Tokens:
+    """Texts -> their token ids (special tokens added, cut at MAX_TOKENS) with a `tokenizers` Tokenizer, or with
+    a transformers tokenizer (picklable either way, unlike a lambda)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if hasattr(self.tokenizer, "encode_batch"):
+            return [enc.ids for enc in self.tokenizer.encode_batch(texts)]
+        return self.tokenizer(texts, truncation=True, max_length=MAX_TOKENS)["input_ids"]
+
+
+def _load(path: Path):
+    """(model, tokenize: texts -> token ids with special tokens, cut at MAX_TOKENS, pad id). A BERT directory
+    with tokenizer.json and model.safetensors (the built-in encoder) loads without transformers."""
+    config = json.loads((path / "config.json").read_text())
+    plain_bert = (config.get("model_type") == "bert" and config.get("hidden_act") == "gelu"
+                  and config.get("position_embedding_type", "absolute") == "absolute"
+                  and (path / "tokenizer.json").is_file() and (path / "model.safetensors").is_file())
+    if plain_bert:
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(MAX_TOKENS)
+        model = _Bert(config)
+        state = {k.removeprefix("bert."): v for k, v in load_file(path / "model.safetensors").items()}
+        model.load_state_dict({k: v for k, v in state.items()
+                               if not k.startswith("pooler.") and not k.endswith("position_ids")})
+        return model, _Tokens(tokenizer), config.get("pad_token_id", 0)
+    from transformers import AutoModel, AutoTokenizer  # heavy import, only for other encoders
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True)
+    return _Transformers(model), _Tokens(tokenizer), tokenizer.pad_token_id or 0
