@@ -46,6 +46,15 @@ def kept_actions(ts: TimeStep, limit: int) -> list[str]:
     return list(ts.valid_actions[:limit]) or [FALLBACK_ACTION]
 
 
+def uniform_decision(acts: list[str], rng: np.random.Generator) -> Decision:
+    """A uniformly random one of `acts` (the random baseline, search-free exploration)."""
+    k = len(acts)
+    idx = int(rng.integers(k))
+    dist = np.full(k, 1.0 / k, dtype=np.float32)
+    return Decision(valid_actions=acts, action_index=idx, action=acts[idx], visit_dist=dist, policy_target=dist,
+                    root_value=0.0, llm_prior=None, prompt=None)
+
+
 class Agent:
     """Shared by collector and evaluator; holds no episode state of its own."""
 
@@ -115,7 +124,7 @@ class Agent:
         A = self.spec.action_space_size
         valid = [kept_actions(v.timestep, A) for v in views]
         if mode == "random":  # the baseline: uniform over the same valid actions the agent gets
-            return [self._uniform(acts) for acts in valid]
+            return [uniform_decision(acts, self.rng) for acts in valid]
         use_llm = self.llm is not None and (mode in ("wm_llm", "llm") or (mode == "collect" and self.cfg.mcts.prior_mode != "wm"))
         prompts: list[Optional[str]] = [None] * len(views)
         llm_lp = None
@@ -172,13 +181,6 @@ class Agent:
                 prompt=prompts[b],
             ))
         return decisions
-
-    def _uniform(self, acts: list[str]) -> Decision:
-        k = len(acts)
-        idx = int(self.rng.integers(k))
-        dist = np.full(k, 1.0 / k, dtype=np.float32)
-        return Decision(valid_actions=acts, action_index=idx, action=acts[idx], visit_dist=dist,
-                        policy_target=dist, root_value=0.0, llm_prior=None, prompt=None)
 
     # ------------------------------------------------------------------ learning inputs
     @torch.inference_mode()

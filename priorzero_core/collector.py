@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import faults
-from .agent import Agent, Decision, EnvView
+from .agent import Agent, Decision, EnvView, kept_actions, uniform_decision
 from .archive import Archive, Trace, trace_steps
 from .config import ExploreConfig
 from .ppo.env_state import encode_state, state_bytes, state_from_bytes
@@ -71,11 +71,11 @@ class CollectStats:
 class UniformActor:
     """Stands in for the agent in search-free exploration: every step uniform over the valid actions, no LLM."""
 
-    def __init__(self, agent: Agent):
-        self.agent = agent
+    def __init__(self, rng: np.random.Generator, limit: int):
+        self.rng, self.limit = rng, limit  # limit: the valid actions kept per step, as the agent keeps them
 
     def act(self, views, mode="collect") -> list[Decision]:
-        return self.agent.act(views, "random")
+        return [uniform_decision(kept_actions(v.timestep, self.limit), self.rng) for v in views]
 
     def llm_prior(self, view: EnvView, valid: list[str]) -> tuple[None, None]:
         return None, None

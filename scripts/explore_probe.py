@@ -16,30 +16,10 @@ import time
 
 import numpy as np
 
-from priorzero_core.agent import Decision
 from priorzero_core.archive import Archive
-from priorzero_core.collector import Collector
+from priorzero_core.collector import Collector, UniformActor
 from priorzero_core.config import load_config
 from priorzero_core.games.pool import EnvPool
-
-
-class UniformAgent:
-    """The collector's agent, acting uniformly over the valid actions (no model, no search)."""
-
-    def __init__(self, rng: np.random.Generator):
-        self.rng = rng
-
-    def act(self, views, mode="collect") -> list[Decision]:
-        out = []
-        for view in views:
-            acts = list(view.timestep.valid_actions) or ["look"]
-            i = int(self.rng.integers(len(acts)))
-            uniform = np.full(len(acts), 1 / len(acts))
-            out.append(Decision(acts, i, acts[i], uniform, uniform, 0.0, None, None))
-        return out
-
-    def llm_prior(self, view, valid):
-        return None, None
 
 
 def main() -> None:
@@ -53,8 +33,9 @@ def main() -> None:
     cfg = load_config(args.config, [f"run.seed={args.seed}", *args.set])
     pool = EnvPool(cfg.game, cfg.collect.num_envs, seed=cfg.run.seed)
     archive = Archive(cfg.explore, np.random.default_rng(args.seed + 1))
-    collector = Collector(pool, UniformAgent(np.random.default_rng(args.seed + 2)), cfg.collect.segment_length, 0.0,
-                          np.random.default_rng(args.seed), archive=archive, explore=cfg.explore)
+    actor = UniformActor(np.random.default_rng(args.seed + 2), pool.spec.action_space_size)
+    collector = Collector(pool, actor, cfg.collect.segment_length, 0.0, np.random.default_rng(args.seed),
+                          archive=archive, explore=cfg.explore)
     started, steps, next_report = time.time(), 0, args.report
     try:
         while steps < args.steps:
