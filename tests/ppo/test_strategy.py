@@ -193,6 +193,7 @@ print((peak - before) / 2**20)
 """
 
 
+@pytest.mark.slow  # three fresh processes with torch and a tiny LM: ≈ 35 s
 def test_peak_memory_of_a_ppo_step_follows_the_micro_batch_not_the_rollout(tiny_llm_dir):
     """Making experience and updating with a 4x larger rollout at the same micro-batch raises peak RSS by far
     less than the 4x more full-vocabulary logits would; with micro-batches as large as the rollout it does not."""

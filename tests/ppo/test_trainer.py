@@ -25,7 +25,8 @@ def test_use_orz_trainer_auto_needs_ray_and_a_gpu(monkeypatch):
     assert orz_enabled(PriorZeroConfig.model_validate({"ppo": {"use_orz_trainer": True}})) is True
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+# GRPO on Ray (no critic) in the slow set: its losses and placement are unit-tested in the default one
+@pytest.mark.parametrize("algorithm", ["ppo", pytest.param("grpo", marks=pytest.mark.slow)])
 def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny_ppo_config, tiny_llm_dir, zork_segment,
                                                                 process_tracker, tmp_path):
     children, still_running = process_tracker
