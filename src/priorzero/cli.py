@@ -56,8 +56,8 @@ def connect_prefect(require_server: bool) -> None:
     """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "priorzero")  # trainer log lines in the Prefect UI
-    # Prefect gives its temporary server 20 s (of sleeps, not counting the health checks) to come up: a loaded
-    # machine (a test suite, a second run) takes longer, and the run then died before its first iteration.
+    # Prefect gives its temporary server 20 s (of sleeps, not counting the health checks) to come up: on a loaded
+    # machine (a test suite, a second run) it takes longer, and the run would die before its first iteration.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if "PREFECT_API_URL" not in os.environ and _prefect_server_up(LOCAL_PREFECT_API):
         # Two servers on one sqlite file is what makes "database is locked": use the running one.
