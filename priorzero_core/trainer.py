@@ -149,8 +149,9 @@ class Trainer:
             # valid-action workers and cache; every episode returns to a cell
             self.explore_pool = EnvPool(cfg.game, cfg.explore.random_envs, seed=cfg.run.seed + 30_000,
                                         valid_actions=self.collect_pool.valid_actions)
-            self.explorer = Collector(self.explore_pool, UniformActor(self.rng, self.spec.action_space_size), cfg.collect.segment_length, 0.0,
-                                      self.rng, self.archive, cfg.explore.model_copy(update={"from_start": 0.0}))
+            uniform = UniformActor(self.rng, self.spec.action_space_size)
+            self.explorer = Collector(self.explore_pool, uniform, cfg.collect.segment_length, 0.0, self.rng,
+                                      self.archive, cfg.explore.model_copy(update={"from_start": 0.0}))
         self._eval_pool: Optional[EnvPool] = None
         self._ppo = None
         self._ppo_resume_dir: Optional[Path] = None
