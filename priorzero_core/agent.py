@@ -246,7 +246,9 @@ def sequences_to_wm_batch(seqs: Sequence[SampledSequence], encoder: TextEncoder,
             valid_idx[b, t, :k] = [texts[a] for a in step.valid_actions[:k]]
             valid_mask[b, t, :k] = True
             rewards[b, t] = step.reward
-            policy[b, t, :k] = step.policy_target[:k] if step.policy_target is not None else step.visit_dist[:k]
+            target = step.policy_target if step.policy_target is not None else step.visit_dist
+            if target:  # none: no policy loss at this step (hazard_segments)
+                policy[b, t, :k] = target[:k]
             known[b, t] = True
     policy /= np.maximum(policy.sum(-1, keepdims=True), np.float32(1e-8))
     step_mask = known & (np.arange(L) >= history)

@@ -222,15 +222,15 @@ class Collector:
         stats.seconds = time.perf_counter() - t0
         return done_segments, stats
 
-    def explore_only(self, num_steps: int, iteration: int = 0) -> CollectStats:
-        """`num_steps` steps in each env from new episodes, dropped at the end with their segments: only the
-        archive keeps what they found (search-free exploration, `explore.random_steps`)."""
+    def explore_only(self, num_steps: int, iteration: int = 0) -> tuple[list[GameSegment], CollectStats]:
+        """`num_steps` steps in each env from new episodes, which end with the call (search-free exploration,
+        `explore.random_steps`): the archive keeps what they found; their segments are returned for
+        `hazard_segments`, not for the replay."""
         self._running = []
         try:
-            _, stats = self.collect(num_steps, iteration)
+            return self.collect(num_steps, iteration)
         finally:
             self._running = []
-        return stats
 
     def snapshot(self) -> list[tuple[Any, _Running]]:
         """The episodes in progress, in memory, for `restore` (a collect that fails part-way starts over from here)."""
@@ -279,3 +279,31 @@ class Collector:
             self._running.append(_Running(row["episode_id"], EnvView(history=history, timestep=ts),
                                           GameSegment(steps=steps, context=context, **seg),
                                           float(row["episode_return"]), int(row["steps"]), trace, row["steps_left"]))
+
+
+def hazard_segments(segments: list[GameSegment], steps: int, context: int) -> list[GameSegment]:
+    """The moves of `segments` (whole episodes' chains, as `explore_only` returns them) that lost points or ended
+    the game without any, each as a segment of its last `steps` steps with up to `context` steps of history:
+    training windows that teach reward, value and dynamics what the move costs. The policy learns nothing from
+    them (no policy target), and the last step's stored value is its own reward, so a return cut there is that
+    reward."""
+    episodes: dict[str, list[GameSegment]] = {}
+    for seg in segments:
+        episodes.setdefault(seg.episode_id, []).append(seg)
+    out = []
+    for eid, chain in episodes.items():
+        chain.sort(key=lambda seg: seg.index)
+        head = list(chain[0].context) if chain[0].index == 0 else []
+        moves = [s for seg in chain for s in seg.steps]
+        for p, step in enumerate(moves):
+            if not (step.reward < 0 or (step.terminal and step.reward <= 0)):
+                continue
+            first = max(0, p - steps + 1)
+            kept = [replace(s, visit_dist=[], policy_target=None, llm_prior=None, prompt=None, env_state=None)
+                    for s in moves[first:p + 1]]
+            kept[-1] = replace(kept[-1], root_value=step.reward, truncated=not step.terminal)
+            history = (head + moves[:first])[max(0, len(head) + first - context):] if context else []
+            history = [replace(s, terminal=False, truncated=False, env_state=None) for s in history]
+            out.append(GameSegment(f"{eid}-hazard-{p}", 0, first, steps=kept, iteration=chain[0].iteration,
+                                   context=history, hazard=True))
+    return out

@@ -208,6 +208,20 @@ class ExploreConfig(_Section):
     # steps never enter the replay (no search chose them). A step costs a fraction of a searched one.
     random_steps: int = Field(default=0, ge=0)
     random_envs: int = Field(default=8, gt=0)
+    # What search-free exploration lost: each of its steps that lost points or ended the game without points is
+    # kept with the `hazard_steps` - 1 steps before it (the newest `hazard_capacity` of them), and
+    # `hazard_fraction` of each world-model batch is drawn from them: reward, value and dynamics learn what such
+    # a move costs (search then avoids it); the policy does not learn from these uniform moves.
+    hazard_fraction: float = Field(default=0.0, ge=0, lt=1)
+    hazard_steps: int = Field(default=2, gt=0)
+    hazard_capacity: int = Field(default=1000, gt=0)
+
+    @model_validator(mode="after")
+    def _shares(self):
+        if self.demo_fraction + self.hazard_fraction >= 1:
+            raise ValueError(f"demo_fraction + hazard_fraction must be below 1 (the rest of a batch is the replay's "
+                             f"own steps), got {self.demo_fraction} + {self.hazard_fraction}")
+        return self
 
 
 class ReplayConfig(_Section):

@@ -51,6 +51,8 @@ class GameSegment:
     # An episode that started from an archived state: the last steps of the trajectory that reached it (on the
     # first segment only), history for the training windows of its first steps, never trained on themselves.
     context: list[StepRecord] = field(default_factory=list)
+    # Steps that lost points in search-free exploration (`hazard_segments`): sampled apart, by `hazard_fraction`.
+    hazard: bool = False
 
     @property
     def ended(self) -> bool:
@@ -79,7 +81,7 @@ class SampledSequence:
 class ReplayBuffer:
     """Segments in memory (bounded by total steps), persisted as one gzip JSON-lines file per iteration."""
 
-    def __init__(self, capacity_steps: int, discount: float, n_step: int, seed: int = 0):
+    def __init__(self, capacity_steps: int, discount: float, n_step: int, seed: int = 0, hazard_capacity: int = 1000):
         self.capacity_steps = capacity_steps
         self.discount = discount
         self.n_step = n_step
@@ -88,6 +90,8 @@ class ReplayBuffer:
         self._episodes: dict[str, dict[int, GameSegment]] = {}
         self.rng = np.random.default_rng(seed)  # sampling; its state is checkpointed
         self.demos: list[GameSegment] = []  # trajectories to imitate (archive.demo_segment), kept apart
+        self.hazards: deque[GameSegment] = deque()  # the newest `hazard_capacity` hazard segments, kept apart
+        self.hazard_capacity = hazard_capacity
 
     def set_demos(self, segments: Iterable[GameSegment]) -> None:
         """Replace the demonstrations that `sample` mixes in; they are not counted in the buffer's steps."""
@@ -101,8 +105,16 @@ class ReplayBuffer:
         return self.num_steps
 
     def add(self, segments: Iterable[GameSegment]) -> None:
+        """Store segments, the oldest going first past the capacity; hazard segments go to their own pool (not
+        counted in the buffer's steps)."""
         for seg in segments:
             if not seg.steps:
+                continue
+            if seg.hazard:
+                self.hazards.append(seg)
+                self._episodes[seg.episode_id] = {seg.index: seg}
+                if len(self.hazards) > self.hazard_capacity:
+                    self._episodes.pop(self.hazards.popleft().episode_id, None)
                 continue
             self.segments.append(seg)
             self._episodes.setdefault(seg.episode_id, {})[seg.index] = seg
@@ -180,14 +192,17 @@ class ReplayBuffer:
         targets = np.array([self.value_target(seg, t + i) if s is not None else 0.0 for i, s in enumerate(steps)])
         return SampledSequence(steps=steps, context=ctx[::-1], value_targets=targets.astype(np.float32))
 
-    def sample(self, batch_size: int, length: int, context: int, demo_fraction: float = 0.0) -> list[SampledSequence]:
+    def sample(self, batch_size: int, length: int, context: int, demo_fraction: float = 0.0,
+               hazard_fraction: float = 0.0) -> list[SampledSequence]:
         """Uniform over stored steps; with demonstrations set, `demo_fraction` of the batch (rounded) is drawn
-        uniformly over their steps instead."""
+        uniformly over their steps instead, and with hazards stored, `hazard_fraction` over theirs."""
         if not self.segments:
             raise ValueError("replay buffer is empty")
         demos = round(batch_size * demo_fraction) if self.demos else 0
-        return (self._uniform(self.segments, batch_size - demos, length, context)
-                + self._uniform(self.demos, demos, length, context))
+        hazards = min(round(batch_size * hazard_fraction), batch_size - demos) if self.hazards else 0
+        return (self._uniform(self.segments, batch_size - demos - hazards, length, context)
+                + self._uniform(self.demos, demos, length, context)
+                + self._uniform(self.hazards, hazards, length, context))
 
     def _uniform(self, segments: Sequence[GameSegment], n: int, length: int, context: int) -> list[SampledSequence]:
         if n == 0:

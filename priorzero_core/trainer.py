@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import faults
 from .agent import Agent, sequences_to_wm_batch
 from .archive import Archive, Cell, demo_segment, demo_steps, robust_best, shorten
-from .collector import Collector, UniformActor
+from .collector import Collector, UniformActor, hazard_segments
 from .config import PriorZeroConfig, dump_config
 from .errors import CheckpointError, ConfigError
 from .evaluator import eval_modes, evaluate
@@ -126,7 +126,8 @@ class Trainer:
         self.llm_prior, self.llm_trainer = self._build_llm()
         self.agent = Agent(cfg, self.spec, self.encoder, self.wm.model, self.llm_prior, self.rng, self.device)
         wmc = cfg.world_model
-        self.replay = ReplayBuffer(cfg.replay.capacity_steps, wmc.discount, wmc.n_step, seed=cfg.run.seed)
+        self.replay = ReplayBuffer(cfg.replay.capacity_steps, wmc.discount, wmc.n_step, seed=cfg.run.seed,
+                                   hazard_capacity=cfg.explore.hazard_capacity)
         self.collect_pool = EnvPool(cfg.game, cfg.collect.num_envs, seed=cfg.run.seed)
         self.archive = Archive(cfg.explore, self.rng) if cfg.explore.enabled else None
         self._demo: Optional[tuple[str, int]] = None  # the archive cell (key, length) whose trajectory is imitated
@@ -264,11 +265,15 @@ class Trainer:
             valid_actions.stats()
         with torch.inference_mode():
             segments, stats = self.collector.collect(self.cfg.collect.steps_per_iteration, iteration, progress=self.progress)
-        explored = None
+        explored, hazards = None, []
         if self.explorer is not None:
             per_env = -(-self.cfg.explore.random_steps // self.explore_pool.size)
-            explored = self.explorer.explore_only(per_env, iteration)
+            wandered, explored = self.explorer.explore_only(per_env, iteration)
             self.random_steps += explored.env_steps
+            if self.cfg.explore.hazard_fraction:
+                hazards = hazard_segments(wandered, self.cfg.explore.hazard_steps,
+                                          self.cfg.world_model.context_length - 1)
+        segments += hazards
         path = ReplayBuffer.segment_file(self.run_dir / "replay", iteration, ReplayBuffer.content_tag(segments))
         ReplayBuffer.write_segments(path, segments)
         with self._lock:
@@ -285,6 +290,8 @@ class Trainer:
             metrics["explore/random_steps"] = float(explored.env_steps)
             metrics["explore/random_steps_per_s"] = explored.env_steps / max(explored.seconds, 1e-9)
             metrics["explore/total_random_steps"] = float(self.random_steps)
+            if self.cfg.explore.hazard_fraction:
+                metrics["explore/hazards"] = float(len(hazards))
         if self.llm_prior is not None:
             hits, misses = self.llm_prior.cache_stats()
             if hits + misses:
@@ -380,7 +387,7 @@ class Trainer:
         wmc = self.cfg.world_model
         with self._lock:  # the encoder's cache and the replay are shared with LLM training
             seqs = self.replay.sample(wmc.batch_size, wmc.unroll_steps + 1, wmc.context_length - 1,
-                                      self.cfg.explore.demo_fraction)
+                                      self.cfg.explore.demo_fraction, self.cfg.explore.hazard_fraction)
             return sequences_to_wm_batch(seqs, self.encoder, self.spec.action_space_size, self.device,
                                          history=wmc.context_length - 1)
 

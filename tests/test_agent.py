@@ -87,3 +87,15 @@ def test_the_greedy_agent_acting_on_its_policy_skips_the_search(text_encoder, mo
         np.testing.assert_allclose(d.policy_target, policy, atol=1e-5)
     finally:
         pool.close()
+
+
+def test_a_step_without_a_policy_target_gets_no_policy_loss_but_its_reward(text_encoder):
+    """Hazard steps (collector.hazard_segments) carry neither visits nor a policy target."""
+    plain = StepRecord("here", ["a", "b"], 0, "a", 0.0, 0, [0.25, 0.75], 0.0)
+    hazard = StepRecord("there", ["a", "b"], 1, "b", -10.0, 0, [], -10.0, terminal=True)
+    buf = ReplayBuffer(10, 0.9, 1)
+    segs = [GameSegment("p", 0, 0, [plain]), GameSegment("h", 0, 0, [hazard], hazard=True)]
+    buf.add(segs)
+    batch = sequences_to_wm_batch([buf.sequence(s, 0, 1, 0) for s in segs], text_encoder, 4, torch.device("cpu"))
+    np.testing.assert_allclose(batch.policy_targets[:, 0, :2].numpy(), [[0.25, 0.75], [0.0, 0.0]])
+    assert batch.rewards[:, 0].tolist() == [0.0, -10.0] and batch.step_mask[:, 0].tolist() == [True, True]

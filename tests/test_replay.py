@@ -62,3 +62,41 @@ def test_segments_round_trip_on_disk_and_corrupt_files_are_reported(tmp_path):
     bad.write_bytes(gzip.compress(b'{"episode_id": "x"')[:-4])
     with pytest.raises(CheckpointError, match="corrupt"):
         ReplayBuffer.read_segments(bad)
+
+
+def test_hazards_are_kept_apart_bounded_and_drawn_by_their_share():
+    buf = ReplayBuffer(100, discount=0.9, n_step=2, seed=0, hazard_capacity=2)
+    buf.add([GameSegment("play", 0, 0, [step(0, 0) for _ in range(6)])])
+    for i in range(3):
+        buf.add([GameSegment(f"h{i}", 0, 0, [step(-10, -10, terminal=True)], hazard=True)])
+    assert len(buf) == 6 and [h.episode_id for h in buf.hazards] == ["h1", "h2"]  # the oldest went
+    assert "h0" not in buf._episodes
+    drawn = buf.sample(8, 2, 0, hazard_fraction=0.25)
+    assert [s.steps[0].reward for s in drawn[-2:]] == [-10, -10] and [s.steps[1] for s in drawn[-2:]] == [None, None]
+    assert all(s.steps[0].reward == 0 for s in drawn[:-2])
+    assert [s.value_targets[0] for s in drawn[-2:]] == [-10, -10]
+
+
+def test_hazard_segments_keep_the_losing_move_and_the_one_before_without_a_policy_target():
+    from priorzero_core.collector import hazard_segments
+
+    def s(reward, obs, terminal=False):
+        return StepRecord(obs, ["a", "b"], 1, "b", reward, 0, [0.5, 0.5], 3.0, policy_target=[0.5, 0.5],
+                          terminal=terminal, env_state="blob")
+
+    back = [s(0, "c0"), s(0, "c1")]  # the trajectory the episode returned along
+    first = GameSegment("e", 0, 5, [s(0, "o0"), s(-5, "o1"), s(0, "o2")], context=back, iteration=4)
+    second = GameSegment("e", 1, 8, [s(0, "o3"), s(-10, "o4", terminal=True)], iteration=4)
+    safe = GameSegment("f", 0, 0, [s(1, "p0"), s(0, "p1")], iteration=4)
+    out = hazard_segments([second, safe, first], steps=2, context=3)
+    assert [[x.observation for x in h.steps] for h in out] == [["o0", "o1"], ["o3", "o4"]]
+    assert [[x.observation for x in h.context] for h in out] == [["c0", "c1"], ["o0", "o1", "o2"]]
+    assert all(h.hazard and h.iteration == 4 for h in out) and len({h.episode_id for h in out}) == 2
+    for h in out:
+        assert all(x.visit_dist == [] and x.policy_target is None and x.env_state is None for x in h.steps)
+        assert h.steps[-1].root_value == h.steps[-1].reward and h.steps[0].root_value == 3.0
+    assert out[0].steps[-1].truncated and not out[1].steps[-1].truncated and out[1].steps[-1].terminal
+    buf = ReplayBuffer(100, discount=0.5, n_step=5)
+    buf.add(out)
+    assert buf.value_target(out[0], 0) == pytest.approx(0.5 * -5) and buf.value_target(out[1], 1) == -10
+    assert hazard_segments([first, second], steps=1, context=0)[0].context == []
