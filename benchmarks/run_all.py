@@ -31,6 +31,7 @@ TARGETS = {
     "mcts_vs_lightzero": (">=", 1.2),
     "orchestration_overhead": ("<=", 1.05),
     "ppo_vs_trl": (">=", 1.0),
+    "collect_shards": (">=", 1.5),
 }
 
 
@@ -57,6 +58,7 @@ BENCHES = {
     "mcts_peers": Bench("mcts_peers.py", ("--repeats", "5"), peers_missing),
     "orchestration_overhead": Bench("orchestration_overhead.py", ("--iterations", "20", "--repeats", "2")),
     "ppo_throughput": Bench("ppo_throughput.py", ("--steps", "1"), trl_missing),
+    "collect_shards": Bench("collect_shards.py", ("--iterations", "2")),
 }
 
 
@@ -106,7 +108,8 @@ def format_table(rows: list[Row]) -> str:
 
 EXPECTED = {"env_valid_actions": "env_throughput", "llm_scoring": "llm_scoring", "mcts_batched": "mcts",
             "mcts_vs_lightzero": "mcts_peers", "mcts_vs_mctx": "mcts_peers",
-            "orchestration_overhead": "orchestration_overhead", "ppo_vs_trl": "ppo_throughput"}
+            "orchestration_overhead": "orchestration_overhead", "ppo_vs_trl": "ppo_throughput",
+            "collect_shards": "collect_shards"}
 
 
 def run(name: str, bench: Bench, timeout: float) -> tuple[list[tuple[str, float]], str]:

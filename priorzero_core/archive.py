@@ -79,6 +79,11 @@ class Archive:
         self.rng = rng
         self.cells: dict[str, Cell] = {}
         self.updates = 0  # cells added or shortened, for metrics
+        # What changed since `take_changes` (collection shards keep mirrors of the archive in step with it): cells
+        # added or shortened, cells whose counts moved, and whether everything must be sent again (restored).
+        self.changed: set[str] = set()
+        self.counted: set[str] = set()
+        self.replaced = True
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -88,6 +93,7 @@ class Archive:
         the trace is shorter than the cell's; returns whether it did."""
         cell = self.cells.get(key)
         length = trace.length if trace is not None else 0
+        self.counted.add(key)
         if cell is not None:
             cell.times_seen += 1
             if length >= cell.length:
@@ -96,7 +102,14 @@ class Archive:
         else:
             self.cells[key] = Cell(key, score, trace, snapshot(), times_seen=1)
         self.updates += 1
+        self.changed.add(key)
         return True
+
+    def take_changes(self) -> tuple[bool, set[str], set[str]]:
+        """(everything replaced, keys added or shortened, keys whose counts moved) since the last call."""
+        out = (self.replaced, self.changed, self.counted - self.changed)
+        self.replaced, self.changed, self.counted = False, set(), set()
+        return out
 
     def weights(self, cells: list[Cell]) -> np.ndarray:
         """Go-Explore's count-based selection weights: cells rarely chosen and rarely seen first."""
@@ -114,6 +127,7 @@ class Archive:
         w = self.weights(cells)
         cell = cells[int(self.rng.choice(len(cells), p=w / w.sum()))]
         cell.times_chosen += 1
+        self.counted.add(cell.key)
         return cell
 
     def best(self) -> Optional[Cell]:
@@ -153,6 +167,7 @@ class Archive:
     def restore(self, snapshot: tuple[dict[str, Cell], int]) -> None:
         cells, self.updates = snapshot
         self.cells = {k: replace(c) for k, c in cells.items()}
+        self.replaced, self.changed, self.counted = True, set(), set()
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: Path, to_bytes: Callable[[Any], bytes]) -> None:
@@ -214,6 +229,7 @@ class Archive:
         except (OSError, EOFError, ValueError, KeyError, TypeError, zlib.error) as err:
             raise CheckpointError(f"archive {path} is unreadable ({type(err).__name__}: {err})") from None
         self.cells, self.updates = cells, updates
+        self.replaced, self.changed, self.counted = True, set(), set()
 
 
 def _b64(data: bytes) -> str:

@@ -232,6 +232,10 @@ class Collector:
         finally:
             self._running = []
 
+    def running_traces(self) -> list[Optional[Trace]]:
+        """The trajectories (from the game's start) of the episodes in progress."""
+        return [r.trace for r in self._running]
+
     def snapshot(self) -> list[tuple[Any, _Running]]:
         """The episodes in progress, in memory, for `restore` (a collect that fails part-way starts over from here)."""
         return [(self.pool.get_state(i), _copy(r)) for i, r in enumerate(self._running)]

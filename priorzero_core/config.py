@@ -166,6 +166,23 @@ class CollectConfig(_Section):
     segment_length: int = Field(default=50, gt=0)
     steps_per_iteration: int = Field(default=50, gt=0)  # env steps per env per collect stage
     epsilon: float = Field(default=0.0, ge=0, le=1)  # chance of a uniformly random valid action
+    # Collection on this many Ray actors (priorzero_core/shards.py), the envs split among them, each with its own
+    # world-model copy (and LLM prior), fed the learner's weights at every collect stage; 1: in this process.
+    shards: int = Field(default=1, gt=0)
+    shard_cpus: float = Field(default=1.0, gt=0)  # Ray CPUs (and torch threads, rounded up) per shard
+    shard_timeout_s: float = Field(default=1800.0, gt=0)  # a shard silent this long counts as dead
+
+    @model_validator(mode="after")
+    def _envs_per_shard(self):
+        if self.num_envs < self.shards:
+            raise ValueError(f"collect.shards ({self.shards}) needs at least as many collect.num_envs ({self.num_envs})")
+        return self
+
+
+class RayConfig(_Section):
+    # A Ray cluster to join (`ray start --head` prints it, e.g. 10.0.0.5:6379; "auto": the one on this machine);
+    # None: start a local single-node cluster. Collection shards and PPO's actors run there.
+    address: Optional[str] = None
 
 
 class ExploreConfig(_Section):
@@ -273,7 +290,7 @@ class PPOConfig(_Section):
     generation_backend: Literal["auto", "transformers", "vllm"] = "auto"
     vllm_required: bool = False
     vllm_url: Optional[str] = None  # an OpenAI-compatible vLLM server on 127.0.0.1
-    ray_address: Optional[str] = None  # None: a local cluster
+    ray_address: Optional[str] = None  # the Ray cluster for PPO alone; None: `ray.address`
     rollout_batch_size: int = Field(default=128, gt=0)
     train_batch_size: int = Field(default=32, gt=0)
     micro_forward_batch_size: int = Field(default=16, gt=0)  # responses per forward when making experience
@@ -388,6 +405,7 @@ class PriorZeroConfig(_Section):
     eval: EvalConfig = EvalConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     ppo: PPOConfig = PPOConfig()
+    ray: RayConfig = RayConfig()
     run: RunConfig = RunConfig()
     tracking: TrackingConfig = TrackingConfig()
 

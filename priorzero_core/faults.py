@@ -4,8 +4,9 @@ PRIORZERO_FAULTS=collect@2,kill:checkpoint-write@3,hang:train_world_model@4 — 
 in iteration N (every attempt), `once:` raises only the first time (so a retry succeeds), `kill:` SIGKILLs this
 process there, `hang:` sleeps until a stage timeout interrupts it. Points are the stage names (at the stage's
 start), `collect-step` and `train_world_model-update` (mid-stage: after the stage's first env step or first
-update), `checkpoint-write` (parts written, manifest not yet) and `checkpoint-done` (committed, the iteration's
-metrics row and MLflow batch not yet written).
+update), `checkpoint-write` (parts written, manifest not yet), `checkpoint-done` (committed, the iteration's
+metrics row and MLflow batch not yet written) and `shard<K>-collect` (collection shard K's collect, in its Ray
+actor, after it took the weights and the archive).
 Unset in normal runs, where `inject` is one dictionary lookup.
 """
 

@@ -508,6 +508,7 @@ class LLMPrior(ABC):
         self._cache: OrderedDict[tuple[str, tuple[str, ...]], np.ndarray] = OrderedDict()
         self.cache_hits = 0
         self.cache_misses = 0
+        self.weights_version = 0  # sync_weights calls so far
 
     def build_prompt(self, history: Sequence[HistoryStep], observation: str, valid_actions: Sequence[str]) -> str:
         return build_prompt(
@@ -548,11 +549,13 @@ class LLMPrior(ABC):
         return stats
 
     def sync_weights(self, trained: nn.Module) -> None:
-        """Make scoring use `trained`'s weights (after LLM training, PPO or a restore); drops cached priors."""
+        """Make scoring use `trained`'s weights (after LLM training, PPO or a restore); drops cached priors.
+        `weights_version` counts the syncs (collection shards take the weights again when it moves)."""
         try:
             self._sync_weights(trained)
         finally:
             self._cache.clear()
+            self.weights_version += 1
 
     @abstractmethod
     def score_actions(self, batch: Sequence[ScoreRequest]) -> list[ActionScores]:

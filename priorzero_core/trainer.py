@@ -141,8 +141,13 @@ class Trainer:
             self._replayer = SeedReplayer(self.spec.path, [cfg.run.seed + 20_000 + k
                                                            for k in range(cfg.explore.demo_seeds)])
         self._recorder: Optional[EnvPool] = None  # plays a shortened demonstration once, to record its steps
-        self.collector = Collector(self.collect_pool, self.agent, cfg.collect.segment_length, cfg.collect.epsilon,
-                                   self.rng, self.archive, cfg.explore, context=wmc.context_length - 1)
+        if cfg.collect.shards > 1:  # on Ray actors; this process's collect_pool serves exploration and recording
+            from .shards import ShardedCollector
+
+            self.collector = ShardedCollector(cfg, self.archive, self.wm.model, self.llm_prior)
+        else:
+            self.collector = Collector(self.collect_pool, self.agent, cfg.collect.segment_length, cfg.collect.epsilon,
+                                       self.rng, self.archive, cfg.explore, context=wmc.context_length - 1)
         self.explore_pool: Optional[EnvPool] = None
         self.explorer: Optional[Collector] = None
         if self.archive is not None and cfg.explore.random_steps:
@@ -665,7 +670,8 @@ class Trainer:
     def close(self) -> None:
         """Shut envs and workers down; each part independently."""
         errors = []
-        for part in (self._ppo, self._recorder, self.explore_pool, self.collect_pool, self._eval_pool,
+        shards = None if isinstance(self.collector, Collector) else self.collector  # Ray actors (collect.shards)
+        for part in (self._ppo, shards, self._recorder, self.explore_pool, self.collect_pool, self._eval_pool,
                      self._replayer):
             if part is None:
                 continue

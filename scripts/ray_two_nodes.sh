@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two Ray nodes on this machine, both on 127.0.0.1: a head (`ray start --head`) and a second node
-# (`ray start --address`), to try `ppo.ray_address` multi-node placement without a second machine.
-#   scripts/ray_two_nodes.sh start [PORT]   prints the address for ppo.ray_address (default port 6390)
+# (`ray start --address`), to try multi-node placement (`ray.address`: collection shards and PPO) without a
+# second machine.
+#   scripts/ray_two_nodes.sh start [PORT]   prints the address for ray.address (default port 6390)
 #   scripts/ray_two_nodes.sh stop           stops exactly the processes these two nodes started
 # Only this cluster's processes are stopped (found by its own temp dir), never other Ray clusters here.
 # Keep RAY_TWO_NODES_DIR short: Ray's socket paths below it must stay under 108 bytes.
@@ -20,7 +21,7 @@ start)
     "$RAY" start --address "127.0.0.1:$PORT" --node-ip-address 127.0.0.1 --num-cpus 2 \
         --disable-usage-stats >"$STATE/worker.log" 2>&1 || { tail -5 "$STATE/worker.log" >&2; exit 1; }
     echo "127.0.0.1:$PORT" >"$STATE/address"
-    echo "ppo.ray_address=127.0.0.1:$PORT"
+    echo "ray.address=127.0.0.1:$PORT"
     ;;
 stop)
     # Every process of this cluster names its session under $STATE/tmp; their children go with them.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..config import PriorZeroConfig
 from ..llm_prior import load_plain_state_dict, load_tokenizer, plain_state_dict, resolve_model_dir
+from ..ray_cluster import connect_ray
 from ..replay import GameSegment
 from .actors import ActorGroup, CriticActor, PolicyActor, ReferenceActor, RewardActor, StateDict
 from .adapter import GameSegmentToORZAdapter, PromptRecord, read_prompts, write_prompts
@@ -70,28 +70,6 @@ def placement_plan(gpus: int, grpo: bool) -> dict[str, tuple[Optional[int], floa
     return {g: (i // per_gpu, 1.0 / per_gpu) for i, g in enumerate(groups)}
 
 
-def _connect_ray(cfg: PriorZeroConfig, actors: int) -> bool:
-    """Join `ppo.ray_address`, or start a local single-node cluster on 127.0.0.1; True when we own a connection."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if cfg.ppo.ray_address:
-        ray.init(address=cfg.ppo.ray_address, log_to_driver=True)
-        logger.info("PPO: joined Ray cluster at %s (%d nodes)", cfg.ppo.ray_address, len(ray.nodes()))
-    else:
-        # Ray nices its workers (15) by default; these actors are the training job itself and must not
-        # starve behind the run's own world-model training or other jobs on the machine.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        # Logical CPUs: every actor must fit even on a 2-core machine; torch threads are set per actor.
-        num_cpus = max(os.cpu_count() or 1, int(np.ceil(actors * cfg.ppo.actor_num_cpus)))
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-                 num_gpus=cfg.ppo.local_num_gpus, log_to_driver=True)
-        logger.info("PPO: started a local Ray cluster (%d logical CPUs)", num_cpus)
-    return True
-
-
 class PPOTrainer:
     """Owns the Ray actor groups and the generation engine for one run; `close()` releases all of them."""
 
@@ -126,7 +104,7 @@ class PPOTrainer:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         grpo = self.ppo.algorithm == "grpo"
-        self._owns_ray = _connect_ray(self.cfg, (2 if grpo else 3) + self.ppo.reward_workers)
+        self._owns_ray = connect_ray(self.cfg, self.ppo.ray_address or self.cfg.ray.address, ppo=True, who="PPO")
         plan = placement_plan(int(ray.cluster_resources().get("GPU", 0.0)), grpo)
         weights = None
         if policy_model is not None:

@@ -1,0 +1,83 @@
+"""Collection throughput: K Ray shards of one torch thread each (`collect.shards=K`) against one process with
+the machine's torch threads, the same config otherwise (world model and, unless --no-llm, the LLM prior).
+
+For each game, each way: a Trainer is built (untimed: models, envs, Ray actors), one collect stage warms it up,
+then --iterations collect stages are timed by their own clock (the stage's wall time, archive merge included).
+The last line is `ratio collect_shards <value>`: env steps/s sharded ÷ in-process, the geometric mean over the
+games measured (target ≥ 1.5 at K = 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def steps_per_s(config: str, overrides: list[str], iterations: int, workdir: Path) -> tuple[float, float]:
+    """(env steps/s over the timed collects, seconds to build the trainer)."""
+    from priorzero_core.config import load_config
+    from priorzero_core.trainer import Trainer
+
+    started = time.perf_counter()
+    trainer = Trainer(load_config(config, overrides), workdir, progress=False)
+    built = time.perf_counter() - started
+    try:
+        trainer.collect(1)
+        steps = seconds = 0.0
+        for it in range(2, iterations + 2):
+            started = time.perf_counter()
+            result = trainer.collect(it)
+            seconds += time.perf_counter() - started
+            steps += result.metrics["collect/env_steps"]
+        return steps / seconds, built
+    finally:
+        trainer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--games", nargs="+", default=["embedded", "zork1"],
+                        help="embedded and/or Jericho game names (default: embedded zork1; a missing ROM is skipped)")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=3, help="timed collect stages per way (default: 3)")
+    parser.add_argument("--no-llm", action="store_true", help="the world model alone (default: with the LLM prior)")
+    parser.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE")
+    args = parser.parse_args()
+    threads = os.cpu_count() or 1
+    common = [f"llm.enabled={not args.no_llm}", "explore.random_steps=0", *args.overrides]
+    ratios = []
+    for game in args.games:
+        config = "debug" if game == "embedded" else game
+        if game != "embedded":
+            from priorzero_core.games import game_spec
+            from priorzero_core.config import load_config
+
+            try:
+                game_spec(load_config(config, common).game)
+            except Exception as err:  # no ROM here
+                print(f"{game}: skipped ({str(err).splitlines()[0]})")
+                continue
+        with tempfile.TemporaryDirectory(prefix="priorzero-shards-") as work:
+            one, built_one = steps_per_s(config, [*common, f"run.torch_threads={threads}"], args.iterations,
+                                         Path(work) / "one")
+            many, built_many = steps_per_s(config, [*common, f"collect.shards={args.shards}", "collect.shard_cpus=1",
+                                                    "run.torch_threads=1"], args.iterations, Path(work) / "many")
+        print(f"{game}: one process ({threads} torch threads) {one:.2f} env steps/s (built in {built_one:.1f} s), "
+              f"{args.shards} shards of 1 thread {many:.2f} (built in {built_many:.1f} s): {many / one:.2f}x",
+              flush=True)
+        ratios.append(many / one)
+    if ratios:
+        print(f"ratio collect_shards {math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f}")
+
+
+if __name__ == "__main__":
+    main()
