@@ -141,7 +141,7 @@ class Trainer:
             self._replayer = SeedReplayer(self.spec.path, [cfg.run.seed + 20_000 + k
                                                            for k in range(cfg.explore.demo_seeds)])
         self._recorder: Optional[EnvPool] = None  # plays a shortened demonstration once, to record its steps
-        if cfg.collect.shards > 1:  # on Ray actors; this process's collect_pool serves exploration and recording
+        if cfg.collect.shards > 1 and not readonly:  # on Ray actors; collect_pool serves exploration and recording
             from .shards import ShardedCollector
 
             self.collector = ShardedCollector(cfg, self.archive, self.wm.model, self.llm_prior)
@@ -628,7 +628,7 @@ class Trainer:
             self._ppo_resume_dir = path / "ppo"  # loaded when the PPO actors start
         if self.archive is not None and (path / "archive").is_dir():
             self.archive.load(path / "archive", state_from_bytes)
-        if (path / "collector.json.gz").is_file():  # the episodes in progress go on; without it, envs start fresh
+        if (path / "collector.json.gz").is_file() and not self.readonly:  # the episodes in progress go on
             self.collector.load_state(ckpt.load_json(path, "collector"))
         rng = ckpt.load_torch_state(path, "rng")
         torch.set_rng_state(rng["torch"])

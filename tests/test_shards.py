@@ -60,6 +60,27 @@ def test_shard_mirrors_and_the_learner_s_archive_agree_after_every_merge_and_syn
             pool.close()
 
 
+def test_an_evaluation_of_a_sharded_run_starts_no_ray_actor(tmp_path):
+    """`priorzero eval` builds a read-only Trainer from the run's config: no collection, so no shards."""
+    import ray
+
+    from priorzero_core.trainer import Trainer
+
+    cfg = load_config("debug", ["llm.enabled=false", "collect.shards=2", "collect.num_envs=2"])
+    trainer = Trainer(cfg, tmp_path, readonly=True, progress=False)
+    try:
+        assert isinstance(trainer.collector, Collector) and not ray.is_initialized()
+    finally:
+        trainer.close()
+
+
+def test_more_shards_than_envs_is_a_config_error():
+    from priorzero_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="collect.shards"):
+        load_config("debug", ["collect.shards=3", "collect.num_envs=2"])
+
+
 def test_two_shards_on_ray_collect_what_one_process_does_survive_a_killed_shard_and_repeat_for_a_seed(
         tmp_path, process_tracker, caplog, monkeypatch):
     """The debug config with collect.shards=2 on a local Ray cluster: each collect brings num_envs x
