@@ -1,5 +1,6 @@
 """Collection on K Ray actors (`collect.shards` > 1): each shard plays its share of the envs with its own copy of
-the world model (and LLM prior), fed the learner's weights at every collect stage through Ray's object store.
+the world model (and LLM prior), fed the learner's weights at every collect stage through Ray's object store,
+then its share of search-free exploration (`explore.random_steps`, `explore.random_envs`).
 
 The learner keeps the one Go-Explore archive. Each shard holds a mirror of it, brought in step before every
 collect (`ArchiveSync.delta`: the cells added, shortened or recounted since the last one, and the trace steps
@@ -28,7 +29,7 @@ import torch
 
 from . import faults
 from .archive import Archive, Cell, Trace
-from .collector import CollectStats, Collector
+from .collector import CollectStats, Collector, UniformActor, hazard_segments
 from .config import ExploreConfig, PriorZeroConfig
 from .ppo.env_state import state_bytes, state_from_bytes
 from .replay import GameSegment, StepRecord
@@ -214,8 +215,9 @@ class ArchiveSync:
 
 
 class CollectShard:
-    """One shard: its envs, a world-model copy, the LLM prior when the run has one, a Collector and a mirror of
-    the archive. Runs as a Ray actor (`ShardedCollector` wraps it with `ray.remote`)."""
+    """One shard: its envs, a world-model copy, the LLM prior when the run has one, a Collector, a mirror of the
+    archive and its share of search-free exploration's envs. Runs as a Ray actor (`ShardedCollector` wraps it
+    with `ray.remote`)."""
 
     def __init__(self, cfg_json: dict, index: int, first_env: int, num_envs: int):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -245,6 +247,18 @@ class CollectShard:
         agent = Agent(cfg, spec, encoder, self.model, self.llm, self.rng, self.device)
         self.collector = Collector(self.pool, agent, cfg.collect.segment_length, cfg.collect.epsilon, self.rng,
                                    self.archive, cfg.explore, context=cfg.world_model.context_length - 1)
+        self.cfg = cfg
+        self.explorer: Optional[Collector] = None
+        self.explore_steps = 0
+        first, n = shard_envs(cfg.explore.random_envs, cfg.collect.shards)[index]
+        if self.archive is not None and cfg.explore.random_steps and n:
+            # its share of explore.random_envs (game seeds run.seed + 30_000 + i, as in one process)
+            self.explore_pool = EnvPool(cfg.game, n, seed=cfg.run.seed + 30_000 + first,
+                                        valid_actions=self.pool.valid_actions)
+            self.explorer = Collector(self.explore_pool, UniformActor(self.rng, spec.action_space_size),
+                                      cfg.collect.segment_length, 0.0, self.rng, self.archive,
+                                      cfg.explore.model_copy(update={"from_start": 0.0}))
+            self.explore_steps = -(-cfg.explore.random_steps // cfg.explore.random_envs)  # per env, as in one process
 
     def ready(self) -> str:
         """The Ray node this shard runs on."""
@@ -270,7 +284,12 @@ class CollectShard:
         self.collector.record_env_state = record_env_state
         with torch.inference_mode():
             segments, stats = self.collector.collect(num_steps, iteration)
-        out: dict[str, Any] = {"segments": segments, "stats": stats}
+        out: dict[str, Any] = {"segments": segments, "stats": stats, "explored": None, "hazards": []}
+        if self.explorer is not None:  # search-free exploration, into the same mirror after the collect
+            wandered, out["explored"] = self.explorer.explore_only(self.explore_steps, iteration)
+            if self.cfg.explore.hazard_fraction:
+                out["hazards"] = hazard_segments(wandered, self.cfg.explore.hazard_steps,
+                                                 self.cfg.world_model.context_length - 1)
         if self.archive is not None:
             tips = self.archive.keep_local(self.collector.running_traces())
             out.update(nodes=self.archive.new_nodes, events=self.archive.events, tips=tips)
@@ -285,7 +304,18 @@ class CollectShard:
             self.archive.forget_local()
 
     def close(self) -> None:
+        if self.explorer is not None:
+            self.explore_pool.close()
         self.pool.close()
+
+
+def _add(total: CollectStats, part: CollectStats) -> None:
+    total.env_steps += part.env_steps
+    total.episodes += part.episodes
+    total.returns += part.returns
+    total.scores += part.scores
+    total.wins += part.wins
+    total.returns_to_cells += part.returns_to_cells
 
 
 class ShardedCollector:
@@ -302,6 +332,8 @@ class ShardedCollector:
         self.model = model
         self.llm = llm
         self.record_env_state = False
+        self.explored: Optional[CollectStats] = None  # the last collect's search-free exploration (explore.random_steps)
+        self.hazards: list[GameSegment] = []  # and what it lost points with (explore.hazard_fraction)
         self.k = cfg.collect.shards
         self.sync = ArchiveSync(archive, self.k) if archive is not None else None
         self._llm_sent = [0] * self.k  # the LLM weights version each shard has (0: the pretrained model)
@@ -378,23 +410,25 @@ class ShardedCollector:
                                + "; ".join(f"shard {k}: {why}" for k, why in lost.items()))
         segments: list[GameSegment] = []
         stats = CollectStats()
+        explored = [out["explored"] for out in results.values() if out["explored"] is not None]
+        self.explored = CollectStats() if explored else None
+        self.hazards = []
         for k in sorted(results):
             out = results[k]
             if self.sync is not None:
                 self.sync.merge(k, out["nodes"], out["events"], out["tips"])
             segments += out["segments"]
-            s: CollectStats = out["stats"]
-            stats.env_steps += s.env_steps
-            stats.episodes += s.episodes
-            stats.returns += s.returns
-            stats.scores += s.scores
-            stats.wins += s.wins
-            stats.returns_to_cells += s.returns_to_cells
+            self.hazards += out["hazards"]
+            _add(stats, out["stats"])
+            if out["explored"] is not None:
+                _add(self.explored, out["explored"])
         if lost:
             missing = sum(self._split[k][1] for k in lost) * num_steps
             log.warning("iteration %d: %d of %d shards returned; %d env steps lost", iteration, len(results), self.k,
                         missing)
         stats.seconds = time.perf_counter() - t0
+        if self.explored is not None:  # the shards explored side by side: the slowest one's time
+            self.explored.seconds = max(out["explored"].seconds for out in results.values() if out["explored"])
         return segments, stats
 
     def snapshot(self) -> list[dict]:

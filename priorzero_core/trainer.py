@@ -141,7 +141,8 @@ class Trainer:
             self._replayer = SeedReplayer(self.spec.path, [cfg.run.seed + 20_000 + k
                                                            for k in range(cfg.explore.demo_seeds)])
         self._recorder: Optional[EnvPool] = None  # plays a shortened demonstration once, to record its steps
-        if cfg.collect.shards > 1 and not readonly:  # on Ray actors; collect_pool serves exploration and recording
+        sharded = cfg.collect.shards > 1 and not readonly
+        if sharded:  # on Ray actors, search-free exploration included; collect_pool serves the recorder
             from .shards import ShardedCollector
 
             self.collector = ShardedCollector(cfg, self.archive, self.wm.model, self.llm_prior)
@@ -150,7 +151,7 @@ class Trainer:
                                        self.rng, self.archive, cfg.explore, context=wmc.context_length - 1)
         self.explore_pool: Optional[EnvPool] = None
         self.explorer: Optional[Collector] = None
-        if self.archive is not None and cfg.explore.random_steps:
+        if self.archive is not None and cfg.explore.random_steps and not sharded:
             # its own envs (game seeds apart from collection's, evaluation's and the replays'), the same
             # valid-action workers and cache; every episode returns to a cell
             self.explore_pool = EnvPool(cfg.game, cfg.explore.random_envs, seed=cfg.run.seed + 30_000,
@@ -274,10 +275,13 @@ class Trainer:
         if self.explorer is not None:
             per_env = -(-self.cfg.explore.random_steps // self.explore_pool.size)
             wandered, explored = self.explorer.explore_only(per_env, iteration)
-            self.random_steps += explored.env_steps
             if self.cfg.explore.hazard_fraction:
                 hazards = hazard_segments(wandered, self.cfg.explore.hazard_steps,
                                           self.cfg.world_model.context_length - 1)
+        elif not isinstance(self.collector, Collector):  # the shards explored after collecting
+            explored, hazards = self.collector.explored, self.collector.hazards
+        if explored is not None:
+            self.random_steps += explored.env_steps
         segments += hazards
         path = ReplayBuffer.segment_file(self.run_dir / "replay", iteration, ReplayBuffer.content_tag(segments))
         ReplayBuffer.write_segments(path, segments)

@@ -84,8 +84,9 @@ def test_more_shards_than_envs_is_a_config_error():
 def test_two_shards_on_ray_collect_what_one_process_does_survive_a_killed_shard_and_repeat_for_a_seed(
         tmp_path, process_tracker, caplog, monkeypatch):
     """The debug config with collect.shards=2 on a local Ray cluster: each collect brings num_envs x
-    steps_per_iteration steps in well-formed segments; a shard killed before a collect is started again and the
-    stage keeps the other's steps; two runs with one seed write the same replay files."""
+    steps_per_iteration steps in well-formed segments and each shard its share of the search-free exploration;
+    a shard killed mid-collect is started again and the stage keeps the other's steps; two runs with one seed
+    write the same replay files."""
     import logging
 
     import ray
@@ -96,7 +97,8 @@ def test_two_shards_on_ray_collect_what_one_process_does_survive_a_killed_shard_
     children, still_running = process_tracker
     before = children()
     overrides = ["llm.enabled=false", "collect.shards=2", "collect.num_envs=2", "collect.steps_per_iteration=6",
-                 "collect.segment_length=4", "mcts.num_simulations=2", "explore.steps=3", "run.torch_threads=1"]
+                 "collect.segment_length=4", "mcts.num_simulations=2", "explore.steps=3", "run.torch_threads=1",
+                 "explore.random_steps=8", "explore.random_envs=2", "explore.hazard_fraction=0.2"]
     files = []
     for run in ("a", "b"):
         if run == "b":  # shard 0's actor is SIGKILLed in the middle of iteration 3's collect
@@ -106,7 +108,7 @@ def test_two_shards_on_ray_collect_what_one_process_does_survive_a_killed_shard_
             assert len(set(trainer.collector.nodes)) == 1 and all(trainer.collector.nodes)
             for iteration in (1, 2):
                 result = trainer.collect(iteration)
-                assert result.metrics["collect/env_steps"] == 12
+                assert result.metrics["collect/env_steps"] == 12 and result.metrics["explore/random_steps"] == 8
                 segs = ReplayBuffer.read_segments(result.artifacts["replay"])
                 assert sum(len(s.steps) for s in segs) == 12
                 for seg in segs:  # each segment: consecutive steps of one episode, ended only at its last step
@@ -117,7 +119,7 @@ def test_two_shards_on_ray_collect_what_one_process_does_survive_a_killed_shard_
                 first = trainer.collector.shards[0]
                 with caplog.at_level(logging.WARNING, logger="priorzero"):
                     result = trainer.collect(3)
-                assert result.metrics["collect/env_steps"] == 6  # the other shard's
+                assert result.metrics["collect/env_steps"] == 6 and result.metrics["explore/random_steps"] == 4
                 assert "1 of 2 shards returned; 6 env steps lost" in caplog.text
                 assert trainer.collector.shards[0] is not first
                 assert trainer.collect(4).metrics["collect/env_steps"] == 12
