@@ -128,7 +128,9 @@ class Trainer:
         wmc = cfg.world_model
         self.replay = ReplayBuffer(cfg.replay.capacity_steps, wmc.discount, wmc.n_step, seed=cfg.run.seed,
                                    hazard_capacity=cfg.explore.hazard_capacity)
-        self.collect_pool = EnvPool(cfg.game, cfg.collect.num_envs, seed=cfg.run.seed)
+        sharded = cfg.collect.shards > 1 and not readonly  # collection runs on Ray actors (shards.py)
+        # with shards, one env here: its valid-action workers serve the demonstration's recorder
+        self.collect_pool = EnvPool(cfg.game, 1 if sharded else cfg.collect.num_envs, seed=cfg.run.seed)
         self.archive = Archive(cfg.explore, self.rng) if cfg.explore.enabled else None
         self._demo: Optional[tuple[str, int]] = None  # the archive cell (key, length) whose trajectory is imitated
         self._demo_value = 0.0  # its mean score over other game seeds (explore.demo_seeds)
@@ -141,8 +143,7 @@ class Trainer:
             self._replayer = SeedReplayer(self.spec.path, [cfg.run.seed + 20_000 + k
                                                            for k in range(cfg.explore.demo_seeds)])
         self._recorder: Optional[EnvPool] = None  # plays a shortened demonstration once, to record its steps
-        sharded = cfg.collect.shards > 1 and not readonly
-        if sharded:  # on Ray actors, search-free exploration included; collect_pool serves the recorder
+        if sharded:  # search-free exploration runs in the shards too
             from .shards import ShardedCollector
 
             self.collector = ShardedCollector(cfg, self.archive, self.wm.model, self.llm_prior)
