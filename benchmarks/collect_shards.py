@@ -19,6 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
+SUITE = REPO / ".." / "shared" / "jericho-game-suite"
 sys.path.insert(0, str(REPO))
 
 
@@ -48,18 +49,21 @@ def main() -> None:
     parser.add_argument("--games", nargs="+", default=["embedded", "zork1"],
                         help="embedded and/or Jericho game names (default: embedded zork1; a missing ROM is skipped)")
     parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--iterations", type=int, default=3, help="timed collect stages per way (default: 3)")
+    parser.add_argument("--iterations", type=int, default=2, help="timed collect stages per way (default: 2)")
+    parser.add_argument("--steps", type=int, default=10, help="collect.steps_per_iteration (default: 10)")
     parser.add_argument("--no-llm", action="store_true", help="the world model alone (default: with the LLM prior)")
+    parser.add_argument("--rom-dir", default=os.environ.get("PRIORZERO_ROM_DIR", str(SUITE)))
     parser.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE")
     args = parser.parse_args()
     threads = os.cpu_count() or 1
-    common = [f"llm.enabled={not args.no_llm}", "explore.random_steps=0", *args.overrides]
+    common = [f"llm.enabled={not args.no_llm}", "explore.random_steps=0", f"collect.steps_per_iteration={args.steps}",
+              f"game.rom_dir={args.rom_dir}", *args.overrides]
     ratios = []
     for game in args.games:
         config = "debug" if game == "embedded" else game
         if game != "embedded":
-            from priorzero_core.games import game_spec
             from priorzero_core.config import load_config
+            from priorzero_core.games import game_spec
 
             try:
                 game_spec(load_config(config, common).game)

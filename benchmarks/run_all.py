@@ -58,7 +58,7 @@ BENCHES = {
     "mcts_peers": Bench("mcts_peers.py", ("--repeats", "5"), peers_missing),
     "orchestration_overhead": Bench("orchestration_overhead.py", ("--iterations", "20", "--repeats", "2")),
     "ppo_throughput": Bench("ppo_throughput.py", ("--steps", "1"), trl_missing),
-    "collect_shards": Bench("collect_shards.py", ("--iterations", "2")),
+    "collect_shards": Bench("collect_shards.py"),
 }
 
 
