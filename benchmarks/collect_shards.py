@@ -46,8 +46,8 @@ def steps_per_s(config: str, overrides: list[str], iterations: int, workdir: Pat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--games", nargs="+", default=["embedded", "zork1"],
-                        help="embedded and/or Jericho game names (default: embedded zork1; a missing ROM is skipped)")
+    parser.add_argument("--configs", nargs="+", default=["debug", "zork"],
+                        help="configs to run (default: debug, the embedded game, and zork; a missing ROM is skipped)")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=2, help="timed collect stages per way (default: 2)")
     parser.add_argument("--steps", type=int, default=10, help="collect.steps_per_iteration (default: 10)")
@@ -59,17 +59,15 @@ def main() -> None:
     common = [f"llm.enabled={not args.no_llm}", "explore.random_steps=0", f"collect.steps_per_iteration={args.steps}",
               f"game.rom_dir={args.rom_dir}", *args.overrides]
     ratios = []
-    for game in args.games:
-        config = "debug" if game == "embedded" else game
-        if game != "embedded":
-            from priorzero_core.config import load_config
-            from priorzero_core.games import game_spec
+    for config in args.configs:
+        from priorzero_core.config import load_config
+        from priorzero_core.games import game_spec
 
-            try:
-                game_spec(load_config(config, common).game)
-            except Exception as err:  # no ROM here
-                print(f"{game}: skipped ({str(err).splitlines()[0]})")
-                continue
+        try:
+            game = game_spec(load_config(config, common).game).name
+        except Exception as err:  # no ROM here
+            print(f"{config}: skipped ({str(err).splitlines()[0]})")
+            continue
         with tempfile.TemporaryDirectory(prefix="priorzero-shards-") as work:
             one, built_one = steps_per_s(config, [*common, f"run.torch_threads={threads}"], args.iterations,
                                          Path(work) / "one")

@@ -228,8 +228,9 @@ class ExploreConfig(_Section):
     # What search-free exploration lost: each of its steps that lost points or ended the game without points is
     # kept with the `hazard_steps` - 1 steps before it (the newest `hazard_capacity` of them), and
     # `hazard_fraction` of each world-model batch is drawn from them: reward, value and dynamics learn what such
-    # a move costs (search then avoids it); the policy does not learn from these uniform moves.
-    hazard_fraction: float = Field(default=0.0, ge=0, lt=1)
+    # a move costs; the policy does not learn from these uniform moves. Acts only with `random_steps`. Zork 1's
+    # 2-hour run with it ended at 41 / 44 (docs/benchmarks.md; its deaths were not fewer).
+    hazard_fraction: float = Field(default=0.125, ge=0, lt=1)
     hazard_steps: int = Field(default=2, gt=0)
     hazard_capacity: int = Field(default=1000, gt=0)
 
