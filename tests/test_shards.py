@@ -81,6 +81,8 @@ def test_more_shards_than_envs_is_a_config_error():
         load_config("debug", ["collect.shards=3", "collect.num_envs=2"])
 
 
+# 50 s (two local Ray clusters): in the slow set, which keeps the default suite within its 15 minutes
+@pytest.mark.slow
 def test_two_shards_on_ray_collect_what_one_process_does_survive_a_killed_shard_and_repeat_for_a_seed(
         tmp_path, process_tracker, caplog, monkeypatch):
     """The debug config with collect.shards=2 on a local Ray cluster: each collect brings num_envs x

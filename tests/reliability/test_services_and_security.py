@@ -45,7 +45,7 @@ def test_project_code_never_unpickles_or_binds_beyond_loopback():
             assert "weights_only=True" in line, f"{path}: {line.strip()}"
         assert not re.search(r"\bpickle\.loads?\(|weights_only=False|trust_remote_code=True", text), path
         assert "0.0.0.0" not in text, path
-    ray = sources[REPO / "priorzero_core" / "ppo" / "trainer.py"]
+    ray = sources[REPO / "priorzero_core" / "ray_cluster.py"]
     assert '_node_ip_address="127.0.0.1", include_dashboard=False' in ray  # the local Ray cluster
 
 
