@@ -279,11 +279,13 @@ def demo_steps(cell: Cell, cut_loops: bool = False) -> list[StepRecord]:
     return without_loops(steps) if cut_loops else steps
 
 
-def shorten(actions: list[str], scores: Callable[[list[str]], list[float]], max_passes: int = 4) -> list[str]:
-    """`actions` without every move the score does not need: each move in turn (last first) is left out where the
-    trajectory without it scores, under every game seed `scores` plays it on, at least what it scored with it;
-    passes repeat until none can go (at most `max_passes`). Exploration's random tries leave moves that change the
-    world but lead nowhere (put down, take, close); imitating them costs the learners steps and accuracy."""
+def shorten(actions: list[str], scores: Callable[[list[str]], list[float]],
+            max_passes: int = 4) -> tuple[list[str], list[float]]:
+    """`actions` without every move the score does not need, and what the moves kept score on each seed: each move
+    in turn (last first) is left out where the trajectory without it scores, under every game seed `scores` plays
+    it on, at least what it scored with it; passes repeat until none can go (at most `max_passes`). Exploration's
+    random tries leave moves that change the world but lead nowhere (put down, take, close); imitating them costs
+    the learners steps and accuracy."""
     best = list(scores(actions))
     for _ in range(max_passes):
         before = len(actions)
@@ -294,7 +296,7 @@ def shorten(actions: list[str], scores: Callable[[list[str]], list[float]], max_
                 actions, best = without, held
         if len(actions) == before:
             break
-    return actions
+    return actions, best
 
 
 def demo_segment(cell: Cell, discount: float, cut_loops: bool = False,

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import faults
 from .agent import Agent, Decision, EnvView, kept_actions, uniform_decision
 from .archive import Archive, Trace, trace_steps
-from .config import ExploreConfig
+from .config import ExploreConfig, PriorZeroConfig
 from .ppo.env_state import encode_state, state_bytes, state_from_bytes
 from .replay import GameSegment, StepRecord
 
@@ -66,6 +66,15 @@ class CollectStats:
             out["collect/score_max"] = float(max(self.scores))
         out["explore/returns_to_cells"] = float(self.returns_to_cells)
         return out
+
+    def add(self, other: "CollectStats") -> None:
+        """Sums `other`'s counts into these (the shards' stages into one); `seconds` stays this stage's own."""
+        self.env_steps += other.env_steps
+        self.episodes += other.episodes
+        self.returns += other.returns
+        self.scores += other.scores
+        self.wins += other.wins
+        self.returns_to_cells += other.returns_to_cells
 
 
 class UniformActor:
@@ -311,3 +320,26 @@ def hazard_segments(segments: list[GameSegment], steps: int, context: int) -> li
             out.append(GameSegment(f"{eid}-hazard-{p}", 0, first, steps=kept, iteration=chain[0].iteration,
                                    context=history, hazard=True))
     return out
+
+
+class SearchFreeExplorer:
+    """Search-free exploration (`explore.random_steps`) over `pool`, its own envs: every episode returns to an
+    archived cell and takes uniform actions for `explore.random_steps / explore.random_envs` steps an env; the
+    archive keeps what they found, and what they lost comes back as hazard segments (`explore.hazard_fraction`)."""
+
+    def __init__(self, pool, cfg: PriorZeroConfig, archive: Archive, rng: np.random.Generator, action_limit: int):
+        self.pool = pool
+        self.collector = Collector(pool, UniformActor(rng, action_limit), cfg.collect.segment_length, 0.0, rng,
+                                   archive, cfg.explore.model_copy(update={"from_start": 0.0}))
+        self.steps_per_env = -(-cfg.explore.random_steps // cfg.explore.random_envs)
+        self.hazard_steps = cfg.explore.hazard_steps if cfg.explore.hazard_fraction else 0
+        self.context = cfg.world_model.context_length - 1
+
+    def explore(self, iteration: int) -> tuple[CollectStats, list[GameSegment]]:
+        """One stage's steps -> its stats and hazard segments (none unless `explore.hazard_fraction`)."""
+        wandered, stats = self.collector.explore_only(self.steps_per_env, iteration)
+        hazards = hazard_segments(wandered, self.hazard_steps, self.context) if self.hazard_steps else []
+        return stats, hazards
+
+    def close(self) -> None:
+        self.pool.close()

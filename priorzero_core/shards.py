@@ -29,7 +29,7 @@ import torch
 
 from . import faults
 from .archive import Archive, Cell, Trace
-from .collector import CollectStats, Collector, UniformActor, hazard_segments
+from .collector import CollectStats, Collector, SearchFreeExplorer
 from .config import ExploreConfig, PriorZeroConfig
 from .ppo.env_state import state_bytes, state_from_bytes
 from .replay import GameSegment, StepRecord
@@ -248,17 +248,12 @@ class CollectShard:
         self.collector = Collector(self.pool, agent, cfg.collect.segment_length, cfg.collect.epsilon, self.rng,
                                    self.archive, cfg.explore, context=cfg.world_model.context_length - 1)
         self.cfg = cfg
-        self.explorer: Optional[Collector] = None
-        self.explore_steps = 0
+        self.explorer: Optional[SearchFreeExplorer] = None
         first, n = shard_envs(cfg.explore.random_envs, cfg.collect.shards)[index]
         if self.archive is not None and cfg.explore.random_steps and n:
-            # its share of explore.random_envs (game seeds run.seed + 30_000 + i, as in one process)
-            self.explore_pool = EnvPool(cfg.game, n, seed=cfg.run.seed + 30_000 + first,
-                                        valid_actions=self.pool.valid_actions)
-            self.explorer = Collector(self.explore_pool, UniformActor(self.rng, spec.action_space_size),
-                                      cfg.collect.segment_length, 0.0, self.rng, self.archive,
-                                      cfg.explore.model_copy(update={"from_start": 0.0}))
-            self.explore_steps = -(-cfg.explore.random_steps // cfg.explore.random_envs)  # per env, as in one process
+            # its share of explore.random_envs (game seeds run.seed + 30_000 + i and steps an env as in one process)
+            pool = EnvPool(cfg.game, n, seed=cfg.run.seed + 30_000 + first, valid_actions=self.pool.valid_actions)
+            self.explorer = SearchFreeExplorer(pool, cfg, self.archive, self.rng, spec.action_space_size)
 
     def ready(self) -> str:
         """The Ray node this shard runs on."""
@@ -279,17 +274,17 @@ class CollectShard:
             self.llm.sync_weights(module)
             self.versions["llm"] = llm_version
         if self.archive is not None and delta is not None:
-            self.archive.apply(delta)
+            import ray
+
+            # the cell rows every shard gets alike travel once, as object refs inside the delta
+            self.archive.apply({key: ray.get(v) if isinstance(v, ray.ObjectRef) else v for key, v in delta.items()})
         faults.inject(f"shard{self.index}-collect", iteration)  # test hook: this shard fails (or dies) mid-stage
         self.collector.record_env_state = record_env_state
         with torch.inference_mode():
             segments, stats = self.collector.collect(num_steps, iteration)
         out: dict[str, Any] = {"segments": segments, "stats": stats, "explored": None, "hazards": []}
         if self.explorer is not None:  # search-free exploration, into the same mirror after the collect
-            wandered, out["explored"] = self.explorer.explore_only(self.explore_steps, iteration)
-            if self.cfg.explore.hazard_fraction:
-                out["hazards"] = hazard_segments(wandered, self.cfg.explore.hazard_steps,
-                                                 self.cfg.world_model.context_length - 1)
+            out["explored"], out["hazards"] = self.explorer.explore(iteration)
         if self.archive is not None:
             tips = self.archive.keep_local(self.collector.running_traces())
             out.update(nodes=self.archive.new_nodes, events=self.archive.events, tips=tips)
@@ -305,17 +300,8 @@ class CollectShard:
 
     def close(self) -> None:
         if self.explorer is not None:
-            self.explore_pool.close()
+            self.explorer.close()
         self.pool.close()
-
-
-def _add(total: CollectStats, part: CollectStats) -> None:
-    total.env_steps += part.env_steps
-    total.episodes += part.episodes
-    total.returns += part.returns
-    total.scores += part.scores
-    total.wins += part.wins
-    total.returns_to_cells += part.returns_to_cells
 
 
 class ShardedCollector:
@@ -389,6 +375,14 @@ class ShardedCollector:
 
             llm = ray.put(plain_state_dict(self.llm.trainable_model()))
         deltas = self.sync.deltas() if self.sync is not None else [None] * self.k
+        put: dict[int, Any] = {}  # id of a row list -> its object ref: shards not started afresh share their rows
+        for delta in deltas:
+            for key in ("cells", "counts") if delta is not None else ():
+                rows = delta[key]
+                if rows:
+                    if id(rows) not in put:
+                        put[id(rows)] = ray.put(rows)
+                    delta[key] = put[id(rows)]
         refs = [shard.collect.remote(wm, version, llm if self._llm_sent[k] != version else None,
                                      ray.put(delta) if delta is not None else None, num_steps, iteration,
                                      self.record_env_state) for k, (shard, delta) in enumerate(zip(self.shards, deltas))]
@@ -419,9 +413,9 @@ class ShardedCollector:
                 self.sync.merge(k, out["nodes"], out["events"], out["tips"])
             segments += out["segments"]
             self.hazards += out["hazards"]
-            _add(stats, out["stats"])
+            stats.add(out["stats"])
             if out["explored"] is not None:
-                _add(self.explored, out["explored"])
+                self.explored.add(out["explored"])
         if lost:
             missing = sum(self._split[k][1] for k in lost) * num_steps
             log.warning("iteration %d: %d of %d shards returned; %d env steps lost", iteration, len(results), self.k,

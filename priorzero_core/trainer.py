@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import faults
 from .agent import Agent, sequences_to_wm_batch
 from .archive import Archive, Cell, demo_segment, demo_steps, robust_best, shorten
-from .collector import Collector, UniformActor, hazard_segments
+from .collector import Collector, SearchFreeExplorer
 from .config import PriorZeroConfig, dump_config
 from .errors import CheckpointError, ConfigError
 from .evaluator import eval_modes, evaluate
@@ -150,16 +150,13 @@ class Trainer:
         else:
             self.collector = Collector(self.collect_pool, self.agent, cfg.collect.segment_length, cfg.collect.epsilon,
                                        self.rng, self.archive, cfg.explore, context=wmc.context_length - 1)
-        self.explore_pool: Optional[EnvPool] = None
-        self.explorer: Optional[Collector] = None
+        self.explorer: Optional[SearchFreeExplorer] = None
         if self.archive is not None and cfg.explore.random_steps and not sharded:
             # its own envs (game seeds apart from collection's, evaluation's and the replays'), the same
-            # valid-action workers and cache; every episode returns to a cell
-            self.explore_pool = EnvPool(cfg.game, cfg.explore.random_envs, seed=cfg.run.seed + 30_000,
-                                        valid_actions=self.collect_pool.valid_actions)
-            uniform = UniformActor(self.rng, self.spec.action_space_size)
-            self.explorer = Collector(self.explore_pool, uniform, cfg.collect.segment_length, 0.0, self.rng,
-                                      self.archive, cfg.explore.model_copy(update={"from_start": 0.0}))
+            # valid-action workers and cache
+            pool = EnvPool(cfg.game, cfg.explore.random_envs, seed=cfg.run.seed + 30_000,
+                           valid_actions=self.collect_pool.valid_actions)
+            self.explorer = SearchFreeExplorer(pool, cfg, self.archive, self.rng, self.spec.action_space_size)
         self._eval_pool: Optional[EnvPool] = None
         self._ppo = None
         self._ppo_resume_dir: Optional[Path] = None
@@ -274,11 +271,7 @@ class Trainer:
             segments, stats = self.collector.collect(self.cfg.collect.steps_per_iteration, iteration, progress=self.progress)
         explored, hazards = None, []
         if self.explorer is not None:
-            per_env = -(-self.cfg.explore.random_steps // self.explore_pool.size)
-            wandered, explored = self.explorer.explore_only(per_env, iteration)
-            if self.cfg.explore.hazard_fraction:
-                hazards = hazard_segments(wandered, self.cfg.explore.hazard_steps,
-                                          self.cfg.world_model.context_length - 1)
+            explored, hazards = self.explorer.explore(iteration)
         elif not isinstance(self.collector, Collector):  # the shards explored after collecting
             explored, hazards = self.collector.explored, self.collector.hazards
         if explored is not None:
@@ -354,10 +347,10 @@ class Trainer:
             return
         steps = demo_steps(best, self.cfg.explore.demo_cut_loops)
         if self._replayer is not None and self.cfg.explore.demo_shorten:
-            short = shorten([s.action for s in steps], self._replayer.scores)
+            short, held = shorten([s.action for s in steps], self._replayer.scores)
             recorded = self._record(short) if len(short) < len(steps) else None
             if recorded is not None:
-                steps, value = recorded, float(np.mean(self._replayer.scores(short)))
+                steps, value = recorded, float(np.mean(held))
         demo = demo_segment(best, self.cfg.world_model.discount, steps=steps)
         self._demo_value = value
         if self.llm_prior is not None:  # the LLM learns from the prompts it would see on that trajectory
@@ -676,7 +669,7 @@ class Trainer:
         """Shut envs and workers down; each part independently."""
         errors = []
         shards = None if isinstance(self.collector, Collector) else self.collector  # Ray actors (collect.shards)
-        for part in (self._ppo, shards, self._recorder, self.explore_pool, self.collect_pool, self._eval_pool,
+        for part in (self._ppo, shards, self._recorder, self.explorer, self.collect_pool, self._eval_pool,
                      self._replayer):
             if part is None:
                 continue

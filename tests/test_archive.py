@@ -313,9 +313,9 @@ def test_shorten_leaves_out_each_move_the_score_needs_under_no_seed_and_keeps_th
         return scores(actions)
 
     moves = ["wait", "key", "look", "lamp", "door", "jump", "gold", "key", "wait"]
-    short = shorten(moves, counted)
+    short, held = shorten(moves, counted)
 
     assert short == ["key", "lamp", "door", "gold"]  # the lamp holds on seed 1 only: kept
-    assert scores(short) == scores(moves) == [3, 3]
+    assert held == scores(short) == scores(moves) == [3, 3]
     assert len(calls) <= 1 + 2 * len(moves)  # a pass that leaves nothing out ends it
-    assert shorten([], scores) == []
+    assert shorten([], scores) == ([], [0, 0])

@@ -300,7 +300,7 @@ def test_search_free_exploration_grows_the_archive_but_not_the_replay(tmp_path):
         metrics = [trainer.collect(it).metrics for it in (1, 2)]
         assert len(trainer.replay) == 12  # 2 envs x 3 steps, twice: the searched steps alone
         assert [m["explore/random_steps"] for m in metrics] == [60, 60]  # 3 envs x 20 steps
-        assert metrics[1]["explore/total_random_steps"] == 120 and trainer.explorer._running == []
+        assert metrics[1]["explore/total_random_steps"] == 120 and trainer.explorer.collector._running == []
         searched = {id(step) for seg in trainer.replay.segments for step in seg.steps}
         found = [c for c in trainer.archive.cells.values() if c.trace is not None and id(c.trace.step) not in searched]
         assert found  # cells reached by the search-free steps alone
@@ -320,11 +320,11 @@ def test_search_free_exploration_shares_the_collection_pool_s_valid_action_worke
                                       "explore.random_steps=4", "explore.random_envs=2", "explore.demo_seeds=0"])
     trainer = Trainer(cfg, tmp_path, progress=False)
     try:
-        assert trainer.explore_pool.valid_actions is trainer.collect_pool.valid_actions
+        assert trainer.explorer.pool.valid_actions is trainer.collect_pool.valid_actions
         metrics = trainer.collect(1).metrics
         assert metrics["explore/random_steps"] == 4 and len(trainer.replay) == 6
-        trainer.explore_pool.close()  # leaves the shared workers running for the collection pool
-        trainer.explore_pool = None
+        trainer.explorer.close()  # leaves the shared workers running for the collection pool
+        trainer.explorer = None
         assert all(ts.valid_actions for ts in trainer.collect_pool.step(["look", "look"]))
     finally:
         trainer.close()
