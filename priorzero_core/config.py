@@ -330,6 +330,11 @@ class PPOConfig(_Section):
     bf16: Optional[bool] = None  # None: on with DeepSpeed, off with the torch strategy
     # Ray placement
     reward_workers: int = Field(default=1, gt=0)  # reward actors, each replaying actions in its own game
+    # Data-parallel ranks of the policy, the critic and the reference: each trains on its share of every minibatch
+    # and their gradients are summed (torch.distributed: gloo on CPU, NCCL on GPU), so an update is the one a
+    # single rank makes on the whole minibatch; under DeepSpeed ZeRO-2 the optimizer state is sharded over them.
+    # Forwards and generation split their rows over the ranks. On GPUs each rank needs a GPU of its own.
+    dp_size: int = Field(default=1, gt=0)
     actor_num_cpus: float = Field(default=1.0, gt=0)  # Ray CPUs (and torch threads) per actor
     startup_timeout_s: float = Field(default=600.0, gt=0)  # placing and starting the actors; then a one-line error
     # GPUs the local Ray cluster offers the actors (default: all it finds); fewer keeps some for the driver's world
@@ -341,6 +346,9 @@ class PPOConfig(_Section):
     def _grpo_needs_groups(self) -> "PPOConfig":
         if self.algorithm == "grpo" and self.n_samples_per_prompt < 2:
             raise ValueError("GRPO compares responses to one prompt: n_samples_per_prompt must be at least 2")
+        if self.dp_size > self.train_batch_size:
+            raise ValueError(f"dp_size ({self.dp_size}) splits each minibatch of train_batch_size "
+                             f"({self.train_batch_size}) responses over its ranks: it cannot be larger")
         return self
 
 

@@ -18,7 +18,7 @@ def local_cpus(cfg: PriorZeroConfig, ppo: bool) -> int:
     (torch threads are set per actor): the collection shards', and PPO's when it trains (`ppo`)."""
     need = cfg.collect.shards * cfg.collect.shard_cpus if cfg.collect.shards > 1 else 0.0
     if ppo:
-        actors = (2 if cfg.ppo.algorithm == "grpo" else 3) + cfg.ppo.reward_workers
+        actors = (2 if cfg.ppo.algorithm == "grpo" else 3) * cfg.ppo.dp_size + cfg.ppo.reward_workers
         need += actors * cfg.ppo.actor_num_cpus
     return max(os.cpu_count() or 1, int(np.ceil(need)))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -26,12 +27,38 @@ from .strategy import actor_device, evaluating, make_strategy
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
+DistSpec = tuple[int, int, str, int]  # (rank, data-parallel ranks, host and port of the group's rendezvous store)
 
 
 def _setup_process(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def join_group(dist: Optional[DistSpec], device: torch.device, timeout_s: float = 600.0) -> tuple[int, int]:
+    """This process as one data-parallel rank of its group: torch.distributed (NCCL on a GPU, gloo on the CPU) over
+    the rendezvous store the driver holds; (rank, ranks). Alone ((0, 1)) without `dist` or with one rank."""
+    if dist is None or dist[1] == 1:
+        return 0, 1
+    if torch.distributed.is_initialized():  # a second model of the same rank in this process (tests)
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world, host, port = dist
+    # what DeepSpeed reads; each actor sees its one GPU as cuda:0 (Ray sets CUDA_VISIBLE_DEVICES)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=host, MASTER_PORT=str(port))
+    store = torch.distributed.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                         world_size=world, timeout=timedelta(seconds=timeout_s))
+    return rank, world
+
+
+def sum_over_ranks(sums: dict[str, float], world: int) -> dict[str, float]:
+    """Each key summed over the group's ranks (every rank gets the totals)."""
+    if world == 1:
+        return sums
+    values = torch.tensor(list(sums.values()), dtype=torch.float64)
+    torch.distributed.all_reduce(values)
+    return dict(zip(sums, values.tolist()))
 
 
 def _load_lm(llm: LLMConfig, weights: Optional[StateDict]) -> tuple[torch.nn.Module, Any]:
@@ -55,27 +82,35 @@ def in_rows(rollout: Rollout, size: int, module: torch.nn.Module,
                       for i in range(0, len(rollout), size)])
 
 
-def micro_batches(mb: Rollout, size: int) -> Iterator[tuple[Rollout, float, bool]]:
-    """A minibatch as micro-batches of `size` responses: (micro-batch, its share of the minibatch's response
-    tokens, whether it is the last). The losses are token means, so the shares make the accumulated gradient the
-    minibatch's own while activations scale with `size`."""
+def micro_batches(mb: Rollout, size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[Rollout, float, bool]]:
+    """Rank `rank`'s share of a minibatch (every `world`-th response) as micro-batches of `size` responses:
+    (micro-batch, its share of the whole minibatch's response tokens, whether it is the last). The losses are
+    token means, so the shares make the gradients accumulated over the micro-batches, and summed over the ranks,
+    the minibatch's own while activations scale with `size`. A rank left without responses gets one with share 0,
+    so that every rank takes part in each step's collectives."""
     tokens = float(mb.action_mask.sum().clamp(min=1))
-    starts = range(0, len(mb), size)
+    rows = torch.arange(rank, len(mb), world)
+    if not len(rows):
+        yield mb.select(torch.arange(1)), 0.0, True
+        return
+    starts = range(0, len(rows), size)
     for start in starts:
-        micro = mb.select(torch.arange(start, min(start + size, len(mb))))
+        micro = mb.select(rows[start : start + size])
         yield micro, float(micro.action_mask.sum()) / tokens, start == starts[-1]
 
 
 class PolicyActor:
     """Trains the LLM with the clipped PPO objective; also generates rollouts with transformers."""
 
-    def __init__(self, ppo: PPOConfig, llm: LLMConfig, weights: Optional[StateDict] = None, seed: int = 0):
+    def __init__(self, ppo: PPOConfig, llm: LLMConfig, weights: Optional[StateDict] = None, seed: int = 0,
+                 dist: Optional[DistSpec] = None):
         _setup_process(ppo.actor_num_cpus)
         self.cfg = ppo
+        self.rank, self.world = join_group(dist, actor_device(), ppo.startup_timeout_s)
         lm, self.tokenizer = _load_lm(llm, weights)
         self.strategy = make_strategy(ppo, actor_device())
         self.model = self.strategy.prepare(lm, ppo.actor_lr)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # the same on every rank: the same minibatches
 
     def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[Sample]:
         with evaluating(self.model.module), self.model.autocast():
@@ -98,7 +133,7 @@ class PolicyActor:
         module.train()
         for _ in range(cfg.policy_update_steps):
             for mb in rollout.minibatches(cfg.train_batch_size, self.generator):
-                for micro, weight, last in micro_batches(mb, cfg.micro_train_batch_size):
+                for micro, weight, last in micro_batches(mb, cfg.micro_train_batch_size, self.rank, self.world):
                     mask = micro.action_mask.to(device)
                     with self.model.autocast():
                         logp = response_logprobs(module, micro.sequences.to(device), micro.attention_mask.to(device),
@@ -112,10 +147,10 @@ class PolicyActor:
                     sums["policy_loss"] += loss.item() * weight
                     sums["clip_frac"] += float(clip_frac) * weight
                     sums["kl_loss"] += kl.item() * weight
-                sums["grad_norm"] += self.model.step()
+                sums["grad_norm"] += self.model.step() / self.world  # the same on every rank
                 steps += 1
         module.eval()
-        return {k: v / max(steps, 1) for k, v in sums.items()}
+        return {k: v / max(steps, 1) for k, v in sum_over_ranks(sums, self.world).items()}
 
     def state_dict(self) -> StateDict:
         return _cpu_state(self.model.module)
@@ -134,9 +169,11 @@ class PolicyActor:
 class CriticActor:
     """Estimates per-token values; trained with the clipped value loss."""
 
-    def __init__(self, ppo: PPOConfig, llm: LLMConfig, weights: Optional[StateDict] = None, seed: int = 0):
+    def __init__(self, ppo: PPOConfig, llm: LLMConfig, weights: Optional[StateDict] = None, seed: int = 0,
+                 dist: Optional[DistSpec] = None):
         _setup_process(ppo.actor_num_cpus)
         self.cfg = ppo
+        self.rank, self.world = join_group(dist, actor_device(), ppo.startup_timeout_s)
         lm, _ = _load_lm(llm, weights)
         self.strategy = make_strategy(ppo, actor_device())
         self.model = self.strategy.prepare(Critic(lm), ppo.critic_lr)
@@ -156,7 +193,7 @@ class CriticActor:
         module.train()
         for _ in range(cfg.critic_update_steps):
             for mb in rollout.minibatches(cfg.train_batch_size, self.generator):
-                for micro, weight, last in micro_batches(mb, cfg.micro_train_batch_size):
+                for micro, weight, last in micro_batches(mb, cfg.micro_train_batch_size, self.rank, self.world):
                     with self.model.autocast():
                         values = module(micro.sequences.to(device), micro.attention_mask.to(device), micro.response_len)
                     loss = value_loss(values, micro.values.to(device), micro.returns.to(device),
@@ -166,7 +203,7 @@ class CriticActor:
                 self.model.step()
                 steps += 1
         module.eval()
-        return {"value_loss": total / max(steps, 1)}
+        return {"value_loss": sum_over_ranks({"value_loss": total}, self.world)["value_loss"] / max(steps, 1)}
 
     def save(self, directory: str) -> None:
         self.model.save(Path(directory))
@@ -208,15 +245,29 @@ class RewardActor:
 
 
 class ActorGroup:
-    """`num_actors` Ray actors of one class with narrow fan-out calls (ORZ's PPORayActorGroup, minus DP ranks)."""
+    """`num_actors` Ray actors of one class with narrow fan-out calls (ORZ's PPORayActorGroup).
+
+    With `process_group`, the actors are the data-parallel ranks of one model: each joins a torch.distributed
+    group over a rendezvous store this driver holds (`store_host`: 127.0.0.1 on a local cluster). `options`
+    gives each actor its own Ray options (its GPU bundle); otherwise every actor gets `num_cpus`, `num_gpus` and
+    `scheduling_strategy`."""
 
     def __init__(self, cls: type, num_actors: int, *args: Any, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 scheduling_strategy: Any = "SPREAD", **kwargs: Any):
+                 scheduling_strategy: Any = "SPREAD", options: Optional[Sequence[dict]] = None,
+                 process_group: bool = False, store_host: str = "127.0.0.1", **kwargs: Any):
         import ray
 
-        remote = ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=scheduling_strategy)
         self.name = cls.__name__
-        self.actors = [remote.remote(*args, **kwargs) for _ in range(num_actors)]
+        self._store = None
+        if process_group and num_actors > 1:
+            # the server side lives as long as this group; the ranks exchange their addresses through it
+            self._store = torch.distributed.TCPStore(store_host, 0, is_master=True, wait_for_workers=False)
+        options = options or [dict(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=scheduling_strategy)
+                              for _ in range(num_actors)]
+        self.actors = []
+        for rank, opts in enumerate(options):
+            extra = {"dist": (rank, num_actors, store_host, self._store.port)} if self._store is not None else {}
+            self.actors.append(ray.remote(cls).options(**opts).remote(*args, **kwargs, **extra))
 
     def call_one(self, method: str, *args: Any) -> Any:
         """Run `method` on the first actor and wait for it."""
@@ -228,13 +279,35 @@ class ActorGroup:
         """Start `method` on the first actor; returns its object ref."""
         return getattr(self.actors[0], method).remote(*args)
 
-    def map(self, method: str, *columns: Sequence[Any]) -> list[Any]:
-        """Split equal-length argument lists across the actors, call `method` on each share, concatenate."""
+    def submit_all(self, method: str, *args: Any) -> list[Any]:
+        """Start `method` with the same arguments on every actor (every rank of a collective); their refs."""
+        return [getattr(actor, method).remote(*args) for actor in self.actors]
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        return ray.get(self.submit_all(method, *args))
+
+    def submit_rows(self, method: str, rollout: Rollout) -> list[Any]:
+        """Start `method` on consecutive shares of the rollout's rows, one per actor; `rows` joins the results."""
+        size = -(-len(rollout) // len(self.actors))
+        return [getattr(actor, method).remote(rollout.select(torch.arange(start, min(start + size, len(rollout)))))
+                for actor, start in zip(self.actors, range(0, len(rollout), size))]
+
+    @staticmethod
+    def rows(results: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+        """Per-share [b, R_share] results of `submit_rows` as one [B, width] tensor (a share is cropped to its own
+        longest response: zeros fill the rest)."""
+        return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in results])
+
+    def map(self, method: str, *columns: Sequence[Any], extra: Sequence[Any] = ()) -> list[Any]:
+        """Split equal-length argument lists across the actors, call `method` on each share (with the `extra`
+        arguments after them), concatenate."""
         import ray
 
         n = len(columns[0])
         size = -(-n // len(self.actors))
-        refs = [getattr(actor, method).remote(*(c[i : i + size] for c in columns))
+        refs = [getattr(actor, method).remote(*(c[i : i + size] for c in columns), *extra)
                 for actor, i in zip(self.actors, range(0, n, size))]
         return [item for part in ray.get(refs) for item in part]
 
@@ -250,3 +323,4 @@ class ActorGroup:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+        self._store = None

@@ -113,7 +113,7 @@ class PolicyEngine(GenerationEngine):
         self.policy = policy
 
     def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[Sample]:
-        return self.policy.call_one("generate", list(prompts), n, seed)
+        return self.policy.map("generate", list(prompts), extra=(n, seed))  # prompts split over the policy's ranks
 
 
 def default_vllm_venv(cfg: PPOConfig) -> Path:

@@ -85,6 +85,12 @@ class _TorchTrainable(Trainable):
         loss.backward()
 
     def step(self) -> float:
+        if data_parallel_ranks() > 1:  # each rank holds its share's gradient: the minibatch's is their sum
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            torch.distributed.all_reduce(flat)
+            for p, summed in zip(self.params, torch._utils._unflatten_dense_tensors(flat, grads)):
+                p.grad = summed
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -95,6 +101,8 @@ class _TorchTrainable(Trainable):
         return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def save(self, directory: Path) -> None:
+        if data_parallel_ranks() > 1 and torch.distributed.get_rank() != 0:
+            return  # every rank holds the same weights and optimizer state: the first writes them
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self.module, str(directory / WEIGHTS_FILE))  # handles tied embeddings
         torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
@@ -120,12 +128,14 @@ class _DeepSpeedTrainable(Trainable):
     def __init__(self, engine):
         self.engine = engine
         self.module = engine.module
+        self.ranks = data_parallel_ranks()
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         # The engine is configured without accumulation steps (each loss already carries its token share);
-        # this tells ZeRO-2 when a minibatch's gradients are complete, so step() applies them once.
+        # this tells ZeRO-2 when a minibatch's gradients are complete, so step() applies them once. ZeRO
+        # averages the ranks' gradients where the shares need their sum: hence the factor.
         self.engine.set_gradient_accumulation_boundary(last)
-        self.engine.backward(loss)
+        self.engine.backward(loss * self.ranks)
 
     def step(self) -> float:
         self.engine.step()
@@ -142,6 +152,11 @@ class _DeepSpeedTrainable(Trainable):
         path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+
+
+def data_parallel_ranks() -> int:
+    """How many data-parallel ranks this process trains with (1 without torch.distributed)."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def free_port() -> int:
@@ -165,10 +180,10 @@ class DeepSpeedStrategy(Strategy):
         except ImportError as err:
             raise BackendUnavailable(f"DeepSpeed is not importable ({err}); pip install 'priorzero[deepspeed]'") from None
         self._deepspeed = deepspeed
-        if device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if device.type == "cpu":
             # DeepSpeed's CPU backend compiles its shared-memory all-reduce op (C++, a minute or two on 2 cores,
-            # again on every fresh machine) when it starts; with one rank there is nothing to reduce, so gloo
-            # alone does. Its op table is where DeepSpeed looks whether that op can be built.
+            # again on every fresh machine) when it starts; gloo reduces (one rank: nothing to reduce) without
+            # it. Its op table is where DeepSpeed looks whether that op can be built.
             import deepspeed.ops
 
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

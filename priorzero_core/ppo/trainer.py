@@ -56,18 +56,25 @@ class PPOStartupError(RuntimeError):
     """The PPO actors could not be placed or started on the Ray cluster."""
 
 
-def placement_plan(gpus: int, grpo: bool) -> dict[str, tuple[Optional[int], float]]:
-    """{model group: (GPU bundle index, GPU share)} on `gpus` GPUs; (None, 0) without GPUs.
+def placement_plan(gpus: int, grpo: bool, ranks: int = 1) -> dict[str, list[tuple[Optional[int], float]]]:
+    """{model group: [(GPU bundle index, GPU share) for each data-parallel rank]} on `gpus` GPUs; (None, 0) each
+    without GPUs.
 
-    Each group gets a GPU of its own when there are enough; with fewer GPUs than groups they share, in order
-    policy + reference, then critic (ORZ/OpenRLHF colocate the policy with its reference), each taking an equal
-    share of its GPU, so every plan fits (a share of gpus / groups did not: 0.667 of a GPU three times on 2 GPUs
-    waits forever). Extra GPUs stay free for the generation engine and the driver's world model."""
+    Each rank gets `gpus // ranks` GPUs of its own, so no two ranks of one group share a GPU (NCCL cannot put two
+    ranks of a communicator on one device). Within a rank's GPUs each group gets one of its own when there are
+    enough; with fewer they share, in order policy + reference, then critic (ORZ/OpenRLHF colocate the policy
+    with its reference), each taking an equal share of its GPU, so every plan fits (a share of gpus / groups did
+    not: 0.667 of a GPU three times on 2 GPUs waits forever). Extra GPUs stay free for the generation engine and
+    the driver's world model."""
     groups = ["policy", "reference"] + ([] if grpo else ["critic"])
     if gpus <= 0:
-        return {g: (None, 0.0) for g in groups}
-    per_gpu = -(-len(groups) // gpus)
-    return {g: (i // per_gpu, 1.0 / per_gpu) for i, g in enumerate(groups)}
+        return {g: [(None, 0.0)] * ranks for g in groups}
+    if ranks > gpus:
+        raise PPOStartupError(f"ppo.dp_size={ranks} needs a GPU for each rank (NCCL ranks of one model cannot share "
+                              f"a GPU); the Ray cluster has {gpus}")
+    own = gpus // ranks
+    per_gpu = -(-len(groups) // own)
+    return {g: [(r * own + i // per_gpu, 1.0 / per_gpu) for r in range(ranks)] for i, g in enumerate(groups)}
 
 
 class PPOTrainer:
@@ -105,31 +112,39 @@ class PPOTrainer:
 
         grpo = self.ppo.algorithm == "grpo"
         self._owns_ray = connect_ray(self.cfg, self.ppo.ray_address or self.cfg.ray.address, ppo=True, who="PPO")
-        plan = placement_plan(int(ray.cluster_resources().get("GPU", 0.0)), grpo)
+        ranks = self.ppo.dp_size
+        plan = placement_plan(int(ray.cluster_resources().get("GPU", 0.0)), grpo, ranks)
         weights = None
         if policy_model is not None:
             # LoRA adapters (llm.lora with LLM training) merged in: PPO trains the full weights
             weights = ray.put({k: v.detach().to("cpu", torch.float32) for k, v in plain_state_dict(policy_model).items()})
         cpus = self.ppo.actor_num_cpus
-        opts: dict[str, dict[str, Any]] = {name: {"num_cpus": cpus} for name in plan}
-        bundles = sorted({bundle for bundle, _ in plan.values() if bundle is not None})
+        opts: dict[str, list[dict[str, Any]]] = {name: [{"num_cpus": cpus, "scheduling_strategy": "SPREAD"}] * ranks
+                                                 for name in plan}
+        slots = [bundle for places in plan.values() for bundle, _ in places]
+        bundles = sorted({bundle for bundle in slots if bundle is not None})
         if bundles:  # one bundle per GPU used; the groups that share one are colocated on it, as in ORZ
-            per_bundle = {b: sum(1 for bundle, _ in plan.values() if bundle == b) for b in bundles}
+            per_bundle = {b: slots.count(b) for b in bundles}
             self._pg = placement_group([{"GPU": 1.0, "CPU": cpus * per_bundle[b]} for b in bundles], strategy="PACK")
             ready, _ = ray.wait([self._pg.ready()], timeout=self.ppo.startup_timeout_s)
             if not ready:
                 raise PPOStartupError(
                     f"PPO could not place {len(bundles)} GPU bundle(s) of 1 GPU + {cpus * max(per_bundle.values()):g} "
-                    f"CPU (policy, reference{'' if grpo else ', critic'} on {len(bundles)} GPU(s)) within "
-                    f"{self.ppo.startup_timeout_s:g} s; the Ray cluster has {ray.available_resources()}")
-            for name, (bundle, share) in plan.items():
-                opts[name] = {"num_cpus": cpus, "num_gpus": share, "scheduling_strategy":
-                              PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle)}
+                    f"CPU (policy, reference{'' if grpo else ', critic'} x {ranks} rank(s) on {len(bundles)} GPU(s)) "
+                    f"within {self.ppo.startup_timeout_s:g} s; the Ray cluster has {ray.available_resources()}")
+            for name, places in plan.items():
+                opts[name] = [{"num_cpus": cpus, "num_gpus": share, "scheduling_strategy":
+                               PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle)}
+                              for bundle, share in places]
         seed = self.cfg.run.seed
-        self.policy = self._group(PolicyActor, 1, self.ppo, self.cfg.llm, weights, seed, **opts["policy"])
-        self.reference = self._group(ReferenceActor, 1, self.ppo, self.cfg.llm, weights, seed, **opts["reference"])
-        self.critic = None if grpo else self._group(CriticActor, 1, self.ppo, self.cfg.llm, weights, seed,
-                                                    **opts["critic"])
+        # the ranks of a trained model meet at a store this driver holds: reachable from every node of a cluster
+        host = "127.0.0.1" if self._owns_ray else ray.util.get_node_ip_address()
+        self.policy = self._group(PolicyActor, ranks, self.ppo, self.cfg.llm, weights, seed, options=opts["policy"],
+                                  process_group=True, store_host=host)
+        self.reference = self._group(ReferenceActor, ranks, self.ppo, self.cfg.llm, weights, seed,
+                                     options=opts["reference"])
+        self.critic = None if grpo else self._group(CriticActor, ranks, self.ppo, self.cfg.llm, weights, seed,
+                                                    options=opts["critic"], process_group=True, store_host=host)
         self.reward = self._group(RewardActor, self.ppo.reward_workers, self.ppo, self.cfg.game, num_cpus=cpus)
         # Wait for every actor's constructor, so a broken model or game fails here and not mid-rollout, and one
         # that cannot be placed fails in one line instead of waiting forever.
@@ -186,7 +201,7 @@ class PPOTrainer:
             rows.append(self._rollout_and_train(batch))
             order, start = self._passes[str(path)]
             if self.ppo.refresh_reference and start >= len(order):  # an episode (pass over the prompts) ended:
-                self.reference.call_one("load_weights", self.policy_state_dict())  # KL is measured from here on
+                self.reference.call_all("load_weights", self.policy_state_dict())  # KL is measured from here on
         return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
 
     def evaluate(self, prompts_path: Path | str, samples_per_prompt: int = 1) -> dict[str, float]:
@@ -217,10 +232,11 @@ class PPOTrainer:
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         rollout = make_rollout([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad)
-        refs = [self.policy.submit("logprobs", rollout), self.reference.submit("logprobs", rollout)]
+        # each forward splits the rollout's rows over its group's ranks
+        refs = [self.policy.submit_rows("logprobs", rollout), self.reference.submit_rows("logprobs", rollout)]
         if self.critic is not None:
-            refs.append(self.critic.submit("values", rollout))
-        out = ray.get(refs)
+            refs.append(self.critic.submit_rows("values", rollout))
+        out = [ActorGroup.rows(ray.get(parts), rollout.response_len) for parts in refs]
         rollout.old_logp, rollout.ref_logp = out[0], out[1]
         mask = rollout.action_mask
         kl_k1 = approx_kl(rollout.old_logp, rollout.ref_logp, k3=False) * mask
@@ -234,10 +250,12 @@ class PPOTrainer:
             advantages, rollout.returns = gae(rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)
             rollout.advantages = normalise(advantages, mask)
 
-        train_refs = [self.policy.submit("train", rollout)]
+        # every rank gets the whole rollout (put once) and trains on its share of each minibatch
+        shared = ray.put(rollout)
+        train_refs = [self.policy.submit_all("train", shared)]
         if self.critic is not None:
-            train_refs.append(self.critic.submit("train", rollout))
-        stats = ray.get(train_refs)
+            train_refs.append(self.critic.submit_all("train", shared))
+        stats = [ray.get(refs)[0] for refs in train_refs]  # the ranks return the same totals
         self._engine.update_weights(self.policy)
         self.global_step += 1
 
@@ -282,9 +300,9 @@ class PPOTrainer:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        refs = [self.policy.submit("save", str(directory / "policy"))]
+        refs = self.policy.submit_all("save", str(directory / "policy"))  # DeepSpeed's save is a collective
         if self.critic is not None:
-            refs.append(self.critic.submit("save", str(directory / "critic")))
+            refs += self.critic.submit_all("save", str(directory / "critic"))
         # Every save settles (or the time is up) before a failure is raised: a rescue that finds the critic dead
         # must not delete the directory while the policy actor is still writing into it.
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
@@ -314,11 +332,11 @@ class PPOTrainer:
         import ray
 
         directory = Path(directory)
-        refs = [self.policy.submit("load", str(directory / "policy"))]
+        refs = self.policy.submit_all("load", str(directory / "policy"))
         if self.critic is not None:
-            refs.append(self.critic.submit("load", str(directory / "critic")))
+            refs += self.critic.submit_all("load", str(directory / "critic"))
         ray.get(refs)
-        self.reference.call_one("load_weights", self.policy_state_dict())
+        self.reference.call_all("load_weights", self.policy_state_dict())
         self._engine.update_weights(self.policy)
         state = json.loads((directory / STATE_FILE).read_text())
         self.global_step = state["global_step"]

@@ -28,7 +28,7 @@ def ppo_step(cfg: PPOConfig, llm: LLMConfig) -> tuple[dict, dict, bool]:
 
 
 def test_torch_strategy_runs_a_ppo_step(tiny_llm_dir):
-    cfg = PPOConfig(strategy="torch", actor_lr=1e-3, critic_lr=1e-3, train_batch_size=2, critic_update_steps=2,
+    cfg = PPOConfig(strategy=strategy, bf16=False, actor_lr=1e-3, critic_lr=1e-3, train_batch_size=2, critic_update_steps=2,
                     generate_max_tokens=6)
     p_stats, c_stats, changed = ppo_step(cfg, LLMConfig(model=str(tiny_llm_dir)))
     assert changed and all(torch.isfinite(torch.tensor(v)) for v in [*p_stats.values(), *c_stats.values()])
@@ -211,3 +211,89 @@ def test_peak_memory_of_a_ppo_step_follows_the_micro_batch_not_the_rollout(tiny_
     assert large - small < 6 * logits_mb, (small, large)  # 24 more responses would be 216 MB of logits alone
     whole = peak_mb(32, 32)
     assert whole - large > 10 * logits_mb, (large, whole)  # the same rollout in one piece: the test can tell
+
+
+DP_RANK = """
+import sys, torch
+import torch.nn.utils as U
+from priorzero_core.config import LLMConfig, PPOConfig
+from priorzero_core.ppo.actors import CriticActor, PolicyActor
+from priorzero_core.ppo.experience import Rollout
+
+model, rank, world, port, data, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+strategy = sys.argv[7]
+torch.set_num_threads(1)
+grads, clip = [], U.clip_grad_norm_
+def capture(params, *args, **kwargs):  # the gradient each update applies, after the ranks' all-reduce
+    params = list(params)
+    grads.append([p.grad.clone() for p in params])
+    return clip(params, *args, **kwargs)
+U.clip_grad_norm_ = capture
+cfg = PPOConfig(strategy=strategy, bf16=False, actor_lr=1e-3, critic_lr=1e-3, train_batch_size=4, micro_train_batch_size=1,
+                policy_update_steps=2, critic_update_steps=1, num_warmup_steps=0, gradient_checkpointing=False,
+                actor_num_cpus=1, dp_size=world)
+dist = (rank, world, "127.0.0.1", port) if world > 1 else None
+rollout = Rollout(**torch.load(data, weights_only=True))
+policy = PolicyActor(cfg, LLMConfig(model=model), dist=dist)
+p_stats = policy.train(rollout)
+torch.manual_seed(0)  # the critic's value head starts alike in every process
+critic = CriticActor(cfg, LLMConfig(model=model), dist=dist)
+c_stats = critic.train(rollout)
+torch.save({"grads": grads, "stats": {**p_stats, **c_stats}, "weights": policy.state_dict()}, out)
+"""
+
+
+def run_ranks(model_dir, tmp_path, strategy: str) -> tuple[dict, dict, dict]:
+    """One process training alone and two training as data-parallel ranks, on the same rollout: what each saved."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(1)
+    rollout = make_rollout(torch.randint(10, 400, (8, 12)).tolist(),
+                           [torch.randint(10, 400, (n,)).tolist() for n in (5, 3, 6, 2, 4, 6, 1, 5)], pad_id=2)
+    shape = rollout.action_mask.shape
+    data = {"sequences": rollout.sequences, "attention_mask": rollout.attention_mask,
+            "action_mask": rollout.action_mask, "old_logp": -torch.rand(shape) * rollout.action_mask,
+            "ref_logp": -torch.rand(shape) * rollout.action_mask, "values": torch.randn(shape) * rollout.action_mask,
+            "advantages": torch.randn(shape) * rollout.action_mask, "returns": torch.randn(shape) * rollout.action_mask}
+    torch.save(data, tmp_path / "rollout.pt")
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PATH": ""}
+    runs = {name: subprocess.Popen([sys.executable, "-c", DP_RANK, str(model_dir), str(rank), str(world),
+                                    str(store.port), str(tmp_path / "rollout.pt"), str(tmp_path / f"{name}.pt"),
+                                    strategy], env=env, stderr=subprocess.PIPE, text=True)
+            for name, rank, world in (("alone", 0, 1), ("rank0", 0, 2), ("rank1", 1, 2))}
+    for name, proc in runs.items():
+        assert proc.wait(timeout=300) == 0, f"{name}: {proc.stderr.read()[-3000:]}"
+    return tuple(torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in runs)
+
+
+def test_two_data_parallel_ranks_make_the_update_one_rank_makes_on_the_whole_minibatch(tiny_llm_dir, tmp_path):
+    """ppo.dp_size: each rank (its own process, gloo over a store the driver holds, as the Ray actors do) trains
+    on every other response of each minibatch; the summed gradients, the losses and the weights after six updates
+    are those of one rank training on every response."""
+    alone, rank0, rank1 = run_ranks(tiny_llm_dir, tmp_path, "torch")
+    assert len(alone["grads"]) == len(rank0["grads"]) == 6  # 2 passes x 2 minibatches of 4 (policy), 1 x 2 (critic)
+    for one, two in zip(alone["grads"], rank0["grads"]):
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(one, two))
+    for key, value in alone["stats"].items():
+        assert rank0["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert rank0["stats"] == rank1["stats"]  # every rank reports the totals
+    assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])  # ranks in step
+    assert all(torch.allclose(alone["weights"][k], rank0["weights"][k], atol=1e-5) for k in alone["weights"])
+    # the test can tell: rank 0's share alone is not the minibatch's gradient
+    assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+                   for a, b in zip(alone["grads"][0], [g / 2 for g in rank0["grads"][0]]))
+
+
+@pytest.mark.slow  # three processes starting DeepSpeed: ≈ 40 s
+def test_two_deepspeed_ranks_make_the_update_one_rank_makes(tiny_llm_dir, tmp_path):
+    """ZeRO-2 over two gloo ranks (fp32 here, so that the comparison is exact up to summation order): ZeRO averages
+    the ranks' gradients, which the loss's factor turns back into the minibatch's sum."""
+    pytest.importorskip("deepspeed")
+    alone, rank0, rank1 = run_ranks(tiny_llm_dir, tmp_path, "deepspeed")
+    for key, value in alone["stats"].items():
+        assert rank0["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert rank0["stats"] == rank1["stats"]
+    assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])
+    assert all(torch.allclose(alone["weights"][k], rank0["weights"][k], atol=1e-5) for k in alone["weights"])

@@ -6,7 +6,7 @@ import torch
 from priorzero_core.config import PriorZeroConfig
 from priorzero_core.llm_prior import plain_state_dict
 from priorzero_core.ppo import PPOTrainer, orz_enabled
-from priorzero_core.ppo.trainer import placement_plan
+from priorzero_core.ppo.trainer import PPOStartupError, placement_plan
 from priorzero_core.ppo.adapter import read_prompts, write_prompts
 
 METRICS = ("train/ppo_policy_loss", "train/ppo_value_loss", "train/ppo_kl", "train/ppo_reward_mean",
@@ -34,11 +34,11 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
     # GRPO: all 12 prompts in one rollout, so each train() ends a pass over the file (an ORZ episode) and with
     # refresh_reference the reference becomes the policy; PPO keeps the default (the starting policy stays it).
     grpo = algorithm == "grpo"
-    # Placement: the local cluster declares GPUs this machine lacks (PPO: 2, GRPO: 1); the actors then run on the
-    # CPU where Ray placed them. On 2 GPUs the old even share (0.667 each) never placed the third actor.
-    gpus = 1 if grpo else 2
-    cfg = tiny_ppo_config(algorithm=algorithm, local_num_gpus=gpus, startup_timeout_s=120,
-                          **(dict(refresh_reference=True, rollout_batch_size=12) if grpo else {}))
+    # Placement: the local cluster declares 2 GPUs this machine lacks; the actors then run on the CPU where Ray
+    # placed them. On 2 GPUs the old even share (0.667 each) never placed the third actor. GRPO runs 2
+    # data-parallel ranks (ppo.dp_size), one per GPU, each with its reference: gloo between the policy's ranks.
+    cfg = tiny_ppo_config(algorithm=algorithm, local_num_gpus=2, startup_timeout_s=120,
+                          **(dict(refresh_reference=True, rollout_batch_size=12, dp_size=2) if grpo else {}))
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -59,10 +59,12 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
     try:
         import ray
 
-        assigned = {g.name: ray.get(g.actors[0].__ray_call__.remote(lambda actor: ray.get_gpu_ids()))
+        assigned = {g.name: [ray.get(a.__ray_call__.remote(lambda actor: ray.get_gpu_ids())) for a in g.actors]
                     for g in (trainer.policy, trainer.reference, trainer.critic) if g is not None}
-        if grpo:  # both halves of the one GPU
-            assert assigned == {"PolicyActor": [0], "ReferenceActor": [0]}
+        if grpo:  # each rank of the policy on a GPU of its own, with its reference
+            assert assigned["PolicyActor"] == assigned["ReferenceActor"] and sorted(assigned["PolicyActor"]) == [[0], [1]]
+            assert ray.get([a.__ray_call__.remote(lambda actor: (actor.rank, actor.world)) for a in trainer.policy.actors]) \
+                == [(0, 2), (1, 2)]
         else:  # the policy with its reference on one GPU, the critic on the other
             assert assigned["PolicyActor"] == assigned["ReferenceActor"] != assigned["CriticActor"]
         if grpo:  # PPO starts from the adapters merged in
@@ -88,8 +90,10 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
         reference = ray.get(trainer.reference.actors[0].__ray_call__.remote(
             lambda actor: {k: v.cpu() for k, v in actor.model.state_dict().items()}))
         policy = trainer.policy_state_dict()
-        if grpo:  # the pass ended: the reference is the policy it trained
+        if grpo:  # the pass ended: the reference is the policy it trained; both ranks hold the same policy
             assert all(torch.equal(reference[k], v) for k, v in policy.items())
+            other = ray.get(trainer.policy.actors[1].state_dict.remote())
+            assert all(torch.equal(other[k], v) for k, v in policy.items())
         else:  # the starting policy: once the policy has moved, the KL and its penalty on the returns are not 0
             start = AutoModelForCausalLM.from_pretrained(tiny_llm_dir).state_dict()
             assert all(torch.equal(reference[k], start[k]) for k in policy)
@@ -128,19 +132,27 @@ def test_trainer_runs_on_ray_syncs_weights_and_leaves_no_process(algorithm, tiny
 
 @pytest.mark.parametrize("gpus", [1, 2, 4, 8])
 @pytest.mark.parametrize("grpo", [False, True], ids=["ppo", "grpo"])
-def test_every_placement_plan_fits_its_gpus_and_keeps_the_policy_with_its_reference(gpus, grpo):
-    plan = placement_plan(gpus, grpo)
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_every_placement_plan_fits_its_gpus_keeps_the_policy_with_its_reference_and_ranks_apart(gpus, grpo, ranks):
+    if ranks > gpus:
+        with pytest.raises(PPOStartupError, match=f"ppo.dp_size={ranks} needs a GPU for each rank"):
+            placement_plan(gpus, grpo, ranks)
+        return
+    plan = placement_plan(gpus, grpo, ranks)
     assert set(plan) == {"policy", "reference"} | (set() if grpo else {"critic"})
     per_bundle: dict[int, float] = {}
-    for bundle, share in plan.values():
-        assert 0 <= bundle < gpus and 0 < share <= 1
-        per_bundle[bundle] = per_bundle.get(bundle, 0.0) + share
+    for places in plan.values():
+        assert len(places) == ranks
+        assert len({bundle for bundle, _ in places}) == ranks  # NCCL: the ranks of one model on GPUs apart
+        for bundle, share in places:
+            assert 0 <= bundle < gpus and 0 < share <= 1
+            per_bundle[bundle] = per_bundle.get(bundle, 0.0) + share
     assert all(total <= 1 + 1e-9 for total in per_bundle.values())  # each GPU holds what is placed on it
-    if gpus < len(plan):
-        assert plan["policy"][0] == plan["reference"][0]
+    if gpus // ranks < len(plan):
+        assert plan["policy"] == plan["reference"]
     else:
-        assert all(share == 1.0 for _, share in plan.values())
-    assert placement_plan(0, grpo) == {g: (None, 0.0) for g in plan}
+        assert all(share == 1.0 for places in plan.values() for _, share in places)
+    assert placement_plan(0, grpo, ranks) == {g: [(None, 0.0)] * ranks for g in plan}
 
 
 def test_grpo_without_groups_is_a_config_error():
