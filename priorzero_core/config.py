@@ -150,6 +150,11 @@ class MCTSConfig(_Section):
     policy_target: Literal["visits", "improved"] = "improved"
     c_visit: float = Field(default=50.0, gt=0)
     c_scale: float = Field(default=0.1, gt=0)
+    # The improved policy scales the root's Q values by their spread over the valid actions (Gumbel MuZero's
+    # min-max), but by no less than this many score points: where every action's Q lies within a fraction of a
+    # point (noise of the learned model), min-max would still stretch the differences to the full
+    # (c_visit + max N)·c_scale logits. 0: plain min-max.
+    min_q_spread: float = Field(default=0.0, ge=0)
     # The tree's walk and backup in numba-compiled code (priorzero_core/mcts_compiled.py); false: the numpy path.
     compiled: bool = True
 

@@ -294,15 +294,18 @@ def one_step_q(lookahead_fn: RecurrentFn, state: NodeState, valid_mask: Tensor, 
     return (reward.float() + discount * value.float()).view(B, A)
 
 
-def improved_policy(prior_logits: Tensor, q: Tensor, visits: Tensor, mask: Tensor, c_visit: float, c_scale: float) -> Tensor:
-    """Gumbel MuZero's policy improvement: softmax(logits + (c_visit + max N)·c_scale·q̂), q̂ min-max scaled over valid actions.
+def improved_policy(prior_logits: Tensor, q: Tensor, visits: Tensor, mask: Tensor, c_visit: float, c_scale: float,
+                    min_spread: float = 0.0) -> Tensor:
+    """Gumbel MuZero's policy improvement: softmax(logits + (c_visit + max N)·c_scale·q̂), q̂ min-max scaled over valid
+    actions, dividing by no less than `min_spread` (mcts.min_q_spread).
 
     Unlike visit counts, it moves towards better Q even when a handful of simulations visit only a few actions,
     which is what keeps low-simulation training (debug: 5) from collapsing onto the prior's favourite.
     """
     low = q.masked_fill(~mask, math.inf).min(-1, keepdim=True).values
     high = q.masked_fill(~mask, -math.inf).max(-1, keepdim=True).values
-    q_hat = torch.where(high > low, (q - low) / (high - low).clamp(min=1e-8), torch.zeros_like(q))
+    spread = (high - low).clamp(min=max(min_spread, 1e-8))
+    q_hat = torch.where(high > low, (q - low) / spread, torch.zeros_like(q))
     sigma = (c_visit + visits.max(-1, keepdim=True).values) * c_scale * q_hat
     return masked_softmax(prior_logits.float() + sigma, mask)
 
@@ -376,7 +379,8 @@ def search(
     improved = visit_dist
     if lookahead_fn is not None:
         completed = torch.where(visit_counts > 0, q_values, one_step_q(lookahead_fn, root.state, valid_mask, discount))
-        improved = improved_policy(root.prior_logits, completed, visit_counts, valid_mask, cfg.c_visit, cfg.c_scale)
+        improved = improved_policy(root.prior_logits, completed, visit_counts, valid_mask, cfg.c_visit, cfg.c_scale,
+                                   cfg.min_q_spread)
     act_from = improved if cfg.policy_target == "improved" else visit_counts
     return SearchOutput(
         visit_counts=visit_counts,

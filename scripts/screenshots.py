@@ -2,7 +2,9 @@
 
 Starts a temporary Prefect server, trains two short debug runs through the flow (the first with an injected
 `collect` failure, so Failed and Skipped stages show), starts `mlflow ui` on their store, and photographs the
-flow-run pages, the experiment's runs and their metric charts overlaid. Needs Debian's `chromium` package.
+flow-run pages (with their Artifacts tab: evaluation tables, progress, the link to MLflow), the experiment's runs
+and their metric charts overlaid, one MLflow run with its logged model and its system metrics, and the model
+registry's `priorzero-embedded` with the `@best` alias. Needs Debian's `chromium` package.
 """
 
 from __future__ import annotations
@@ -67,12 +69,21 @@ def main() -> None:
         ui = api.removesuffix("/api")
         screenshot(f"{ui}/runs/flow-run/{flow_runs[0]}", args.out / "prefect-flow-run-skipped.png")
         screenshot(f"{ui}/runs/flow-run/{flow_runs[1]}", args.out / "prefect-flow-run.png")
+        screenshot(f"{ui}/runs/flow-run/{flow_runs[1]}?tab=Artifacts", args.out / "prefect-artifacts.png",
+                   size="1600,1400")
         screenshot(f"{ui}/runs", args.out / "prefect-runs.png")
 
-        experiment = MlflowClient(store).get_experiment_by_name("priorzero-embedded").experiment_id
+        client = MlflowClient(store)
+        experiment = client.get_experiment_by_name("priorzero-embedded").experiment_id
+        (run,) = client.search_runs([experiment], filter_string="attributes.run_name = 'debug-seed1'")
         with mlflow_ui(store, work / "mlflow-ui.log", host_alias=MLFLOW_HOST) as mlflow_url:
-            runs = f"{mlflow_url.replace('127.0.0.1', MLFLOW_HOST)}/#/experiments/{experiment}/runs"
+            base = f"{mlflow_url.replace('127.0.0.1', MLFLOW_HOST)}/#"
+            runs = f"{base}/experiments/{experiment}/runs"
             screenshot(runs, args.out / "mlflow-runs.png")
+            screenshot(f"{runs}/{run.info.run_id}", args.out / "mlflow-run.png", size="1600,1400")
+            screenshot(f"{runs}/{run.info.run_id}/system-metrics", args.out / "mlflow-system-metrics.png",
+                       size="1600,1400", budget_ms=60000)
+            screenshot(f"{base}/models/priorzero-embedded", args.out / "mlflow-registered-model.png")
             # Metric charts draw last: they need a longer budget.
             screenshot(f"{runs}?compareRunsMode=CHART", args.out / "mlflow-compare.png", size="1600,2400",
                        budget_ms=90000)

@@ -8,6 +8,7 @@ from priorzero_core.mcts import (
     NO_CHILD,
     RootOutput,
     dirichlet_noise,
+    improved_policy,
     masked_softmax,
     root_prior,
     search,
@@ -201,6 +202,20 @@ def test_improved_policy_finds_the_best_action_that_few_simulations_never_visit(
     visits_cfg = MCTSConfig(num_simulations=2, policy_target="visits")
     out = search(model, root, mask, visits_cfg, np.random.default_rng(0), False, discount=1.0, temperature=0, lookahead_fn=model)
     assert out.selected_action.item() == 0  # the reference behaviour follows the visits
+
+
+def test_a_minimum_q_spread_keeps_a_fraction_of_a_point_from_overruling_the_policy_but_not_a_real_difference():
+    """mcts.min_q_spread: min-max alone stretches Q values 0.01 apart (model noise) to the full range."""
+    prior = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
+    mask = torch.ones(1, A, dtype=torch.bool)
+    visits = torch.tensor([[20.0, 3.0, 2.0, 0.0]])
+    noise = torch.tensor([[0.00, 0.01, 0.004, 0.002]])
+    assert improved_policy(prior, noise, visits, mask, 50.0, 0.1).argmax().item() == 1  # noise wins
+    assert improved_policy(prior, noise, visits, mask, 50.0, 0.1, min_spread=1.0).argmax().item() == 0
+    real = torch.tensor([[0.0, 5.0, 0.0, 0.0]])  # five points better: still taken
+    assert improved_policy(prior, real, visits, mask, 50.0, 0.1, min_spread=1.0).argmax().item() == 1
+    torch.testing.assert_close(improved_policy(prior, real, visits, mask, 50.0, 0.1, min_spread=1.0),
+                               improved_policy(prior, real, visits, mask, 50.0, 0.1))  # spread above the floor
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
