@@ -126,6 +126,10 @@ class WorldModelConfig(_Section):
     target_update_tau: float = Field(default=0.05, gt=0, le=1)
     n_step: int = Field(default=5, gt=0)
     discount: float = Field(default=0.997, gt=0, le=1)
+    # Training sequences that reach the game's end go on in MuZero's absorbing state (an empty observation, any
+    # move, no reward, value 0) instead of stopping: the model learns that nothing follows a death or a win. Without
+    # it the search imagines the game going on after a predicted death, adding its penalty again at every step.
+    absorbing: bool = True
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "WorldModelConfig":

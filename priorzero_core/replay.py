@@ -39,6 +39,18 @@ class StepRecord:
     state_hash: Optional[str] = None  # the world state `action` was taken in (TimeStep.state_hash)
 
 
+ABSORBING = ""  # the observation after the game's end: no text a game's step shows
+
+
+def absorbing_step(last: StepRecord, rng: np.random.Generator) -> StepRecord:
+    """A step in MuZero's absorbing state after `last` ended the game: an empty observation, one of the last
+    step's moves drawn at random (whatever the move, nothing happens), no reward, no policy to learn, value 0."""
+    actions = last.valid_actions or [last.action]
+    k = int(rng.integers(len(actions)))
+    return StepRecord(observation=ABSORBING, valid_actions=list(actions), action_index=k, action=actions[k],
+                      reward=0.0, score=last.score, visit_dist=[], root_value=0.0, terminal=True)
+
+
 @dataclass
 class GameSegment:
     """Up to `segment_length` consecutive steps of one episode; segments of an episode chain by index."""
@@ -81,7 +93,9 @@ class SampledSequence:
 class ReplayBuffer:
     """Segments in memory (bounded by total steps), persisted as one gzip JSON-lines file per iteration."""
 
-    def __init__(self, capacity_steps: int, discount: float, n_step: int, seed: int = 0, hazard_capacity: int = 1000):
+    def __init__(self, capacity_steps: int, discount: float, n_step: int, seed: int = 0, hazard_capacity: int = 1000,
+                 absorbing: bool = False):
+        self.absorbing = absorbing  # sequences go on past the game's end in the absorbing state (absorbing_step)
         self.capacity_steps = capacity_steps
         self.discount = discount
         self.n_step = n_step
@@ -176,20 +190,30 @@ class ReplayBuffer:
         return target + gamma * self._step_at(seg, t + self.n_step).root_value
 
     def sequence(self, seg: GameSegment, t: int, length: int, context: int) -> SampledSequence:
+        """`length` steps from step `t` of `seg` (None where the data stops; with `absorbing`, absorbing steps
+        after the game's end), the `context` steps before them, and the value targets."""
         steps: list[Optional[StepRecord]] = []
-        ended = False
+        absorbed: list[bool] = []  # an absorbing step, after the game's end
+        stopped, last = False, None  # last: the step that ended the game, when absorbing steps follow it
         for i in range(length):
-            step = None if ended else self._step_at(seg, t + i)
+            if stopped:
+                steps.append(absorbing_step(last, self.rng) if last is not None else None)
+                absorbed.append(last is not None)
+                continue
+            step = self._step_at(seg, t + i)
             steps.append(step)
+            absorbed.append(False)
             if step is None or step.terminal or step.truncated:
-                ended = True
+                stopped = True
+                last = step if step is not None and step.terminal and self.absorbing else None
         ctx = []
         for i in range(1, context + 1):
             prev = self._step_at(seg, t - i)
             if prev is None or prev.terminal or prev.truncated:
                 break
             ctx.append(prev)
-        targets = np.array([self.value_target(seg, t + i) if s is not None else 0.0 for i, s in enumerate(steps)])
+        targets = np.array([self.value_target(seg, t + i) if s is not None and not absorbed[i] else 0.0
+                            for i, s in enumerate(steps)])
         return SampledSequence(steps=steps, context=ctx[::-1], value_targets=targets.astype(np.float32))
 
     def sample(self, batch_size: int, length: int, context: int, demo_fraction: float = 0.0,

@@ -43,6 +43,36 @@ def test_sequences_pad_after_episode_end_and_carry_context():
     assert len(buf.sample(7, 3, 1)) == 7
 
 
+def test_with_absorbing_states_a_game_s_end_is_followed_by_steps_worth_nothing_but_a_cut_is_not():
+    """world_model.absorbing: after a terminal step the sequence goes on in MuZero's absorbing state (empty
+    observation, one of the last step's moves, reward 0, value target 0, no policy target); where the data stops
+    without the game ending (truncated) nothing is known, so nothing follows."""
+    import numpy as np
+    import torch
+
+    from priorzero_core.agent import sequences_to_wm_batch
+
+    buf = ReplayBuffer(100, discount=0.9, n_step=2, absorbing=True)
+    died = GameSegment("e", 0, 0, [step(0, 3), step(-10, 5, terminal=True)])
+    cut = GameSegment("f", 0, 0, [step(1, 4), step(2, 6, truncated=True)])
+    buf.add([died, cut])
+    seq = buf.sequence(died, 0, length=4, context=0)
+    assert [s.reward for s in seq.steps] == [0, -10, 0, 0]
+    assert [s.observation for s in seq.steps[2:]] == ["", ""] and all(s.visit_dist == [] for s in seq.steps[2:])
+    assert all(s.action in ("a", "b") for s in seq.steps[2:])
+    np.testing.assert_allclose(seq.value_targets, [0.9 * -10, -10, 0, 0])
+    assert buf.sequence(cut, 0, length=4, context=0).steps[2:] == [None, None]
+    assert ReplayBuffer(100, 0.9, 2).sequence(died, 0, length=4, context=0).steps[2:] == [None, None]
+
+    class Encoder:  # a text's embedding: its length and a constant
+        def encode(self, texts):
+            return torch.tensor([[float(len(t)), 1.0] for t in texts])
+
+    batch = sequences_to_wm_batch([seq], Encoder(), 2, torch.device("cpu"))
+    assert batch.step_mask.tolist() == [[True] * 4]  # reward and value losses after the end: 0 and 0
+    assert batch.rewards.tolist() == [[0, -10, 0, 0]] and batch.policy_targets[0, 2:].sum() == 0
+
+
 def test_capacity_evicts_oldest_segments():
     buf = ReplayBuffer(5, discount=0.9, n_step=1)
     for i in range(4):
