@@ -79,6 +79,7 @@ def test_play_shows_valid_actions_and_takes_their_numbers():
     assert "score 0, moves 0" in result.output and "score 0, moves 1" in result.output  # "2" was played
 
 
+@pytest.mark.slow  # ≈ 45 s; `priorzero train` then `priorzero resume` also run in tests/reliability/test_crash_resume.py
 def test_train_then_resume_continue_one_run_and_one_mlflow_run(prefect_server, debug_overrides, tmp_path):
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "prefect-client")}
     run_dir = tmp_path / "runs" / "cli-run"
