@@ -159,6 +159,11 @@ class MCTSConfig(_Section):
     # point (noise of the learned model), min-max would still stretch the differences to the full
     # (c_visit + max N)·c_scale logits. 0: plain min-max.
     min_q_spread: float = Field(default=0.0, ge=0)
+    # The Q the improved policy gives actions the search did not visit: "one_step", the model's reward plus the
+    # discounted value of the state it imagines after the action (every action gets its own estimate), or
+    # "mixed_value", Gumbel MuZero's (mctx's default) root value mixed with the visited actions' Q (no extra
+    # model call; unvisited actions are taken to be as good as the state).
+    complete_q: Literal["one_step", "mixed_value"] = "one_step"
     # The tree's walk and backup in numba-compiled code (priorzero_core/mcts_compiled.py); false: the numpy path.
     compiled: bool = True
 

@@ -294,6 +294,16 @@ def one_step_q(lookahead_fn: RecurrentFn, state: NodeState, valid_mask: Tensor, 
     return (reward.float() + discount * value.float()).view(B, A)
 
 
+def mixed_value(value: Tensor, q: Tensor, visits: Tensor, prior: Tensor) -> Tensor:
+    """Gumbel MuZero's v_mix [B, 1]: the root's value estimate `value` [B] mixed with the prior-weighted mean Q of
+    the visited actions, by the number of visits (mctx's `_compute_mixed_value`)."""
+    total = visits.sum(-1)
+    seen = visits > 0
+    weights = torch.where(seen, prior.clamp(min=torch.finfo(prior.dtype).tiny), torch.zeros_like(prior))
+    weighted_q = (weights * torch.where(seen, q, torch.zeros_like(q))).sum(-1) / weights.sum(-1).clamp(min=1e-12)
+    return ((value + total * weighted_q) / (total + 1)).unsqueeze(-1)
+
+
 def improved_policy(prior_logits: Tensor, q: Tensor, visits: Tensor, mask: Tensor, c_visit: float, c_scale: float,
                     min_spread: float = 0.0) -> Tensor:
     """Gumbel MuZero's policy improvement: softmax(logits + (c_visit + max N)·c_scale·q̂), q̂ min-max scaled over valid
@@ -378,7 +388,10 @@ def search(
     visit_dist = visit_counts / visit_counts.sum(-1, keepdim=True)
     improved = visit_dist
     if lookahead_fn is not None:
-        completed = torch.where(visit_counts > 0, q_values, one_step_q(lookahead_fn, root.state, valid_mask, discount))
+        unvisited = (mixed_value(root.value.float(), q_values, visit_counts, masked_softmax(root.prior_logits.float(),
+                                                                                           valid_mask))
+                     if cfg.complete_q == "mixed_value" else one_step_q(lookahead_fn, root.state, valid_mask, discount))
+        completed = torch.where(visit_counts > 0, q_values, unvisited)
         improved = improved_policy(root.prior_logits, completed, visit_counts, valid_mask, cfg.c_visit, cfg.c_scale,
                                    cfg.min_q_spread)
     act_from = improved if cfg.policy_target == "improved" else visit_counts

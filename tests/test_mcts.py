@@ -204,6 +204,22 @@ def test_improved_policy_finds_the_best_action_that_few_simulations_never_visit(
     assert out.selected_action.item() == 0  # the reference behaviour follows the visits
 
 
+def test_mixed_value_completion_takes_unvisited_actions_to_be_as_good_as_the_state():
+    """mcts.complete_q: mixed_value gives every unvisited action mctx's v_mix, so an action the search never
+    visited is not preferred on the model's one-step guess (one_step finds the bandit's best arm; this does not)."""
+    value, q = torch.tensor([1.0]), torch.tensor([[2.0, 4.0, 0.0, 0.0]])
+    visits, prior = torch.tensor([[1.0, 3.0, 0.0, 0.0]]), torch.tensor([[0.5, 0.25, 0.25, 0.0]])
+    weighted = (0.5 * 2.0 + 0.25 * 4.0) / 0.75
+    torch.testing.assert_close(mcts.mixed_value(value, q, visits, prior), torch.tensor([[(1.0 + 4 * weighted) / 5]]))
+
+    model = Bandit([0.0, 0.1, 1.0, 0.2])
+    root = RootOutput((torch.zeros(1),), torch.tensor([[4.0, 0.0, 0.0, 0.0]]), torch.zeros(1))
+    mask = torch.ones(1, A, dtype=torch.bool)
+    cfg = MCTSConfig(num_simulations=2, policy_target="improved", complete_q="mixed_value")
+    out = search(model, root, mask, cfg, np.random.default_rng(0), False, discount=1.0, temperature=0, lookahead_fn=model)
+    assert out.visit_counts[0, 2] == 0 and out.selected_action.item() != 2
+
+
 def test_a_minimum_q_spread_keeps_a_fraction_of_a_point_from_overruling_the_policy_but_not_a_real_difference():
     """mcts.min_q_spread: min-max alone stretches Q values 0.01 apart (model noise) to the full range."""
     prior = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
