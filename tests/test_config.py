@@ -22,7 +22,7 @@ def test_debug_mode_applies_the_debug_sizes(monkeypatch):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("world_model.num_layerz=3", "unknown key 'world_model.num_layerz' (allowed keys here: batch_size"),
+        ("world_model.num_layerz=3", "unknown key 'world_model.num_layerz' (allowed keys here: absorbing, batch_size"),
         ("mcts.prior_mode=foo", "'mcts.prior_mode': Input should be 'wm', 'llm' or 'mix'"),
         ("collect.num_envs=-1", "bad value -1 for 'collect.num_envs'"),
         ("collect.num_envs=abc", "bad value 'abc' for 'collect.num_envs'"),
