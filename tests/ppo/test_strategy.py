@@ -28,7 +28,7 @@ def ppo_step(cfg: PPOConfig, llm: LLMConfig) -> tuple[dict, dict, bool]:
 
 
 def test_torch_strategy_runs_a_ppo_step(tiny_llm_dir):
-    cfg = PPOConfig(strategy=strategy, bf16=False, actor_lr=1e-3, critic_lr=1e-3, train_batch_size=2, critic_update_steps=2,
+    cfg = PPOConfig(strategy="torch", bf16=False, actor_lr=1e-3, critic_lr=1e-3, train_batch_size=2, critic_update_steps=2,
                     generate_max_tokens=6)
     p_stats, c_stats, changed = ppo_step(cfg, LLMConfig(model=str(tiny_llm_dir)))
     assert changed and all(torch.isfinite(torch.tensor(v)) for v in [*p_stats.values(), *c_stats.values()])
