@@ -237,8 +237,18 @@ def sequences_to_wm_batch(seqs: Sequence[SampledSequence], encoder: TextEncoder,
     policy = np.zeros((B, L, A), dtype=np.float32)
     known = np.zeros((B, L), dtype=bool)
     value_targets = np.zeros((B, L), dtype=np.float32)
+    reanalysed = any(seq.bootstrap_offset is not None for seq in seqs)
+    if reanalysed:  # targets to re-bootstrap from a later position of the same row, where one is given
+        value_partial = np.zeros((B, L), dtype=np.float32)
+        bootstrap_discount = np.zeros((B, L), dtype=np.float32)
+        bootstrap_pos = np.full((B, L), -1, dtype=np.int64)
     for b, (seq, row) in enumerate(zip(seqs, rows)):
         value_targets[b, history:] = seq.value_targets
+        if reanalysed and seq.bootstrap_offset is not None:
+            value_partial[b, history:] = seq.value_partial
+            bootstrap_discount[b, history:] = seq.bootstrap_discount
+            offset = seq.bootstrap_offset
+            bootstrap_pos[b, history:] = np.where(offset >= 0, history + np.arange(len(offset)) + offset, -1)
         for t, step in row:
             k = min(len(step.valid_actions), A)
             obs_idx[b, t] = texts[step.observation]
@@ -266,4 +276,7 @@ def sequences_to_wm_batch(seqs: Sequence[SampledSequence], encoder: TextEncoder,
         policy_targets=policy.to(device),
         step_mask=step_mask.to(device),
         known=known.to(device),
+        **({"value_partial": torch.from_numpy(value_partial).to(device),
+            "bootstrap_discount": torch.from_numpy(bootstrap_discount).to(device),
+            "bootstrap_pos": torch.from_numpy(bootstrap_pos).to(device)} if reanalysed else {}),
     )

@@ -130,6 +130,11 @@ class WorldModelConfig(_Section):
     # move, no reward, value 0) instead of stopping: the model learns that nothing follows a death or a win. Without
     # it the search imagines the game going on after a predicted death, adding its penalty again at every step.
     absorbing: bool = True
+    # MuZero Reanalyse's fresh values: an n-step target whose bootstrap state lies inside the training sequence
+    # takes that state's value from the target network at each update instead of the search value stored when it
+    # was collected (one more forward of the target network an update). Other targets (bootstrap state past the
+    # sequence, demonstrations' exact returns, hazards) stay as stored.
+    reanalyse: bool = False
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "WorldModelConfig":

@@ -88,6 +88,12 @@ class SampledSequence:
     steps: list[Optional[StepRecord]]
     context: list[StepRecord]  # up to `context` real steps before the first one
     value_targets: np.ndarray  # n-step targets, [length]
+    # With `reanalyse`: each target as `value_partial + bootstrap_discount * V(step i + bootstrap_offset)`, the
+    # offset -1 where the target does not bootstrap from a state inside the sequence (the game ended, or the state
+    # lies past the sequence's end); `value_targets` holds the same target with the stored search value as V.
+    value_partial: Optional[np.ndarray] = None
+    bootstrap_discount: Optional[np.ndarray] = None
+    bootstrap_offset: Optional[np.ndarray] = None
 
 
 class ReplayBuffer:
@@ -178,20 +184,27 @@ class ReplayBuffer:
         Where the data stops early (episode still running, or cut by a step limit) the last
         available step's root value stands in for its own reward plus everything after it.
         """
+        partial, discount, offset = self.value_parts(seg, t)
+        return partial if offset is None else partial + discount * self._step_at(seg, t + offset).root_value
+
+    def value_parts(self, seg: GameSegment, t: int) -> tuple[float, float, Optional[int]]:
+        """The n-step target of step t as (discounted rewards, discount, offset): the target is the rewards plus
+        discount x the value of the step `offset` steps on (None: the game ended, nothing to bootstrap from)."""
         target, gamma = 0.0, 1.0
         for i in range(self.n_step):
             step = self._step_at(seg, t + i)
             if step.terminal:
-                return target + gamma * step.reward
+                return target + gamma * step.reward, 0.0, None
             if step.truncated or self._step_at(seg, t + i + 1) is None:
-                return target + gamma * step.root_value
+                return target, gamma, i
             target += gamma * step.reward
             gamma *= self.discount
-        return target + gamma * self._step_at(seg, t + self.n_step).root_value
+        return target, gamma, self.n_step
 
-    def sequence(self, seg: GameSegment, t: int, length: int, context: int) -> SampledSequence:
+    def sequence(self, seg: GameSegment, t: int, length: int, context: int, reanalyse: bool = False) -> SampledSequence:
         """`length` steps from step `t` of `seg` (None where the data stops; with `absorbing`, absorbing steps
-        after the game's end), the `context` steps before them, and the value targets."""
+        after the game's end), the `context` steps before them, and the value targets (with `reanalyse`, also
+        split into the parts a learner re-bootstraps from its own value of a later step of the sequence)."""
         steps: list[Optional[StepRecord]] = []
         absorbed: list[bool] = []  # an absorbing step, after the game's end
         stopped, last = False, None  # last: the step that ended the game, when absorbing steps follow it
@@ -214,21 +227,35 @@ class ReplayBuffer:
             ctx.append(prev)
         targets = np.array([self.value_target(seg, t + i) if s is not None and not absorbed[i] else 0.0
                             for i, s in enumerate(steps)])
-        return SampledSequence(steps=steps, context=ctx[::-1], value_targets=targets.astype(np.float32))
+        out = SampledSequence(steps=steps, context=ctx[::-1], value_targets=targets.astype(np.float32))
+        if reanalyse:
+            out.value_partial = targets.astype(np.float32)
+            out.bootstrap_discount = np.zeros(length, dtype=np.float32)
+            out.bootstrap_offset = np.full(length, -1, dtype=np.int64)
+            for i, s in enumerate(steps):
+                if s is None or absorbed[i]:
+                    continue
+                partial, discount, offset = self.value_parts(seg, t + i)
+                if offset is not None and i + offset < length and steps[i + offset] is not None:
+                    out.value_partial[i], out.bootstrap_discount[i], out.bootstrap_offset[i] = partial, discount, offset
+        return out
 
     def sample(self, batch_size: int, length: int, context: int, demo_fraction: float = 0.0,
-               hazard_fraction: float = 0.0) -> list[SampledSequence]:
+               hazard_fraction: float = 0.0, reanalyse: bool = False) -> list[SampledSequence]:
         """Uniform over stored steps; with demonstrations set, `demo_fraction` of the batch (rounded) is drawn
-        uniformly over their steps instead, and with hazards stored, `hazard_fraction` over theirs."""
+        uniformly over their steps instead, and with hazards stored, `hazard_fraction` over theirs. `reanalyse`
+        splits the collected steps' targets for re-bootstrapping; a demonstration's targets are its exact returns
+        and a hazard's end its own reward, so theirs are kept as stored."""
         if not self.segments:
             raise ValueError("replay buffer is empty")
         demos = round(batch_size * demo_fraction) if self.demos else 0
         hazards = min(round(batch_size * hazard_fraction), batch_size - demos) if self.hazards else 0
-        return (self._uniform(self.segments, batch_size - demos - hazards, length, context)
+        return (self._uniform(self.segments, batch_size - demos - hazards, length, context, reanalyse)
                 + self._uniform(self.demos, demos, length, context)
                 + self._uniform(self.hazards, hazards, length, context))
 
-    def _uniform(self, segments: Sequence[GameSegment], n: int, length: int, context: int) -> list[SampledSequence]:
+    def _uniform(self, segments: Sequence[GameSegment], n: int, length: int, context: int,
+                 reanalyse: bool = False) -> list[SampledSequence]:
         if n == 0:
             return []
         sizes = np.array([len(s.steps) for s in segments], dtype=np.int64)
@@ -239,7 +266,7 @@ class ReplayBuffer:
         for k, i in zip(flat, seg_idx):
             seg = segments[int(i)]
             t = int(k - (bounds[i] - sizes[i]))
-            out.append(self.sequence(seg, t, length, context))
+            out.append(self.sequence(seg, t, length, context, reanalyse))
         return out
 
     def demo_steps(self) -> list[tuple[GameSegment, int]]:

@@ -390,7 +390,7 @@ class Trainer:
         wmc = self.cfg.world_model
         with self._lock:  # the encoder's cache and the replay are shared with LLM training
             seqs = self.replay.sample(wmc.batch_size, wmc.unroll_steps + 1, wmc.context_length - 1,
-                                      self.cfg.explore.demo_fraction, self.cfg.explore.hazard_fraction)
+                                      self.cfg.explore.demo_fraction, self.cfg.explore.hazard_fraction, wmc.reanalyse)
             return sequences_to_wm_batch(seqs, self.encoder, self.spec.action_space_size, self.device,
                                          history=wmc.context_length - 1)
 

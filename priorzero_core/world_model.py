@@ -143,13 +143,19 @@ class WMBatch:
     policy_targets: Tensor  # [B, L, A] MCTS visit distributions
     step_mask: Tensor  # [B, L] bool: the sampled steps that get losses (False after the episode ended)
     known: Optional[Tensor] = None  # [B, L] bool: steps that exist, history included (None: step_mask)
+    # Reanalysed targets (world_model.reanalyse): value_partial + bootstrap_discount x the target network's value
+    # at position bootstrap_pos of the same row, where bootstrap_pos >= 0; value_targets elsewhere.
+    value_partial: Optional[Tensor] = None  # [B, L]
+    bootstrap_discount: Optional[Tensor] = None  # [B, L]
+    bootstrap_pos: Optional[Tensor] = None  # [B, L] long, -1: keep value_targets
 
     def __post_init__(self) -> None:
         if self.known is None:
             self.known = self.step_mask
 
     def to(self, device: torch.device | str) -> "WMBatch":
-        return WMBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return WMBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                          for f in fields(self)})
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -310,6 +316,17 @@ class WorldModel(nn.Module):
             self.dynamics_head(h_action),
         )
 
+    @torch.no_grad()
+    def reanalysed_targets(self, batch: WMBatch, target_model: "WorldModel", first: Tensor) -> Tensor:
+        """The batch's value targets, bootstrapped from `target_model`'s value of the later step where the batch
+        says so (MuZero Reanalyse: values of the current network instead of those stored at collection)."""
+        if batch.bootstrap_pos is None:
+            return batch.value_targets
+        value = support_to_scalar(target_model(batch.obs_emb, batch.act_emb, batch.valid_emb, batch.valid_mask,
+                                               first)[0], self.cfg.support_size)
+        fresh = batch.value_partial + batch.bootstrap_discount * value.gather(1, batch.bootstrap_pos.clamp(min=0))
+        return torch.where(batch.bootstrap_pos >= 0, fresh, batch.value_targets)
+
     def compute_loss(self, batch: WMBatch, target_model: "WorldModel") -> tuple[Tensor, dict[str, float]]:
         """Losses on real latents; the latent target is the EMA network's repr(obs_{t+1}), without gradient."""
         cfg, S, step = self.cfg, self.cfg.support_size, batch.step_mask
@@ -317,7 +334,8 @@ class WorldModel(nn.Module):
         value_logits, policy_logits, reward_logits, next_latent = self(
             batch.obs_emb, batch.act_emb, batch.valid_emb, batch.valid_mask, first
         )
-        value_ce = -(scalar_to_support(batch.value_targets, S) * value_logits.log_softmax(-1)).sum(-1)
+        value_targets = self.reanalysed_targets(batch, target_model, first)
+        value_ce = -(scalar_to_support(value_targets, S) * value_logits.log_softmax(-1)).sum(-1)
         reward_ce = -(scalar_to_support(batch.rewards, S) * reward_logits.log_softmax(-1)).sum(-1)
         log_policy = policy_logits.log_softmax(-1)
         policy_ce = -(batch.policy_targets * log_policy).sum(-1)
@@ -341,6 +359,10 @@ class WorldModel(nn.Module):
             + cfg.latent_loss_weight * losses["latent"]
         )
         metrics = {f"train/wm_{name}_loss": float(v.detach()) for name, v in losses.items()}
+        if batch.bootstrap_pos is not None:  # how far the fresh bootstraps moved the stored targets
+            moved = step & (batch.bootstrap_pos >= 0)
+            metrics["train/wm_reanalysed_share"] = float(_masked_mean(moved.float(), step))
+            metrics["train/wm_reanalyse_shift"] = float(_masked_mean(value_targets - batch.value_targets, moved))
         metrics["train/wm_total_loss"] = float(total.detach())
         metrics["train/wm_policy_entropy"] = float(policy_entropy.detach())
         return total, metrics

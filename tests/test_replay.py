@@ -73,6 +73,32 @@ def test_with_absorbing_states_a_game_s_end_is_followed_by_steps_worth_nothing_b
     assert batch.rewards.tolist() == [[0, -10, 0, 0]] and batch.policy_targets[0, 2:].sum() == 0
 
 
+def test_reanalysed_targets_name_the_step_inside_the_sequence_they_bootstrap_from():
+    """world_model.reanalyse: each collected step's target splits into its rewards and the discounted value of a
+    later step of the same sequence; with the stored values put back the split gives the stored targets. Targets
+    that end with the game, or bootstrap from past the sequence, and those of demonstrations keep their values."""
+    import numpy as np
+
+    buf = ReplayBuffer(100, discount=0.5, n_step=2)
+    seg = GameSegment("e", 0, 0, [step(1, 10), step(2, 20), step(4, 40), step(8, 80), step(16, 160, terminal=True)])
+    buf.add([seg])
+    seq = buf.sequence(seg, 0, length=4, context=0, reanalyse=True)
+    assert seq.bootstrap_offset.tolist() == [2, 2, -1, -1]  # steps 2 and 3 bootstrap from 4 (outside), end
+    np.testing.assert_allclose(seq.value_partial[:2], [1 + 0.5 * 2, 2 + 0.5 * 4])
+    np.testing.assert_allclose(seq.bootstrap_discount[:2], [0.25, 0.25])
+    stored = np.array([s.root_value for s in seq.steps])
+    rebuilt = seq.value_partial + seq.bootstrap_discount * stored[np.arange(4) + np.maximum(seq.bootstrap_offset, 0)]
+    np.testing.assert_allclose(np.where(seq.bootstrap_offset >= 0, rebuilt, seq.value_targets), seq.value_targets)
+    assert seq.value_targets[3] == pytest.approx(8 + 0.5 * 16)  # the game's end: nothing to bootstrap from
+    cut = GameSegment("f", 0, 0, [step(1, 10), step(2, 20, truncated=True)])
+    buf.add([cut])
+    assert buf.sequence(cut, 0, length=3, context=0, reanalyse=True).bootstrap_offset.tolist() == [1, 0, -1]
+    assert buf.sequence(seg, 0, length=4, context=0).bootstrap_offset is None  # off: no split
+    buf.set_demos([GameSegment("d", 0, 0, [step(1, 3), step(2, 2), step(0, 0, truncated=True)])])
+    demo, = buf.sample(1, 2, 0, demo_fraction=1.0, reanalyse=True)
+    assert demo.bootstrap_offset is None  # a demonstration's targets are its exact returns
+
+
 def test_capacity_evicts_oldest_segments():
     buf = ReplayBuffer(5, discount=0.9, n_step=1)
     for i in range(4):

@@ -237,7 +237,8 @@ def test_world_model_trains_each_sampled_step_on_the_history_search_gives_it(tmp
 
     from priorzero_core.agent import sequences_to_wm_batch
 
-    cfg = load_config("debug", TINY + ["llm.enabled=false", "collect.steps_per_iteration=6", "world_model.context_length=3"])
+    cfg = load_config("debug", TINY + ["llm.enabled=false", "collect.steps_per_iteration=6", "world_model.context_length=3",
+                                       "world_model.reanalyse=true", "world_model.n_step=2"])
     trainer = Trainer(cfg, tmp_path, progress=False)
     try:
         trainer.collect(1)
@@ -259,6 +260,14 @@ def test_world_model_trains_each_sampled_step_on_the_history_search_gives_it(tmp
         assert batch.step_mask[:, : C - 1].sum() == 0 and batch.known[:, : C - 1].any()
         drawn = trainer.wm_batch()  # what training draws: history positions first, filled where the episode has them
         assert drawn.known.shape[1] == C - 1 + cfg.world_model.unroll_steps + 1 and drawn.known[:, : C - 1].any()
+        # world_model.reanalyse: a target's bootstrap position counts the history positions too
+        assert drawn.bootstrap_pos is not None and (drawn.bootstrap_pos >= 0).any()
+        rseqs = [trainer.replay.sequence(seg, t, 4, C - 1, reanalyse=True) for seg in segs for t in (0, 1)]
+        rbatch = sequences_to_wm_batch(rseqs, trainer.encoder, trainer.spec.action_space_size, trainer.device,
+                                       history=C - 1)
+        expected = [[-1] * (C - 1) + [C - 1 + i + o if o >= 0 else -1 for i, o in enumerate(s.bootstrap_offset)]
+                    for s in rseqs]
+        assert rbatch.bootstrap_pos.tolist() == expected and any(o >= 0 for row in expected for o in row)
     finally:
         trainer.close()
 

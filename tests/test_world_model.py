@@ -182,3 +182,39 @@ def test_search_runs_on_the_world_model_with_the_roots_valid_actions(tiny_wm_con
     assert out.visit_counts.sum(-1).tolist() == [12, 12, 12]
     assert (out.visit_counts[~ctx.valid_mask] == 0).all()
     assert ctx.valid_mask.gather(1, out.selected_action.unsqueeze(-1)).all()
+
+
+def test_reanalysed_targets_bootstrap_from_the_target_network_s_value_at_the_named_step():
+    """world_model.reanalyse: where a batch names a bootstrap position, the value loss's target is the rewards
+    part plus the discount times the target network's value there; elsewhere the stored target."""
+    cfg = WorldModelConfig(embed_dim=32, num_layers=1, num_heads=2, context_length=2, unroll_steps=3)
+    torch.manual_seed(0)
+    model, target = WorldModel(cfg, input_dim=E), WorldModel(cfg, input_dim=E)
+    with torch.no_grad():  # value heads that tell states apart (they start at 0 everywhere, as MuZero's)
+        target.value_head[-1].weight.normal_(0.0, 1.0)
+        model.value_head[-1].weight.normal_(0.0, 1.0)
+    batch = make_batch(cfg)
+    B, L = batch.value_targets.shape
+    batch.value_partial = torch.full((B, L), 1.0)
+    batch.bootstrap_discount = torch.full((B, L), 0.5)
+    batch.bootstrap_pos = torch.full((B, L), -1, dtype=torch.long)
+    batch.bootstrap_pos[:, 0] = 2
+    batch.bootstrap_pos[1, 1] = 3
+    first = torch.zeros(B, dtype=torch.long)
+    values = support_to_scalar(target(batch.obs_emb, batch.act_emb, batch.valid_emb, batch.valid_mask, first)[0],
+                               cfg.support_size)
+    assert not torch.allclose(values[:, 2], values[:, 3])  # the test can tell the positions apart
+    got = model.reanalysed_targets(batch, target, first)
+    torch.testing.assert_close(got[:, 0], 1.0 + 0.5 * values[:, 2])
+    torch.testing.assert_close(got[1, 1], 1.0 + 0.5 * values[1, 3])
+    keep = batch.bootstrap_pos < 0
+    torch.testing.assert_close(got[keep], batch.value_targets[keep])
+    # the value loss trains on them: a target network that values every state at 100 moves the loss
+    with torch.no_grad():
+        target.value_head[-1].weight.zero_()
+        target.value_head[-1].bias.copy_(scalar_to_support(torch.tensor(100.0), cfg.support_size).log().clamp(min=-30))
+    _, reanalysed = model.compute_loss(batch, target)
+    batch.bootstrap_pos = None
+    _, stored = model.compute_loss(batch, target)
+    assert reanalysed["train/wm_value_loss"] != pytest.approx(stored["train/wm_value_loss"])
+    assert reanalysed["train/wm_reanalyse_shift"] > 10 and "train/wm_reanalyse_shift" not in stored
