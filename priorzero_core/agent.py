@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
@@ -150,11 +149,13 @@ class Agent:
                 return self._decisions(valid, probs, improved, probs.argmax(-1), value, llm_lp, prompts)
             temperature = self.cfg.mcts.collect_temperature if mode == "collect" else 0.0
             width = ctx.valid_mask.shape[1]
+
+            def every_root_action(states, actions):  # B·A rows; built only when the search asks (one_step Q)
+                return self.model.recurrent_inference(states, actions, valid_emb=ctx.valid_emb.repeat_interleave(width, 0),
+                                                      valid_mask=ctx.valid_mask.repeat_interleave(width, 0))
+
             # "visits": no lookahead, so the improved policy is the visit distribution, for acting and as target
-            lookahead = functools.partial(self.model.recurrent_inference,
-                                          valid_emb=ctx.valid_emb.repeat_interleave(width, 0),
-                                          valid_mask=ctx.valid_mask.repeat_interleave(width, 0)) \
-                if self.cfg.mcts.policy_target == "improved" else None
+            lookahead = every_root_action if self.cfg.mcts.policy_target == "improved" else None
             out = search(self.model.search_fn(ctx), RootOutput(state, logits, value), ctx.valid_mask, self.cfg.mcts,
                          self.rng, add_noise=mode == "collect", discount=self.cfg.world_model.discount,
                          temperature=temperature, lookahead_fn=lookahead)
