@@ -2,7 +2,7 @@
 
 Starts a temporary Prefect server, trains two short debug runs through the flow (the first with an injected
 `collect` failure, so Failed and Skipped stages show), starts `mlflow ui` on their store, and photographs the
-flow-run pages (with their Artifacts tab: evaluation tables, progress, the link to MLflow), the experiment's runs
+flow-run pages, the latest evaluation artifact (its table and the first episode's moves), the experiment's runs
 and their metric charts overlaid, one MLflow run with its logged model and its system metrics, and the model
 registry's `priorzero-embedded` with the `@best` alias. Needs Debian's `chromium` package.
 """
@@ -10,10 +10,12 @@ registry's `priorzero-embedded` with the `@best` alias. Needs Debian's `chromium
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 from pathlib import Path
 
 from servers import mlflow_ui, prefect_server
@@ -37,6 +39,17 @@ def screenshot(url: str, path: Path, size: str = "1600,1000", budget_ms: int = 1
                         f"--screenshot={path}", url],
                        check=True, capture_output=True, timeout=300)
     print(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}  ←  {url}")
+
+
+def latest_artifact(api: str, flow_run_id, key: str) -> str:
+    """The id of the newest artifact `key` of a flow run, from the Prefect API."""
+    body = {"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}, "key": {"any_": [key]}}, "sort": "CREATED_DESC",
+            "limit": 1}
+    request = urllib.request.Request(f"{api}/artifacts/filter", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        (artifact,) = json.load(response)
+    return artifact["id"]
 
 
 def main() -> None:
@@ -69,8 +82,10 @@ def main() -> None:
         ui = api.removesuffix("/api")
         screenshot(f"{ui}/runs/flow-run/{flow_runs[0]}", args.out / "prefect-flow-run-skipped.png")
         screenshot(f"{ui}/runs/flow-run/{flow_runs[1]}", args.out / "prefect-flow-run.png")
-        screenshot(f"{ui}/runs/flow-run/{flow_runs[1]}?tab=Artifacts", args.out / "prefect-artifacts.png",
-                   size="1600,1400")
+        # The latest evaluation artifact's own page (its table, the first episode's moves, the flow run it is of):
+        # the flow-run page opens on its Logs tab whatever the URL asks.
+        screenshot(f"{ui}/artifacts/artifact/{latest_artifact(api, flow_runs[1], 'debug-seed1-evaluation')}",
+                   args.out / "prefect-artifacts.png", size="1600,900")
         screenshot(f"{ui}/runs", args.out / "prefect-runs.png")
 
         client = MlflowClient(store)
@@ -79,13 +94,14 @@ def main() -> None:
         with mlflow_ui(store, work / "mlflow-ui.log", host_alias=MLFLOW_HOST) as mlflow_url:
             base = f"{mlflow_url.replace('127.0.0.1', MLFLOW_HOST)}/#"
             runs = f"{base}/experiments/{experiment}/runs"
-            screenshot(runs, args.out / "mlflow-runs.png")
-            screenshot(f"{runs}/{run.info.run_id}", args.out / "mlflow-run.png", size="1600,1400")
-            screenshot(f"{runs}/{run.info.run_id}/system-metrics", args.out / "mlflow-system-metrics.png",
-                       size="1600,1400", budget_ms=60000)
-            screenshot(f"{base}/models/priorzero-embedded", args.out / "mlflow-registered-model.png")
+            ml = "workflowType=machine_learning"  # the UI's model-training side, not its GenAI one
+            screenshot(f"{runs}?{ml}", args.out / "mlflow-runs.png")
+            screenshot(f"{runs}/{run.info.run_id}?{ml}", args.out / "mlflow-run.png", size="1600,1400")
+            screenshot(f"{runs}/{run.info.run_id}/system-metrics?{ml}", args.out / "mlflow-system-metrics.png",
+                       size="1600,1400", budget_ms=180000)  # its charts load after the page
+            screenshot(f"{base}/models/priorzero-embedded?{ml}", args.out / "mlflow-registered-model.png")
             # Metric charts draw last: they need a longer budget.
-            screenshot(f"{runs}?compareRunsMode=CHART", args.out / "mlflow-compare.png", size="1600,2400",
+            screenshot(f"{runs}?compareRunsMode=CHART&{ml}", args.out / "mlflow-compare.png", size="1600,2400",
                        budget_ms=90000)
 
 
