@@ -41,7 +41,7 @@ def config(args: argparse.Namespace, rom_dir: Path) -> PriorZeroConfig:
                     train_batch_size=args.prompts * args.samples, critic_update_steps=1, policy_update_steps=1,
                     generate_max_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                     history_length=0, think=False, temperature=1.0, actor_lr=1e-6, kl_coef=0.01, use_kl_loss=True,
-                    gradient_checkpointing=False, generation_backend="transformers"),
+                    gradient_checkpointing=False, generation_backend="transformers", actor_threads=args.actor_threads),
     })
 
 
@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=160)
     parser.add_argument("--rom-dir", default=os.environ.get("PRIORZERO_ROM_DIR", str(REPO.parent / "shared" / "jericho-game-suite")))
     parser.add_argument("--vllm", action="store_true", help="also compare rollout generation: vLLM CPU engine vs transformers")
+    parser.add_argument("--actor-threads", type=int, default=None,
+                        help="our actors' torch threads (ppo.actor_threads; default: one each, the CPU Ray reserves)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="TRL's torch threads: the cores our actors share (default: this machine's)")
     args = parser.parse_args()

@@ -355,6 +355,10 @@ class PPOConfig(_Section):
     # Forwards and generation split their rows over the ranks. On GPUs each rank needs a GPU of its own.
     dp_size: int = Field(default=1, gt=0)
     actor_num_cpus: float = Field(default=1.0, gt=0)  # Ray CPUs (and torch threads) per actor
+    # torch threads per actor, when not the whole CPUs of actor_num_cpus. A PPO step runs mostly one actor at a
+    # time (the policy generates, then trains; GRPO has no critic beside it), so on a small machine each actor can
+    # use every core the job has while Ray reserves actor_num_cpus for it.
+    actor_threads: Optional[int] = Field(default=None, gt=0)
     startup_timeout_s: float = Field(default=600.0, gt=0)  # placing and starting the actors; then a one-line error
     # GPUs the local Ray cluster offers the actors (default: all it finds); fewer keeps some for the driver's world
     # model and prior, more declares GPUs a machine does not have (placement tests on a CPU)

@@ -30,8 +30,13 @@ StateDict = dict[str, torch.Tensor]
 DistSpec = tuple[int, int, str, int]  # (rank, data-parallel ranks, host and port of the group's rendezvous store)
 
 
-def _setup_process(num_cpus: float) -> None:
-    torch.set_num_threads(max(1, int(num_cpus)))
+def actor_threads(ppo: PPOConfig) -> int:
+    """Torch threads of one PPO actor: `ppo.actor_threads`, else the whole CPUs Ray reserves for it (at least 1)."""
+    return ppo.actor_threads or max(1, int(ppo.actor_num_cpus))
+
+
+def _setup_process(threads: int) -> None:
+    torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -104,7 +109,7 @@ class PolicyActor:
 
     def __init__(self, ppo: PPOConfig, llm: LLMConfig, weights: Optional[StateDict] = None, seed: int = 0,
                  dist: Optional[DistSpec] = None):
-        _setup_process(ppo.actor_num_cpus)
+        _setup_process(actor_threads(ppo))
         self.cfg = ppo
         self.rank, self.world = join_group(dist, actor_device(), ppo.startup_timeout_s)
         lm, self.tokenizer = _load_lm(llm, weights)
@@ -171,7 +176,7 @@ class CriticActor:
 
     def __init__(self, ppo: PPOConfig, llm: LLMConfig, weights: Optional[StateDict] = None, seed: int = 0,
                  dist: Optional[DistSpec] = None):
-        _setup_process(ppo.actor_num_cpus)
+        _setup_process(actor_threads(ppo))
         self.cfg = ppo
         self.rank, self.world = join_group(dist, actor_device(), ppo.startup_timeout_s)
         lm, _ = _load_lm(llm, weights)
@@ -216,7 +221,7 @@ class ReferenceActor:
     """The frozen policy the KL terms compare against."""
 
     def __init__(self, ppo: PPOConfig, llm: LLMConfig, weights: Optional[StateDict] = None, seed: int = 0):
-        _setup_process(ppo.actor_num_cpus)
+        _setup_process(actor_threads(ppo))
         self.cfg = ppo
         self.model, _ = _load_lm(llm, weights)
         self.model.requires_grad_(False).to(actor_device())

@@ -34,6 +34,22 @@ def test_torch_strategy_runs_a_ppo_step(tiny_llm_dir):
     assert changed and all(torch.isfinite(torch.tensor(v)) for v in [*p_stats.values(), *c_stats.values()])
 
 
+def test_an_actor_runs_the_torch_threads_configured_else_those_of_its_reserved_cpus(tiny_llm_dir):
+    """ppo.actor_threads: a PPO step runs mostly one actor at a time, so an actor may use more threads than the
+    CPUs Ray reserves for it."""
+    from priorzero_core.ppo.actors import actor_threads
+
+    assert actor_threads(PPOConfig(actor_num_cpus=0.5)) == 1 and actor_threads(PPOConfig(actor_num_cpus=2)) == 2
+    before = torch.get_num_threads()
+    try:
+        ReferenceActor(PPOConfig(actor_num_cpus=1, actor_threads=3), LLMConfig(model=str(tiny_llm_dir)))
+        assert torch.get_num_threads() == 3
+        ReferenceActor(PPOConfig(actor_num_cpus=2), LLMConfig(model=str(tiny_llm_dir)))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_deepspeed_strategy_runs_a_ppo_step_on_cpu(tiny_llm_dir):
     """ZeRO-2 + bf16 + gradient checkpointing, one gloo rank: the code path a GPU run takes."""
     pytest.importorskip("deepspeed")
