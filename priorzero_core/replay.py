@@ -184,7 +184,11 @@ class ReplayBuffer:
         Where the data stops early (episode still running, or cut by a step limit) the last
         available step's root value stands in for its own reward plus everything after it.
         """
-        partial, discount, offset = self.value_parts(seg, t)
+        return self._stored_target(seg, t, self.value_parts(seg, t))
+
+    def _stored_target(self, seg: GameSegment, t: int, parts: tuple[float, float, Optional[int]]) -> float:
+        """`value_parts` of step t put together with the search value stored at the step it bootstraps from."""
+        partial, discount, offset = parts
         return partial if offset is None else partial + discount * self._step_at(seg, t + offset).root_value
 
     def value_parts(self, seg: GameSegment, t: int) -> tuple[float, float, Optional[int]]:
@@ -225,19 +229,17 @@ class ReplayBuffer:
             if prev is None or prev.terminal or prev.truncated:
                 break
             ctx.append(prev)
-        targets = np.array([self.value_target(seg, t + i) if s is not None and not absorbed[i] else 0.0
-                            for i, s in enumerate(steps)])
+        parts = [self.value_parts(seg, t + i) if s is not None and not absorbed[i] else None
+                 for i, s in enumerate(steps)]
+        targets = np.array([0.0 if p is None else self._stored_target(seg, t + i, p) for i, p in enumerate(parts)])
         out = SampledSequence(steps=steps, context=ctx[::-1], value_targets=targets.astype(np.float32))
         if reanalyse:
             out.value_partial = targets.astype(np.float32)
             out.bootstrap_discount = np.zeros(length, dtype=np.float32)
             out.bootstrap_offset = np.full(length, -1, dtype=np.int64)
-            for i, s in enumerate(steps):
-                if s is None or absorbed[i]:
-                    continue
-                partial, discount, offset = self.value_parts(seg, t + i)
-                if offset is not None and i + offset < length and steps[i + offset] is not None:
-                    out.value_partial[i], out.bootstrap_discount[i], out.bootstrap_offset[i] = partial, discount, offset
+            for i, p in enumerate(parts):
+                if p is not None and p[2] is not None and i + p[2] < length and steps[i + p[2]] is not None:
+                    out.value_partial[i], out.bootstrap_discount[i], out.bootstrap_offset[i] = p
         return out
 
     def sample(self, batch_size: int, length: int, context: int, demo_fraction: float = 0.0,
