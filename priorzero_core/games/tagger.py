@@ -7,10 +7,14 @@ are enough for that, and unlike spaCy they give the same tags on every machine.
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 
-import jericho.util
+# jericho's package attribute `util` is ctypes.util when ctypes.util was imported before jericho (its
+# `from ctypes import *` re-exports the submodule over its own), so `jericho.util` and `from jericho import util`
+# depend on import order; import_module returns sys.modules["jericho.util"], the real one.
+jericho_util = importlib.import_module("jericho.util")
 
 _WORD_CLASSES = {
     "DET": "a an the this that these those some any each every no another either neither all both "
@@ -93,5 +97,5 @@ class Tagger:
 
 def install_tagger() -> None:
     """Make jericho use this tagger instead of loading spaCy (its `_load_spacy` skips an existing one)."""
-    if not isinstance(getattr(jericho.util, "spacy_nlp", None), Tagger):
-        jericho.util.spacy_nlp = Tagger()
+    if not isinstance(getattr(jericho_util, "spacy_nlp", None), Tagger):
+        jericho_util.spacy_nlp = Tagger()

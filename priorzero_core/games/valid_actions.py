@@ -26,11 +26,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import jericho
 import numpy as np
-from jericho import util as jutil
 from jericho.util import verb_usage_count
 
 from ..errors import GameError
 from .tagger import install_tagger
+from .tagger import jericho_util as jutil
 
 log = logging.getLogger(__name__)
 

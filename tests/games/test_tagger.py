@@ -1,7 +1,11 @@
+import subprocess
+import sys
+import textwrap
+
 import jericho
 import pytest
 
-from priorzero_core.games.tagger import install_tagger, tag
+from priorzero_core.games.tagger import install_tagger, jericho_util, tag
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +28,27 @@ def test_tags_the_words_jericho_reads_as_objects():
 
 def test_jericho_tokenize_and_extract_objs_run_on_the_installed_tagger():
     install_tagger()
-    assert jericho.util.tokenize("Open the Mailbox.") == ["open", "the", "mailbox", "."]
-    assert jericho.util.extract_objs("There is a small mailbox here.") == {("small", "ADJ"), ("mailbox", "NOUN")}
+    assert jericho_util.tokenize("Open the Mailbox.") == ["open", "the", "mailbox", "."]
+    assert jericho_util.extract_objs("There is a small mailbox here.") == {("small", "ADJ"), ("mailbox", "NOUN")}
+
+
+def test_the_tagger_and_the_candidate_lister_reach_jericho_util_when_ctypes_util_was_imported_first(rom_dir):
+    """torch, Ray and DeepSpeed import ctypes.util; jericho imported after it exports ctypes.util as `jericho.util`."""
+    code = textwrap.dedent(f"""
+        import ctypes.util, sys
+        from priorzero_core.games import valid_actions
+        from priorzero_core.games.tagger import Tagger, install_tagger
+        import jericho
+        install_tagger()
+        assert valid_actions.jutil is sys.modules["jericho.util"], valid_actions.jutil
+        assert isinstance(sys.modules["jericho.util"].spacy_nlp, Tagger)
+        env = jericho.FrotzEnv({str(rom_dir / "zork1.z5")!r})
+        env.reset()
+        assert "open mailbox" in valid_actions.candidate_actions(env, env.get_state())
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_valid_actions_at_the_start_of_zork1(zork):
