@@ -37,7 +37,12 @@ def test_sigterm_stops_the_run_its_temporary_server_and_marks_mlflow_killed(pref
         assert len(session_processes(proc.pid)) >= 2  # the command and Prefect's temporary server
 
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
+        try:
+            output, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # say where it hung: the command's own last lines
+            for left in session_processes(proc.pid):
+                left.kill()
+            raise AssertionError("still running 120 s after SIGTERM:\n" + proc.communicate()[0][-4000:]) from None
 
         assert proc.returncode == 130, output
         assert "Stopping temporary server" in output
