@@ -6,6 +6,7 @@ import textwrap
 import time
 
 import psutil
+from interrupts import ctrl_c_as_in_a_terminal
 
 SCRIPT = textwrap.dedent("""
     import sys
@@ -24,12 +25,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _ctrl_c_as_in_a_terminal() -> None:
-    """preexec_fn: a shell that runs the suite in the background starts it with SIGINT ignored, its children inherit
-    that and Python then never raises KeyboardInterrupt; Ctrl-C in a terminal reaches a job whose SIGINT is default."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_mid_training_stops_ray_and_every_actor(tiny_ppo_config, zork_segment, process_tracker, tmp_path):
     _, still_running = process_tracker
     (tmp_path / "cfg.json").write_text(tiny_ppo_config().model_dump_json())
@@ -38,7 +33,7 @@ def test_ctrl_c_mid_training_stops_ray_and_every_actor(tiny_ppo_config, zork_seg
     proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "cfg.json"),
                              str(tmp_path / "segment.json"), str(tmp_path / "run")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=_ctrl_c_as_in_a_terminal)
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     seen: set[int] = set()
     try:
         output = []

@@ -9,18 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from interrupts import ctrl_c_as_in_a_terminal
 
 from priorzero_core import checkpoint as ckpt
 
 from .conftest import PRIORZERO, wait_gone
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _ctrl_c_as_in_a_terminal() -> None:
-    """preexec_fn: a shell that runs the suite in the background starts it with SIGINT ignored, its children inherit
-    that and Python then never raises KeyboardInterrupt; Ctrl-C in a terminal reaches a job whose SIGINT is default."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_mid_run_stops_every_process_and_keeps_checkpoints_valid(prefect_server, debug_overrides, tmp_path):
@@ -30,7 +25,7 @@ def test_ctrl_c_mid_run_stops_every_process_and_keeps_checkpoints_valid(prefect_
            "PREFECT_HOME": str(tmp_path / "prefect-client"), "HOME": str(Path.home())}
     proc = subprocess.Popen([PRIORZERO, "train", "debug", "--iterations", "50", "--run-dir", str(run_dir), "--set",
                              *overrides], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
+                            text=True, start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 240
         while not (run_dir / "checkpoints" / "iter-000002").is_dir() and time.monotonic() < deadline:
