@@ -156,7 +156,10 @@ class Agent:
 
             # "visits": no lookahead, so the improved policy is the visit distribution, for acting and as target
             lookahead = every_root_action if self.cfg.mcts.policy_target == "improved" else None
-            out = search(self.model.search_fn(ctx), RootOutput(state, logits, value), ctx.valid_mask, self.cfg.mcts,
+            mcts = self.cfg.mcts
+            if mode != "collect" and self.cfg.eval.num_simulations is not None:
+                mcts = mcts.model_copy(update={"num_simulations": self.cfg.eval.num_simulations})
+            out = search(self.model.search_fn(ctx), RootOutput(state, logits, value), ctx.valid_mask, mcts,
                          self.rng, add_noise=mode == "collect", discount=self.cfg.world_model.discount,
                          temperature=temperature, lookahead_fn=lookahead)
             probs, actions, values = out.visit_dist, out.selected_action, out.root_value

@@ -283,6 +283,8 @@ class EvalConfig(_Section):
     # of the 2-hour runs, visits gave Zork 1 30.8 against 26.8 but detective 100 against 310, the policy alone
     # detective 350 but Zork 1 25 against 31 (docs/benchmarks.md), so the improved policy stays the default.
     act_on: Literal["visits", "improved", "policy"] = "improved"
+    # Simulations of the greedy agent's search (None: mcts.num_simulations, what collection searches with).
+    num_simulations: Optional[int] = Field(default=None, gt=0)
 
 
 class ScheduleConfig(_Section):

@@ -89,6 +89,37 @@ def test_the_greedy_agent_acting_on_its_policy_skips_the_search(text_encoder, mo
         pool.close()
 
 
+def test_evaluation_searches_with_eval_num_simulations_and_collection_with_mcts_num_simulations(text_encoder,
+                                                                                              monkeypatch):
+    import priorzero_core.agent as agent_module
+
+    searched = []
+
+    def recording_search(fn, root, mask, cfg, *args, **kwargs):
+        searched.append(cfg.num_simulations)
+        return real_search(fn, root, mask, cfg, *args, **kwargs)
+
+    real_search = agent_module.search
+    monkeypatch.setattr(agent_module, "search", recording_search)
+    torch.manual_seed(7)
+    pool = EnvPool(load_config("debug").game, 1)
+    try:
+        ts = pool.reset_all()[0]
+        for eval_sims, expected in ((None, [3, 3]), (6, [3, 6])):
+            cfg = load_config("debug", ["llm.enabled=false", "world_model.embed_dim=32", "world_model.num_heads=2",
+                                        "mcts.num_simulations=3"])
+            cfg.eval.num_simulations = eval_sims
+            agent = Agent(cfg, game_spec(cfg.game), text_encoder, WorldModel(cfg.world_model, text_encoder.dim), None,
+                          np.random.default_rng(0), torch.device("cpu"))
+            searched.clear()
+            agent.act([EnvView([], ts)], mode="collect")
+            (d,) = agent.act([EnvView([], ts)], mode="wm")
+            assert searched == expected
+            assert cfg.mcts.num_simulations == 3  # the collection config is left as it was
+    finally:
+        pool.close()
+
+
 def test_a_step_without_a_policy_target_gets_no_policy_loss_but_its_reward(text_encoder):
     """Hazard steps (collector.hazard_segments) carry neither visits nor a policy target."""
     plain = StepRecord("here", ["a", "b"], 0, "a", 0.0, 0, [0.25, 0.75], 0.0)
