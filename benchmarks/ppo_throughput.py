@@ -147,7 +147,7 @@ def main() -> None:
     args.actor_threads = args.actor_threads or args.threads
     logging.basicConfig(level=logging.WARNING)
     cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(1)  # the driver: our actors run in their own one-thread processes
+    torch.set_num_threads(1)  # the driver: our actors run in their own processes (--actor-threads each)
     rom_dir = Path(args.rom_dir)
     resolve_rom(GameConfig(name="zork1", rom_dir=str(rom_dir)))  # fail early with a clear message
     cfg = config(args, rom_dir)
