@@ -225,7 +225,7 @@ def evaluate(
     """Evaluate a run's latest checkpoint (or a registered agent) and print its metrics and transcript path.
 
     Overrides change only this evaluation (the run's config.yaml stays as it is), e.g. the random baseline
-    over the same valid actions: `priorzero eval runs/zork eval.modes=[random] eval.num_episodes=20`.
+    over the same valid actions: `priorzero eval runs/zork eval.modes=\\[random] eval.num_episodes=20`.
     """
     if run_dir.startswith(("models:/", "runs:/")):
         result = _evaluate_registered(run_dir, _overrides(set_, more))

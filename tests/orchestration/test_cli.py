@@ -32,6 +32,13 @@ def test_every_command_has_help(command):
     assert "Usage" in result.output
 
 
+def test_eval_help_shows_the_random_baseline_s_override_whole():
+    """The help is rendered as Rich markup, where an unescaped `[random]` is a style tag and vanishes."""
+    result = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "200"})
+
+    assert "eval.modes=[random] eval.num_episodes=20" in result.output
+
+
 def test_prefect_s_temporary_server_gets_minutes_to_start_on_a_loaded_machine(tmp_path):
     """Prefect's own limit (20 s of sleeps) failed `priorzero train` on a busy machine before its first iteration;
     a user's own PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS is kept (os.environ.setdefault)."""
