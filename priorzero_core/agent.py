@@ -39,6 +39,7 @@ class Decision:
     root_value: float
     llm_prior: Optional[np.ndarray]  # log-prior over valid_actions
     prompt: Optional[str]
+    q_values: Optional[np.ndarray] = None  # the search's completed Q over valid_actions (None: no search)
 
 
 def kept_actions(ts: TimeStep, limit: int) -> list[str]:
@@ -135,6 +136,7 @@ class Agent:
             probs = improved = llm_lp.softmax(-1)
             actions = probs.argmax(-1)
             values = torch.zeros(len(views))
+            q = None
         else:
             pasts = [[(o, a) for o, a, _ in v.history] for v in views]
             ctx = self._root_context(pasts, [v.timestep.observation for v in views], valid)
@@ -146,7 +148,7 @@ class Agent:
             logits = root_prior(wm_logits, llm_lp, ctx.valid_mask, prior_mode, self.cfg.mcts.mix_weight)
             if mode != "collect" and self.cfg.eval.act_on == "policy":  # the learned policy alone, no search
                 probs = improved = logits.masked_fill(~ctx.valid_mask, -1e9).softmax(-1)
-                return self._decisions(valid, probs, improved, probs.argmax(-1), value, llm_lp, prompts)
+                return self._decisions(valid, probs, improved, probs.argmax(-1), value, llm_lp, prompts, None)
             temperature = self.cfg.mcts.collect_temperature if mode == "collect" else 0.0
             width = ctx.valid_mask.shape[1]
 
@@ -163,13 +165,13 @@ class Agent:
                          self.rng, add_noise=mode == "collect", discount=self.cfg.world_model.discount,
                          temperature=temperature, lookahead_fn=lookahead)
             probs, actions, values = out.visit_dist, out.selected_action, out.root_value
-            improved = out.improved_policy
+            improved, q = out.improved_policy, out.completed_q
             if mode != "collect" and self.cfg.eval.act_on == "visits":  # improved < 1 only breaks ties
                 actions = (out.visit_counts + improved).argmax(-1)
-        return self._decisions(valid, probs, improved, actions, values, llm_lp, prompts)
+        return self._decisions(valid, probs, improved, actions, values, llm_lp, prompts, q)
 
     @staticmethod
-    def _decisions(valid, probs, improved, actions, values, llm_lp, prompts) -> list[Decision]:
+    def _decisions(valid, probs, improved, actions, values, llm_lp, prompts, q) -> list[Decision]:
         decisions = []
         for b, acts in enumerate(valid):
             k = len(acts)
@@ -183,6 +185,7 @@ class Agent:
                 root_value=float(values[b]),
                 llm_prior=None if llm_lp is None else llm_lp[b, :k].cpu().numpy(),
                 prompt=prompts[b],
+                q_values=None if q is None else q[b, :k].float().cpu().numpy(),
             ))
         return decisions
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -22,16 +23,28 @@ class EvalResult:
     transcript: str
 
 
-def untried_first(d: Decision, tried: set[str], act_on: str = "improved") -> int:
+def untried_first(d: Decision, tried: set[str], act_on: str = "improved", max_drop: Optional[float] = None) -> int:
     """The index of the best-ranked action not in `tried` (ranked as the agent acts: by visits, ties to the policy
-    target, or by the policy target); the decision's own choice when every action has been tried."""
+    target, or by the policy target); the decision's own choice when every action has been tried.
+
+    `max_drop` (eval.break_loops_max_drop): an untried action may replace the choice only if its searched Q lies
+    at most this fraction of the Q range (over the valid actions) below the choice's Q or below 0, whichever is
+    lower: a loop is broken with a move the search rates about as well as the loop, or expects to lose nothing
+    on (such as ending the game), never with one it expects to lose points on; None: any untried action.
+    """
     if d.action not in tried:
         return d.action_index
     rank = np.asarray(d.policy_target, dtype=np.float64)
     if act_on == "visits":
         rank = np.asarray(d.visit_dist, dtype=np.float64) + 1e-3 * rank
+    allowed = np.ones(len(rank), dtype=bool)
+    if max_drop is not None and d.q_values is not None:
+        q = np.asarray(d.q_values, dtype=np.float64)
+        spread = q.max() - q.min()
+        if spread > 0:
+            allowed = q >= min(q[d.action_index], 0.0) - max_drop * spread
     for idx in np.argsort(-rank, kind="stable"):
-        if d.valid_actions[idx] not in tried:
+        if allowed[idx] and d.valid_actions[idx] not in tried:
             return int(idx)
     return d.action_index
 
@@ -48,14 +61,16 @@ def eval_modes(cfg: PriorZeroConfig, has_llm: bool) -> list[str]:
 
 
 def evaluate(pool, agent: Agent, modes: list[str], num_episodes: int, max_steps: int, progress: bool = False,
-             break_loops: bool = True, act_on: str = "improved") -> EvalResult:
+             break_loops: bool = True, act_on: str = "improved", break_loops_max_drop: Optional[float] = None
+             ) -> EvalResult:
     """Plays `num_episodes` episodes per mode (envs of `pool` in parallel, episodes in rounds).
 
     `evals/reward_mean` is the mean final score of the first mode that runs (the agent's main mode: "wm_llm"
     when an LLM is present, else "wm"); every mode also gets its own `evals/<mode>/...` metrics.
     `break_loops`: back in a world state it has been in before this episode, the greedy agent takes its
     best-ranked action not yet taken there (the same action from the same state would go round the same loop),
-    ranked as `act_on` (the agent's `eval.act_on`) says.
+    ranked as `act_on` (the agent's `eval.act_on`) says, among the moves `break_loops_max_drop` allows (see
+    `untried_first`).
     """
     metrics: dict[str, float] = {}
     lines: list[str] = []
@@ -78,7 +93,7 @@ def evaluate(pool, agent: Agent, modes: list[str], num_episodes: int, max_steps:
                 if break_loops and mode != "random":
                     for i, d in zip(active, decisions):
                         taken = tried[i].setdefault(views[i].timestep.state_hash, set())
-                        d.action_index = untried_first(d, taken, act_on)
+                        d.action_index = untried_first(d, taken, act_on, break_loops_max_drop)
                         d.action = d.valid_actions[d.action_index]
                         taken.add(d.action)
                 steps = pool.step([d.action for d in decisions], indices=active)

@@ -91,6 +91,7 @@ class SearchOutput(NamedTuple):
     q_values: Tensor  # [B, A] reward + discount·value of root children; 0 where unvisited
     selected_action: Tensor  # [B]
     tree: SearchedTree
+    completed_q: Tensor  # [B, A] q_values, completed where unvisited as the improved policy completes them
 
 
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
@@ -386,7 +387,7 @@ def search(
     root_value = torch.from_numpy(tree.value_sum[tree.root] / tree.visit_count[tree.root]).float().to(device)
     temperature = cfg.collect_temperature if temperature is None else temperature
     visit_dist = visit_counts / visit_counts.sum(-1, keepdim=True)
-    improved = visit_dist
+    improved, completed = visit_dist, q_values
     if lookahead_fn is not None:
         unvisited = (mixed_value(root.value.float(), q_values, visit_counts, masked_softmax(root.prior_logits.float(),
                                                                                            valid_mask))
@@ -403,4 +404,5 @@ def search(
         q_values=q_values,
         selected_action=select_action(act_from, temperature, rng),
         tree=searched_tree(tree, device),
+        completed_q=completed,
     )

@@ -130,3 +130,31 @@ def test_a_step_without_a_policy_target_gets_no_policy_loss_but_its_reward(text_
     batch = sequences_to_wm_batch([buf.sequence(s, 0, 1, 0) for s in segs], text_encoder, 4, torch.device("cpu"))
     np.testing.assert_allclose(batch.policy_targets[:, 0, :2].numpy(), [[0.25, 0.75], [0.0, 0.0]])
     assert batch.rewards[:, 0].tolist() == [0.0, -10.0] and batch.step_mask[:, 0].tolist() == [True, True]
+
+
+def test_a_searched_decision_carries_the_completed_q_the_improved_policy_was_built_from(text_encoder):
+    from priorzero_core.mcts import improved_policy
+
+    cfg = load_config("debug", ["llm.enabled=false", "world_model.embed_dim=32", "world_model.num_heads=2",
+                                "mcts.num_simulations=1"])
+    torch.manual_seed(7)
+    pool = EnvPool(cfg.game, 1)
+    try:
+        ts = pool.reset_all()[0]
+        agent = Agent(cfg, game_spec(cfg.game), text_encoder, WorldModel(cfg.world_model, text_encoder.dim), None,
+                      np.random.default_rng(0), torch.device("cpu"))
+        (d,) = agent.act([EnvView([], ts)], mode="wm")
+        k = len(d.valid_actions)
+        assert d.q_values is not None and d.q_values.shape == (k,)
+        # one simulation leaves an action unvisited: its Q is completed (one-step), not the tree's 0
+        assert k > 1 and np.count_nonzero(d.visit_dist) == 1 and np.count_nonzero(d.q_values) == k
+        ctx = agent._root_context([[]], [ts.observation], [list(d.valid_actions)])
+        _, logits, _ = agent.model.root_inference(ctx)
+        visits = torch.from_numpy(d.visit_dist).float()[None]
+        rebuilt = improved_policy(logits[:, :k], torch.from_numpy(d.q_values)[None], visits,
+                                  ctx.valid_mask[:, :k], cfg.mcts.c_visit, cfg.mcts.c_scale, cfg.mcts.min_q_spread)
+        np.testing.assert_allclose(d.policy_target, rebuilt[0].numpy(), atol=1e-5)
+        cfg.eval.act_on = "policy"
+        assert agent.act([EnvView([], ts)], mode="wm")[0].q_values is None
+    finally:
+        pool.close()

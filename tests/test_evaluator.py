@@ -71,3 +71,62 @@ def test_untried_first_ranks_as_the_agent_acts():
     assert untried_first(d, {"close box"}, act_on="visits") == 2  # tied visits: the policy target decides
     d.visit_dist = np.array([0.4, 0.5, 0.1])
     assert untried_first(d, {"close box"}, act_on="visits") == 0
+
+
+class CliffPool(BoxPool):
+    """BoxPool where the last action, "jump", ends the episode losing 10 points."""
+
+    actions = ["open box", "close box", "jump"]
+
+    def step(self, actions, indices=None):
+        (action,) = actions
+        if action == "jump":
+            return [TimeStep(observation="You fall.", raw="", score=-10, reward=-10.0, done=True, moves=0,
+                             valid_actions=list(self.actions), state_hash="fallen")]
+        self.state = "open" if action == "open box" else "closed"
+        return [self._ts(0, False)]
+
+    def _ts(self, score, done):
+        ts = super()._ts(score, done)
+        ts.valid_actions = list(self.actions)
+        return ts
+
+
+class WaryToggleAgent(ToggleAgent):
+    """ToggleAgent whose search expects "jump" to lose 10 points and the box moves nothing."""
+
+    def act(self, views, mode):
+        decisions = super().act(views, mode)
+        for d in decisions:
+            d.valid_actions = list(CliffPool.actions)
+            d.action = d.valid_actions[d.action_index]
+            d.q_values = np.array([0.0, -0.5, -10.0], dtype=np.float32)
+        return decisions
+
+
+@pytest.mark.parametrize("max_drop, score, length", [(None, -10, 4), (0.5, 0, 10)])
+def test_a_loop_is_broken_only_with_a_move_the_search_does_not_expect_to_lose_points(max_drop, score, length):
+    result = evaluate(CliffPool(), WaryToggleAgent(), ["wm"], num_episodes=1, max_steps=10,
+                      break_loops_max_drop=max_drop)
+
+    # Any untried move: open, close, then back at "closed" the untried "close box", then "jump" (-10). Within half
+    # the Q range of the choice: "close box" (Q -0.5) still breaks the first loop, "jump" (-10) never does.
+    assert result.metrics["evals/reward_mean"] == score
+    assert result.metrics["evals/episode_length"] == length
+
+
+def test_untried_first_without_q_values_or_with_a_flat_q_takes_any_untried_move():
+    d = WaryToggleAgent().act([type("V", (), {"timestep": BoxPool().reset([0])[0]})()], "wm")[0]
+    assert untried_first(d, {"open box", "close box"}, max_drop=0.5) == 0  # jump is ruled out: the choice stays
+    d.q_values = np.zeros(3, dtype=np.float32)
+    assert untried_first(d, {"open box", "close box"}, max_drop=0.5) == 2
+    d.q_values = None
+    assert untried_first(d, {"open box", "close box"}, max_drop=0.5) == 2
+
+
+def test_a_loop_may_be_broken_with_a_move_the_search_expects_to_lose_nothing_on():
+    """The loop's own move looks good (an imagined +10); ending the game (Q 0) may still break it, a fall may not."""
+    d = WaryToggleAgent().act([type("V", (), {"timestep": BoxPool().reset([0])[0]})()], "wm")[0]
+    d.q_values = np.array([10.0, 0.0, -10.0], dtype=np.float32)
+    assert untried_first(d, {"open box"}, max_drop=0.25) == 1
+    assert untried_first(d, {"open box", "close box"}, max_drop=0.25) == 0
