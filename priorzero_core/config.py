@@ -135,11 +135,17 @@ class WorldModelConfig(_Section):
     # was collected (one more forward of the target network an update). Other targets (bootstrap state past the
     # sequence, demonstrations' exact returns, hazards) stay as stored.
     reanalyse: bool = False
+    # Value targets as the λ-return over the n_step steps (each step's stored search value mixed in with weight
+    # 1 − λ), spreading a reward's credit back less sharply than one n-step return; 1: the n-step return.
+    td_lambda: float = Field(default=1.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "WorldModelConfig":
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.reanalyse and self.td_lambda < 1:
+            raise ValueError("world_model.reanalyse re-bootstraps n-step returns; it cannot be combined with "
+                             "world_model.td_lambda < 1")
         return self
 
 

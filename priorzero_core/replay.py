@@ -100,8 +100,9 @@ class ReplayBuffer:
     """Segments in memory (bounded by total steps), persisted as one gzip JSON-lines file per iteration."""
 
     def __init__(self, capacity_steps: int, discount: float, n_step: int, seed: int = 0, hazard_capacity: int = 1000,
-                 absorbing: bool = False):
+                 absorbing: bool = False, td_lambda: float = 1.0):
         self.absorbing = absorbing  # sequences go on past the game's end in the absorbing state (absorbing_step)
+        self.td_lambda = td_lambda  # 1: the n-step return; below 1: the λ-return over the same n steps
         self.capacity_steps = capacity_steps
         self.discount = discount
         self.n_step = n_step
@@ -187,9 +188,27 @@ class ReplayBuffer:
         return self._stored_target(seg, t, self.value_parts(seg, t))
 
     def _stored_target(self, seg: GameSegment, t: int, parts: tuple[float, float, Optional[int]]) -> float:
-        """`value_parts` of step t put together with the search value stored at the step it bootstraps from."""
+        """`value_parts` of step t put together with the search value stored at the step it bootstraps from; with
+        `td_lambda` < 1, the λ-return over the same steps instead."""
         partial, discount, offset = parts
+        if self.td_lambda < 1.0:
+            return self._lambda_return(seg, t, offset)
         return partial if offset is None else partial + discount * self._step_at(seg, t + offset).root_value
+
+    def _lambda_return(self, seg: GameSegment, t: int, offset: Optional[int]) -> float:
+        """G_i = r_i + γ((1 − λ)·V_{i+1} + λ·G_{i+1}) backwards from where the n-step return stops: G = V of the
+        step it bootstraps from (`offset`), or, where the game ended (`offset` None), the last step's reward alone.
+        V are the search values stored at collection; λ = 1 gives the n-step return, λ = 0 the one-step TD target."""
+        lam, gamma = self.td_lambda, self.discount
+        if offset is None:  # the game ended at the last step before n
+            last = next(i for i in range(self.n_step) if self._step_at(seg, t + i).terminal)
+            g = self._step_at(seg, t + last).reward
+        else:
+            last, g = offset, self._step_at(seg, t + offset).root_value
+        for i in range(last - 1, -1, -1):
+            after = self._step_at(seg, t + i + 1).root_value
+            g = self._step_at(seg, t + i).reward + gamma * ((1.0 - lam) * after + lam * g)
+        return g
 
     def value_parts(self, seg: GameSegment, t: int) -> tuple[float, float, Optional[int]]:
         """The n-step target of step t as (discounted rewards, discount, offset): the target is the rewards plus

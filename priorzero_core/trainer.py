@@ -127,7 +127,8 @@ class Trainer:
         self.agent = Agent(cfg, self.spec, self.encoder, self.wm.model, self.llm_prior, self.rng, self.device)
         wmc = cfg.world_model
         self.replay = ReplayBuffer(cfg.replay.capacity_steps, wmc.discount, wmc.n_step, seed=cfg.run.seed,
-                                   hazard_capacity=cfg.explore.hazard_capacity, absorbing=wmc.absorbing)
+                                   hazard_capacity=cfg.explore.hazard_capacity, absorbing=wmc.absorbing,
+                                   td_lambda=wmc.td_lambda)
         sharded = cfg.collect.shards > 1 and not readonly  # collection runs on Ray actors (shards.py)
         # with shards, one env here: its valid-action workers serve the demonstration's recorder
         self.collect_pool = EnvPool(cfg.game, 1 if sharded else cfg.collect.num_envs, seed=cfg.run.seed)

@@ -68,3 +68,11 @@ def test_loader_fuzz_only_raises_config_errors(data):
         config_from_dict(data)
     except ConfigError as err:
         assert "\n" not in str(err)
+
+
+def test_td_lambda_is_a_world_model_option_that_refuses_reanalyse():
+    from priorzero_core.errors import ConfigError
+
+    assert load_config("debug", ["world_model.td_lambda=0.8"]).world_model.td_lambda == 0.8
+    with pytest.raises(ConfigError, match="td_lambda"):
+        load_config("debug", ["world_model.td_lambda=0.8", "world_model.reanalyse=true"])

@@ -156,3 +156,22 @@ def test_hazard_segments_keep_the_losing_move_and_the_one_before_without_a_polic
     buf.add(out)
     assert buf.value_target(out[0], 0) == pytest.approx(0.5 * -5) and buf.value_target(out[1], 1) == -10
     assert hazard_segments([first, second], steps=1, context=0)[0].context == []
+
+
+def test_lambda_returns_mix_the_stored_values_into_the_n_step_return():
+    """G_i = r_i + γ((1 − λ)V_{i+1} + λG_{i+1}), from the bootstrap value or the game's last reward."""
+    steps = [step(1, 10), step(2, 20), step(4, 40), step(8, 80)]
+    for lam, expected in ((1.0, 1 + 0.5 * 2 + 0.25 * 40),  # the n-step return
+                          (0.0, 1 + 0.5 * 20),  # one-step TD
+                          (0.5, 1 + 0.5 * (0.5 * 20 + 0.5 * (2 + 0.5 * 40)))):
+        buf = ReplayBuffer(100, discount=0.5, n_step=2, td_lambda=lam)
+        seg = GameSegment("e", 0, 0, list(steps))
+        buf.add([seg])
+        assert buf.value_target(seg, 0) == pytest.approx(expected)
+        assert buf.sequence(seg, 0, 1, 0).value_targets[0] == pytest.approx(expected)
+    buf = ReplayBuffer(100, discount=0.5, n_step=3, td_lambda=0.5)
+    ended = GameSegment("f", 0, 0, [step(1, 10), step(2, 20, terminal=True)])
+    cut = GameSegment("g", 0, 0, [step(1, 10), step(2, 20)])
+    buf.add([ended, cut])
+    assert buf.value_target(ended, 0) == pytest.approx(1 + 0.5 * (0.5 * 20 + 0.5 * 2))  # nothing after the end
+    assert buf.value_target(cut, 0) == pytest.approx(1 + 0.5 * 20)  # the data stops: V of the last step stands in

@@ -47,6 +47,15 @@ def test_plain_loop_trains_checkpoints_and_resumes_where_it_stopped(tmp_path):
     assert "iteration 3 checkpoint" in (tmp_path / "logs" / "train.log").read_text()
 
 
+def test_the_world_model_s_td_lambda_is_the_replay_s(tmp_path):
+    trainer = Trainer(load_config("debug", TINY + ["llm.enabled=false", "world_model.td_lambda=0.7"]), tmp_path,
+                      progress=False)
+    try:
+        assert trainer.replay.td_lambda == 0.7
+    finally:
+        trainer.close()
+
+
 def test_a_jericho_run_logs_what_the_valid_action_cache_saved(tmp_path, rom_dir):
     cfg = load_config("zork", TINY + ["llm.enabled=false", f"game.rom_dir={rom_dir}", "game.valid_action_workers=1"])
     first = run_plain(cfg, tmp_path, iterations=1, progress=False)[0]
