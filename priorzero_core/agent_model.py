@@ -101,9 +101,8 @@ def evaluate_agent(src: Path, overrides: Optional[list[str]] = None, transcript:
     pool = EnvPool(cfg.game, min(cfg.eval.num_episodes, 16), seed=cfg.run.seed + 10_000)
     try:
         with torch.inference_mode():
-            result = evaluate(pool, agent, eval_modes(cfg, agent.llm is not None), cfg.eval.num_episodes,
-                              cfg.eval.max_episode_steps or spec.max_episode_steps, break_loops=cfg.eval.break_loops,
-                              act_on=cfg.eval.act_on, break_loops_max_drop=cfg.eval.break_loops_max_drop)
+            result = evaluate(pool, agent, eval_modes(cfg, agent.llm is not None), cfg.eval,
+                              cfg.eval.max_episode_steps or spec.max_episode_steps)
     finally:
         pool.close()
     if transcript is not None:

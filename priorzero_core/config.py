@@ -140,7 +140,7 @@ class WorldModelConfig(_Section):
     td_lambda: float = Field(default=1.0, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "WorldModelConfig":
+    def _settings_agree(self) -> "WorldModelConfig":
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.reanalyse and self.td_lambda < 1:

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .agent import Agent, Decision, EnvView
-from .config import PriorZeroConfig
+from .config import EvalConfig, PriorZeroConfig
 
 MODE_NAMES = {"wm": "world model only", "wm_llm": "world model + LLM prior", "llm": "LLM prior only",
               "random": "uniformly random valid action (baseline)"}
@@ -60,24 +60,23 @@ def eval_modes(cfg: PriorZeroConfig, has_llm: bool) -> list[str]:
     return modes
 
 
-def evaluate(pool, agent: Agent, modes: list[str], num_episodes: int, max_steps: int, progress: bool = False,
-             break_loops: bool = True, act_on: str = "improved", break_loops_max_drop: Optional[float] = None
+def evaluate(pool, agent: Agent, modes: list[str], rules: EvalConfig, max_steps: int, progress: bool = False
              ) -> EvalResult:
-    """Plays `num_episodes` episodes per mode (envs of `pool` in parallel, episodes in rounds).
+    """Plays `rules.num_episodes` episodes per mode (envs of `pool` in parallel, episodes in rounds) under the
+    evaluation protocol `rules` (the run's `eval.*`), each of at most `max_steps` steps.
 
     `evals/reward_mean` is the mean final score of the first mode that runs (the agent's main mode: "wm_llm"
     when an LLM is present, else "wm"); every mode also gets its own `evals/<mode>/...` metrics.
-    `break_loops`: back in a world state it has been in before this episode, the greedy agent takes its
+    `rules.break_loops`: back in a world state it has been in before this episode, the greedy agent takes its
     best-ranked action not yet taken there (the same action from the same state would go round the same loop),
-    ranked as `act_on` (the agent's `eval.act_on`) says, among the moves `break_loops_max_drop` allows (see
-    `untried_first`).
+    ranked as `rules.act_on` says, among the moves `rules.break_loops_max_drop` allows (see `untried_first`).
     """
     metrics: dict[str, float] = {}
     lines: list[str] = []
     t0 = time.perf_counter()
     for mode in modes:
         scores, lengths, wins = [], [], []
-        remaining = num_episodes
+        remaining = rules.num_episodes
         episode_no = 0
         while remaining > 0:
             n = min(remaining, pool.size)
@@ -90,10 +89,10 @@ def evaluate(pool, agent: Agent, modes: list[str], num_episodes: int, max_steps:
                 if not active:
                     break
                 decisions = agent.act([views[i] for i in active], mode=mode)
-                if break_loops and mode != "random":
+                if rules.break_loops and mode != "random":
                     for i, d in zip(active, decisions):
                         taken = tried[i].setdefault(views[i].timestep.state_hash, set())
-                        d.action_index = untried_first(d, taken, act_on, break_loops_max_drop)
+                        d.action_index = untried_first(d, taken, rules.act_on, rules.break_loops_max_drop)
                         d.action = d.valid_actions[d.action_index]
                         taken.add(d.action)
                 steps = pool.step([d.action for d in decisions], indices=active)

@@ -248,9 +248,7 @@ class Trainer:
         modes = eval_modes(self.cfg, self.llm_prior is not None)
         max_steps = self.cfg.eval.max_episode_steps or self.spec.max_episode_steps
         with torch.inference_mode():
-            result = evaluate(self.eval_pool, self.agent, modes, self.cfg.eval.num_episodes, max_steps, progress=self.progress,
-                              break_loops=self.cfg.eval.break_loops, act_on=self.cfg.eval.act_on,
-                              break_loops_max_drop=self.cfg.eval.break_loops_max_drop)
+            result = evaluate(self.eval_pool, self.agent, modes, self.cfg.eval, max_steps, progress=self.progress)
         path = self.run_dir / "transcripts" / f"eval-{iteration:06d}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():  # a re-run iteration or `priorzero eval` keeps the earlier transcript

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from priorzero_core.agent import Decision
+from priorzero_core.config import EvalConfig
 from priorzero_core.evaluator import evaluate, untried_first
 from priorzero_core.games.base import TimeStep
 
@@ -47,7 +48,7 @@ class ToggleAgent:
 
 @pytest.mark.parametrize("break_loops, score, length", [(False, 0, 10), (True, 1, 4)])
 def test_a_greedy_agent_back_in_a_state_takes_an_action_it_has_not_taken_there(break_loops, score, length):
-    result = evaluate(BoxPool(), ToggleAgent(), ["wm"], num_episodes=2, max_steps=10, break_loops=break_loops)
+    result = evaluate(BoxPool(), ToggleAgent(), ["wm"], EvalConfig(num_episodes=2, break_loops=break_loops), max_steps=10)
 
     assert result.metrics["evals/reward_mean"] == score and result.metrics["evals/reward_max"] == score
     # Without: open, close, open, ... for all 10 steps. With: open, close, then back at "closed" (where "open box"
@@ -106,8 +107,8 @@ class WaryToggleAgent(ToggleAgent):
 
 @pytest.mark.parametrize("max_drop, score, length", [(None, -10, 4), (0.5, 0, 10)])
 def test_a_loop_is_broken_only_with_a_move_the_search_does_not_expect_to_lose_points(max_drop, score, length):
-    result = evaluate(CliffPool(), WaryToggleAgent(), ["wm"], num_episodes=1, max_steps=10,
-                      break_loops_max_drop=max_drop)
+    result = evaluate(CliffPool(), WaryToggleAgent(), ["wm"], EvalConfig(num_episodes=1, break_loops_max_drop=max_drop),
+                      max_steps=10)
 
     # Any untried move: open, close, then back at "closed" the untried "close box", then "jump" (-10). Within half
     # the Q range of the choice: "close box" (Q -0.5) still breaks the first loop, "jump" (-10) never does.
