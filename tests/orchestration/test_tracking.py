@@ -1,10 +1,16 @@
 """MLflow tracking against real sqlite stores in tmp_path (no Prefect needed)."""
 
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from mlflow import MlflowClient
 
+from interrupts import ctrl_c_as_in_a_terminal
 from servers import free_port
 from priorzero.tasks.tracking import Tracker, artifact_root, tracking_uri
 from priorzero_core.config import config_from_dict
@@ -145,3 +151,66 @@ def test_an_agent_that_cannot_be_registered_is_a_warning_and_metrics_go_on(tmp_p
     assert not broken.exists()
     client = MlflowClient(cfg.tracking.uri)
     assert [m.step for m in client.get_metric_history(tracker.run_id, "train/wm_total_loss")] == [2]
+
+
+
+TRAINING = """
+import logging, sys, time
+from pathlib import Path
+from priorzero.tasks.tracking import Tracker
+from priorzero_core.config import config_from_dict
+
+tracker = Tracker(config_from_dict({"tracking": {"uri": sys.argv[1]}}), Path(sys.argv[2]), logging.getLogger("t"))
+try:
+    tracker.start(run_name="run", tags={})
+    assert tracker.wait_started(120)
+    tracker.log_iteration(1, {"train/wm_total_loss": 1.0}, {})
+    tracker.commit()
+    print("mlflow imported:", any(m.split(".")[0] == "mlflow" for m in sys.modules), flush=True)
+    print("mlflow process:", tracker._proc.pid, flush=True)
+    time.sleep(120)
+except KeyboardInterrupt:
+    tracker.end("KILLED")
+    print("ended", flush=True)
+"""
+
+
+def start_training(tmp_path: Path) -> tuple[subprocess.Popen, str, int, bool]:
+    """A process that tracks one iteration and then waits, in a session of its own as a terminal's foreground job
+    is; (the process, the store, the MLflow process's pid, whether MLflow was imported in the process)."""
+    store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "run").mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", TRAINING, store, str(tmp_path / "run")], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
+    imported = proc.stdout.readline().split()[-1] == "True"
+    return proc, store, int(proc.stdout.readline().split()[-1]), imported
+
+
+def test_mlflow_runs_outside_the_training_process_and_ctrl_c_reaches_only_the_training_process(tmp_path,
+                                                                                          process_tracker):
+    _, still_running = process_tracker
+    proc, store, mlflow_pid, imported = start_training(tmp_path)
+    try:
+        assert not imported  # its import and store would take the GIL from the trainer
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground process group
+        out, _ = proc.communicate(timeout=90)
+        assert out.strip() == "ended" and proc.returncode == 0
+    finally:
+        proc.kill()
+    assert not still_running({mlflow_pid}, 30)  # it ends with the tracker
+    run_id = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(store)
+    assert client.get_run(run_id).info.status == "KILLED"  # the MLflow process was still there to record it
+    assert [m.step for m in client.get_metric_history(run_id, "train/wm_total_loss")] == [1]
+
+
+def test_the_mlflow_process_ends_with_a_training_process_killed_with_sigkill(tmp_path, process_tracker):
+    _, still_running = process_tracker
+    proc, _, mlflow_pid, _ = start_training(tmp_path)
+    proc.kill()
+    proc.wait(30)
+    try:
+        assert not still_running({mlflow_pid}, 30), "the MLflow process outlived the training process"
+    finally:
+        for leftover in still_running({mlflow_pid}, 0):
+            leftover.kill()
