@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import priorzero
 import priorzero_core
-from priorzero.mlflow_process import RUN_FILE, artifact_root, source_tags
+from priorzero.mlflow_process import RUN_FILE, artifact_root, first_line, source_tags
 from priorzero_core.config import PriorZeroConfig, dump_config
 
 __all__ = ["RUN_FILE", "Tracker", "TrackingFailure", "artifact_root", "experiment_name", "flatten", "package_version",
@@ -181,8 +181,7 @@ class Tracker:
         except Exception as err:  # any tracking failure: warn once, then train on without it
             self._off = True
             self.log.warning("MLflow tracking at %s failed during %s (%s: %s); training continues without tracking",
-                             self.uri, what, getattr(err, "kind", type(err).__name__),
-                             str(err).splitlines()[0] if str(err) else "")
+                             self.uri, what, getattr(err, "kind", type(err).__name__), first_line(err))
             self._stop(timeout=10)
 
     def _call(self, method: str, *args: Any) -> Any:
