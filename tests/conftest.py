@@ -13,11 +13,15 @@ import pytest
 # scripts/servers.py starts the local Prefect and MLflow servers tests need (a dev tool, not part of the package)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+# The process ends with os._exit after Python's exit handlers (why: exit_guard's docstring); imported first so
+# that its exit handler runs after every library's.
+from exit_guard import pytest_sessionstart  # noqa: E402,F401
+
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """Keep a fault handler on through interpreter exit (pytest's own stops with the session): one CI run
-    segfaulted after every test had passed, and this names the threads if it happens again."""
+    """Keep a fault handler on through Python's exit handlers (pytest's own stops with the session): a crash in
+    one of them names the threads."""
     faulthandler.enable(file=sys.__stderr__, all_threads=True)
 
 
