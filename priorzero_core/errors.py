@@ -1,6 +1,12 @@
 """User-facing errors: one line that says what is wrong and what to do about it."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none): what a one-line report quotes."""
+    text = str(err)
+    return text.splitlines()[0] if text.strip() else ""
+
+
 class PriorZeroError(Exception):
     """An error caused by user input (config, files, games); printed as one line, no traceback."""
 

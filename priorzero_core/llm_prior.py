@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import LLMConfig, cache_root
-from .errors import BackendUnavailable, ConfigError, ModelError
+from .errors import BackendUnavailable, ConfigError, ModelError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _check_causal_lm(model_dir: Path) -> None:
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"llm.model {model_dir}: cannot read its config ({str(err).splitlines()[0]})") from None
+        raise ModelError(f"llm.model {model_dir}: cannot read its config ({first_line(err)})") from None
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     archs = config.architectures or []
     # Encoders such as BERT map to a causal-LM class too, but their checkpoints carry no LM head.

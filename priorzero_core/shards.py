@@ -31,6 +31,7 @@ from . import faults
 from .archive import Archive, Cell, Trace
 from .collector import CollectStats, Collector, SearchFreeExplorer
 from .config import ExploreConfig, PriorZeroConfig
+from .errors import first_line
 from .ppo.env_state import state_bytes, state_from_bytes
 from .replay import GameSegment, StepRecord
 
@@ -393,7 +394,7 @@ class ShardedCollector:
             try:
                 results[k] = ray.get(ref, timeout=0)
             except Exception as err:  # died, raised or silent past shard_timeout_s
-                lost[k] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                lost[k] = f"{type(err).__name__}: {first_line(err)}"
         for k in results:
             self._llm_sent[k] = version
         for k in lost:

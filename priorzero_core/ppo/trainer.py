@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import PriorZeroConfig
+from ..errors import first_line
 from ..llm_prior import load_plain_state_dict, load_tokenizer, plain_state_dict, resolve_model_dir
 from ..ray_cluster import connect_ray
 from ..replay import GameSegment
@@ -323,7 +324,7 @@ class PPOTrainer:
             return True
         except Exception as err:  # noqa: BLE001 - a dead actor is what this finds out
             logger.warning("PPO: the failed stage's policy/critic could not be saved (%s: %s)", type(err).__name__,
-                           str(err).splitlines()[0] if str(err) else "")
+                           first_line(err))
             shutil.rmtree(directory, ignore_errors=True)
             return False
 

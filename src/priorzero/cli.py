@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from priorzero_core.errors import ConfigError, PriorZeroError
+from priorzero_core.errors import ConfigError, PriorZeroError, first_line
 
 LOCAL_PREFECT_API = "http://127.0.0.1:4200/api"  # where `prefect server start --host 127.0.0.1` listens
 
@@ -267,7 +267,7 @@ def _evaluate_registered(uri: str, overrides: list[str]):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
         except MlflowException as err:
             raise PriorZeroError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: "
-                                 f"{str(err).splitlines()[0]}") from None
+                                 f"{first_line(err)}") from None
         found = sorted(local.rglob(AGENT_FILE))
         if not found:
             raise PriorZeroError(f"{uri} is not a PriorZero agent (no {AGENT_FILE} in it)")

@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
+from priorzero_core.errors import first_line
+
 RUN_FILE = "mlflow_run.json"  # in the run dir: which MLflow run a resume continues
 CHANGED_TAG = "priorzero.config."  # + a config key: its value since a resume changed it
 STEP_METRIC = "timing/iteration_s"  # in every iteration's row: the steps it has are the iterations logged
@@ -217,10 +219,6 @@ class MLflowStore:
                                        f"({type(err).__name__}: {first_line(err)})")
         finally:
             shutil.rmtree(agent_dir, ignore_errors=True)
-
-
-def first_line(err: BaseException) -> str:
-    return str(err).splitlines()[0] if str(err) else ""
 
 
 def _watch(parent: int) -> None:

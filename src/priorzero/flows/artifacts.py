@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from priorzero_core.config import PriorZeroConfig
+from priorzero_core.errors import first_line
 
 OPENING_MOVES = 12  # moves of the first evaluation episode quoted under the evaluation table
 
@@ -86,7 +87,7 @@ class RunArtifacts:
         except Exception as err:  # the UI's extras never stop training
             self._off = True
             self.log.warning("Prefect artifacts off for this flow run: %s failed (%s: %s)", what, type(err).__name__,
-                             str(err).splitlines()[0] if str(err) else "")
+                             first_line(err))
             return None
 
     def fraction(self, done: int) -> float:

@@ -27,8 +27,9 @@ from typing import Any, Callable, Optional
 
 import priorzero
 import priorzero_core
-from priorzero.mlflow_process import RUN_FILE, artifact_root, first_line, source_tags
+from priorzero.mlflow_process import RUN_FILE, artifact_root, source_tags
 from priorzero_core.config import PriorZeroConfig, dump_config
+from priorzero_core.errors import first_line
 
 __all__ = ["RUN_FILE", "Tracker", "TrackingFailure", "artifact_root", "experiment_name", "flatten", "package_version",
            "source_tags", "tracking_uri"]
