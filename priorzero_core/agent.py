@@ -269,6 +269,10 @@ def sequences_to_wm_batch(seqs: Sequence[SampledSequence], encoder: TextEncoder,
             known[b, t] = True
     policy /= np.maximum(policy.sum(-1, keepdims=True), np.float32(1e-8))
     step_mask = known & (np.arange(L) >= history)
+    # Which of step t − 1's valid actions step t has too, by text (the validity head's labels)
+    carried = np.zeros((B, L, A), dtype=bool)
+    same = (valid_idx[:, :-1, :, None] == valid_idx[:, 1:, None, :]) & valid_mask[:, 1:, None, :]
+    carried[:, 1:] = same.any(-1) & valid_mask[:, :-1] & (known[:, :-1] & known[:, 1:])[..., None]
     obs_idx, act_idx, valid_idx = (torch.from_numpy(x) for x in (obs_idx, act_idx, valid_idx))
     valid_mask, rewards, policy, known, value_targets, step_mask = (
         torch.from_numpy(x) for x in (valid_mask, rewards, policy, known, value_targets, step_mask))
@@ -283,6 +287,7 @@ def sequences_to_wm_batch(seqs: Sequence[SampledSequence], encoder: TextEncoder,
         policy_targets=policy.to(device),
         step_mask=step_mask.to(device),
         known=known.to(device),
+        carried_valid=torch.from_numpy(carried).to(device),
         **({"value_partial": torch.from_numpy(value_partial).to(device),
             "bootstrap_discount": torch.from_numpy(bootstrap_discount).to(device),
             "bootstrap_pos": torch.from_numpy(bootstrap_pos).to(device)} if reanalysed else {}),

@@ -138,6 +138,13 @@ class WorldModelConfig(_Section):
     # Value targets as the λ-return over the n_step steps (each step's stored search value mixed in with weight
     # 1 − λ), spreading a reward's credit back less sharply than one n-step return; 1: the n-step return.
     td_lambda: float = Field(default=1.0, ge=0, le=1)
+    # Imagined states have no valid actions of their own: every node of a search tree offers the root's. With a
+    # weight above 0 the model also learns which of the previous state's valid actions are still valid in a state
+    # (a head trained on every real step; its loss has this weight), and search drops, below the root, the root's
+    # actions it judges invalid in the imagined state (p < 0.5; the likeliest one is always kept). Without it the
+    # search can back up a value through a move that does not exist there (taking a lamp left upstairs, in the dark
+    # the move down led to). 0: no such head (and checkpoints without one load).
+    validity_loss_weight: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _settings_agree(self) -> "WorldModelConfig":
@@ -464,6 +471,8 @@ class PriorZeroConfig(_Section):
                 include={"encoder", "embed_dim", "num_layers", "num_heads", "context_length", "support_size"}
             ),
         }
+        if self.world_model.validity_loss_weight > 0:  # a head of its own; named only when there, so the hash
+            keys["world_model"]["validity_head"] = True  # of a model without one is what it always was
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .config import WorldModelConfig
 
 MASKED_LOGIT = -1e9  # finite, so rows with no valid action stay NaN-free
+VALID_AT_START = 3.0  # the validity head's initial logit for every action (p 0.95)
 KV = tuple[Tensor, Tensor]  # one layer's attention keys and values [N, H, T, D/H]
 H_EPS = 1e-3  # MuZero's h(x) = sign(x)(sqrt(|x|+1) - 1) + eps·x
 
@@ -143,6 +144,9 @@ class WMBatch:
     policy_targets: Tensor  # [B, L, A] MCTS visit distributions
     step_mask: Tensor  # [B, L] bool: the sampled steps that get losses (False after the episode ended)
     known: Optional[Tensor] = None  # [B, L] bool: steps that exist, history included (None: step_mask)
+    # [B, L, A] bool: the a-th valid action of step t − 1 is valid at step t too (False at t = 0): what the
+    # validity head learns (world_model.validity_loss_weight); None: no validity loss
+    carried_valid: Optional[Tensor] = None
     # Reanalysed targets (world_model.reanalyse): value_partial + bootstrap_discount x the target network's value
     # at position bootstrap_pos of the same row, where bootstrap_pos >= 0; value_targets elsewhere.
     value_partial: Optional[Tensor] = None  # [B, L]
@@ -184,6 +188,10 @@ class WorldModel(nn.Module):
         self.policy_key = nn.Linear(input_dim, D, bias=False)
         self.dynamics_head = nn.Sequential(_head(D, D), nn.LayerNorm(D, elementwise_affine=False))
         self.reward_head = _head(D, 2 * S + 1)
+        if cfg.validity_loss_weight > 0:  # validity_logits; absent otherwise, so older checkpoints load
+            self.validity_query = _head(D, D)
+            self.validity_key = nn.Linear(input_dim, D, bias=False)
+            self.validity_bias = nn.Parameter(torch.tensor(VALID_AT_START))
         self.register_buffer("causal", torch.ones(2 * C, 2 * C, dtype=torch.bool).tril(), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -194,6 +202,13 @@ class WorldModel(nn.Module):
         nn.init.normal_(self.policy_key.weight, std=1.0)  # unit-norm action embeddings -> unit-variance keys
         for head in (self.value_head, self.reward_head):  # start at a predicted 0, as MuZero does
             nn.init.zeros_(head[-1].weight)
+        if self.has_validity:  # every action valid at the start: search drops none until the head has learned
+            nn.init.normal_(self.validity_key.weight, std=1.0)
+            nn.init.zeros_(self.validity_query[-1].weight)
+
+    @property
+    def has_validity(self) -> bool:
+        return self.cfg.validity_loss_weight > 0
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -250,6 +265,20 @@ class WorldModel(nn.Module):
         logits = (query.unsqueeze(-2) @ valid_emb.transpose(-1, -2)).squeeze(-2) / math.sqrt(self.cfg.embed_dim)
         return logits.masked_fill(~valid_mask, MASKED_LOGIT)
 
+    def validity_logits(self, h: Tensor, emb: Tensor) -> Tensor:
+        """[..., D] hidden states and [..., A, E] action embeddings -> [..., A] logits that each action is valid
+        in the state (the same bilinear form as `policy_logits`, with its own weights and a bias)."""
+        query = self.validity_query(h) @ self.validity_key.weight
+        return (query.unsqueeze(-2) @ emb.transpose(-1, -2)).squeeze(-2) / math.sqrt(self.cfg.embed_dim) \
+            + self.validity_bias
+
+    def imagined_valid(self, h: Tensor, valid_emb: Tensor, valid_mask: Tensor) -> Tensor:
+        """Of the root's valid actions, those the validity head keeps in imagined states `h` [N, D] -> [N, A]
+        bool: p ≥ 0.5, and always the likeliest one."""
+        logits = self.validity_logits(h, valid_emb).masked_fill(~valid_mask, MASKED_LOGIT)
+        likeliest = F.one_hot(logits.argmax(-1), logits.shape[-1]).bool() & valid_mask
+        return (valid_mask & (logits >= 0)) | likeliest
+
     def value(self, h: Tensor) -> Tensor:
         return support_to_scalar(self.value_head(h), self.cfg.support_size)
 
@@ -269,7 +298,8 @@ class WorldModel(nn.Module):
         """Imagine action_idx [B] from state -> (next state, reward [B], policy_logits [B, A], value [B]).
 
         `state` is a WMState or its fields as the plain tuple search stores. Imagined states have no
-        ground-truth valid actions, so every node of a tree scores the root's (`valid_emb`, `valid_mask`).
+        ground-truth valid actions, so every node of a tree scores the root's (`valid_emb`, `valid_mask`), less
+        those the validity head rules out (`imagined_valid`, with world_model.validity_loss_weight > 0).
         """
         tokens, length, keys, values = state
         batch = torch.arange(tokens.shape[0], device=tokens.device)
@@ -281,6 +311,8 @@ class WorldModel(nn.Module):
         window = tokens.shape[1]
         next_state, h = self._state(torch.cat([tokens, action, next_latent], 1)[:, -window:],
                                     (length + 2).clamp(max=window))
+        if self.has_validity:
+            valid_mask = self.imagined_valid(h, valid_emb, valid_mask)
         return next_state, reward, self.policy_logits(h, valid_emb, valid_mask), self.value(h)
 
     def search_fn(self, ctx: RootContext) -> Callable[..., tuple[WMState, Tensor, Tensor, Tensor]]:
@@ -303,6 +335,12 @@ class WorldModel(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Teacher-forced [B, L] steps (known from `first` [B], default 0) -> value logits, policy logits [B, L, A],
         reward logits, next latents."""
+        return self._teacher_forced(obs_emb, act_emb, valid_emb, valid_mask, first)[:4]
+
+    def _teacher_forced(
+        self, obs_emb: Tensor, act_emb: Tensor, valid_emb: Tensor, valid_mask: Tensor, first: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """`forward`'s outputs and the hidden states of the latents [B, L, D]."""
         B, L, _ = obs_emb.shape
         if first is None:
             first = torch.zeros(B, dtype=torch.long, device=obs_emb.device)
@@ -314,7 +352,25 @@ class WorldModel(nn.Module):
             self.policy_logits(h_latent, valid_emb, valid_mask),
             self.reward_head(h_action),
             self.dynamics_head(h_action),
+            h_latent,
         )
+
+    def validity_loss(self, h_latent: Tensor, batch: WMBatch) -> tuple[Tensor, Tensor]:
+        """Binary cross-entropy of the validity head over each sampled step's own valid actions (all valid) and
+        the previous step's (valid as `batch.carried_valid` says) -> (loss, the share of the previous step's
+        actions that are not valid any more which the head calls invalid)."""
+        step = batch.step_mask
+        own = self.validity_logits(h_latent, batch.valid_emb)
+        own_mask = batch.valid_mask & step.unsqueeze(-1)
+        carried = self.validity_logits(h_latent[:, 1:], batch.valid_emb[:, :-1])
+        carried_mask = batch.valid_mask[:, :-1] & (batch.known[:, :-1] & step[:, 1:]).unsqueeze(-1)
+        label = batch.carried_valid[:, 1:].to(carried.dtype)
+        bce_own = F.binary_cross_entropy_with_logits(own, torch.ones_like(own), reduction="none")
+        bce_carried = F.binary_cross_entropy_with_logits(carried, label, reduction="none")
+        loss = (bce_own[own_mask].sum() + bce_carried[carried_mask].sum()) \
+            / (own_mask.sum() + carried_mask.sum()).clamp(min=1)
+        gone = carried_mask & ~batch.carried_valid[:, 1:]
+        return loss, _masked_mean((carried < 0).to(carried.dtype), gone)
 
     @torch.no_grad()
     def reanalysed_targets(self, batch: WMBatch, target_model: "WorldModel", first: Tensor) -> Tensor:
@@ -331,7 +387,7 @@ class WorldModel(nn.Module):
         """Losses on real latents; the latent target is the EMA network's repr(obs_{t+1}), without gradient."""
         cfg, S, step = self.cfg, self.cfg.support_size, batch.step_mask
         first = batch.known.to(torch.int8).argmax(-1)  # known steps run from here to the episode's end
-        value_logits, policy_logits, reward_logits, next_latent = self(
+        value_logits, policy_logits, reward_logits, next_latent, h_latent = self._teacher_forced(
             batch.obs_emb, batch.act_emb, batch.valid_emb, batch.valid_mask, first
         )
         value_targets = self.reanalysed_targets(batch, target_model, first)
@@ -358,7 +414,15 @@ class WorldModel(nn.Module):
             + cfg.policy_loss_weight * (losses["policy"] - cfg.policy_entropy_weight * policy_entropy)
             + cfg.latent_loss_weight * losses["latent"]
         )
+        gone_caught = None
+        if self.has_validity:
+            if batch.carried_valid is None:
+                raise ValueError("world_model.validity_loss_weight > 0 needs batches with carried_valid")
+            losses["validity"], gone_caught = self.validity_loss(h_latent, batch)
+            total = total + cfg.validity_loss_weight * losses["validity"]
         metrics = {f"train/wm_{name}_loss": float(v.detach()) for name, v in losses.items()}
+        if gone_caught is not None:  # of the previous step's actions that are not valid any more: called invalid
+            metrics["train/wm_validity_gone_caught"] = float(gone_caught)
         if batch.bootstrap_pos is not None:  # how far the fresh bootstraps moved the stored targets
             moved = step & (batch.bootstrap_pos >= 0)
             metrics["train/wm_reanalysed_share"] = float(_masked_mean(moved.float(), step))

@@ -158,3 +158,18 @@ def test_a_searched_decision_carries_the_completed_q_the_improved_policy_was_bui
         assert agent.act([EnvView([], ts)], mode="wm")[0].q_values is None
     finally:
         pool.close()
+
+
+def test_a_batch_says_which_of_the_previous_steps_valid_actions_each_step_keeps(text_encoder):
+    """The validity head's labels (world_model.validity_loss_weight), by action text, history steps included."""
+    steps = [StepRecord("hall", ["north", "take lamp", "open door"], 1, "take lamp", 0.0, 0, [0.2, 0.5, 0.3], 0.0),
+             StepRecord("hall, lamp held", ["open door", "north", "drop lamp"], 1, "north", 0.0, 0, [.3, .4, .3], 0.0),
+             StepRecord("dark", ["south"], 0, "south", -10.0, 0, [1.0], 0.0, terminal=True)]
+    seg = GameSegment("e", 0, 0, steps)
+    buf = ReplayBuffer(10, 0.9, 1)
+    buf.add([seg])
+    batch = sequences_to_wm_batch([buf.sequence(seg, 1, 2, 1)], text_encoder, 4, torch.device("cpu"), history=1)
+    assert batch.known[0].tolist() == [True, True, True] and batch.step_mask[0].tolist() == [False, True, True]
+    assert batch.carried_valid[0].tolist() == [[False] * 4,
+                                               [True, False, True, False],  # north and open door stay
+                                               [False, False, False, False]]  # nothing stays in the dark

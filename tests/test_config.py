@@ -53,6 +53,10 @@ def test_config_hash_ignores_schedule_but_not_model_shape():
     base = load_config("debug")
     assert base.config_hash() == load_config("debug", ["schedule.iterations=7"]).config_hash()
     assert base.config_hash() != load_config("debug", ["world_model.embed_dim=64"]).config_hash()
+    # the validity head is part of the shape; how much its loss weighs is not
+    with_head = load_config("debug", ["world_model.validity_loss_weight=0.5"]).config_hash()
+    assert with_head != base.config_hash()
+    assert with_head == load_config("debug", ["world_model.validity_loss_weight=2"]).config_hash()
 
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=5))

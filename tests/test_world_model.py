@@ -218,3 +218,88 @@ def test_reanalysed_targets_bootstrap_from_the_target_network_s_value_at_the_nam
     _, stored = model.compute_loss(batch, target)
     assert reanalysed["train/wm_value_loss"] != pytest.approx(stored["train/wm_value_loss"])
     assert reanalysed["train/wm_reanalyse_shift"] > 10 and "train/wm_reanalyse_shift" not in stored
+
+
+def alternating_rooms(cfg: WorldModelConfig, B: int = 8) -> WMBatch:
+    """Sequences that alternate between two observations: in X the valid actions are 0, 1, 2, in Y 0 and 3; the
+    executed action is 0 everywhere. What the validity head must learn: of X's actions, 1 and 2 are not valid
+    in Y (and of Y's, 3 not in X)."""
+    g = torch.Generator().manual_seed(1)
+    L = cfg.unroll_steps + 1
+    actions = torch.nn.functional.normalize(torch.randn(4, E, generator=g), dim=-1)
+    rooms = torch.nn.functional.normalize(torch.randn(2, E, generator=g), dim=-1)
+    valid = {0: [0, 1, 2], 1: [0, 3]}
+    room = (torch.arange(L) + torch.arange(B).unsqueeze(1)) % 2  # [B, L] 0: X, 1: Y
+    valid_emb, valid_mask = torch.zeros(B, L, A, E), torch.zeros(B, L, A, dtype=torch.bool)
+    carried = torch.zeros(B, L, A, dtype=torch.bool)
+    for b in range(B):
+        for t in range(L):
+            here = valid[int(room[b, t])]
+            valid_emb[b, t, :len(here)] = actions[here]
+            valid_mask[b, t, :len(here)] = True
+            if t:
+                before = valid[int(room[b, t - 1])]
+                carried[b, t, :len(before)] = torch.tensor([a in here for a in before])
+    policy = valid_mask.float() / valid_mask.sum(-1, keepdim=True)
+    return WMBatch(obs_emb=rooms[room], act_emb=actions[0].expand(B, L, E), valid_emb=valid_emb,
+                   valid_mask=valid_mask, rewards=torch.zeros(B, L), value_targets=torch.zeros(B, L),
+                   policy_targets=policy, step_mask=torch.ones(B, L, dtype=torch.bool), carried_valid=carried)
+
+
+def test_without_a_validity_weight_there_is_no_validity_head(tiny_wm_config):
+    """The default: the model's parameters (and so its checkpoints) are what they were before the option."""
+    assert tiny_wm_config.validity_loss_weight == 0
+    model = WorldModel(tiny_wm_config, input_dim=E)
+    assert not model.has_validity and not [n for n in model.state_dict() if "validity" in n]
+    _, metrics = model.compute_loss(alternating_rooms(tiny_wm_config), model)
+    assert "train/wm_validity_loss" not in metrics
+
+
+def test_the_validity_head_learns_which_of_the_previous_steps_actions_stay_valid(tiny_wm_config):
+    cfg = tiny_wm_config.model_copy(update={"validity_loss_weight": 1.0, "lr": 3e-3})
+    torch.manual_seed(0)
+    learner = WorldModelLearner(cfg, input_dim=E)
+    batch = alternating_rooms(cfg)
+    first = learner.train_step(batch)
+    assert first["train/wm_validity_gone_caught"] == 0  # it starts calling every action valid
+    for _ in range(150):
+        last = learner.train_step(batch)
+    assert last["train/wm_validity_loss"] < 0.1 * first["train/wm_validity_loss"]
+    assert last["train/wm_validity_gone_caught"] == 1
+    model = learner.model.eval()
+    with torch.no_grad():
+        h = model._teacher_forced(batch.obs_emb, batch.act_emb, batch.valid_emb, batch.valid_mask)[-1]
+        x_actions = batch.valid_emb[0, 0]  # row 0 starts in X
+        in_y = model.validity_logits(h[0, 1], x_actions)[:3]  # X's actions, judged in Y
+        in_x = model.validity_logits(h[0, 2], x_actions)[:3]
+    assert in_y[0] > 0 and (in_y[1:] < 0).all() and (in_x > 0).all()
+
+
+def test_below_the_root_search_drops_the_actions_the_validity_head_rules_out(tiny_wm_config, monkeypatch):
+    cfg = tiny_wm_config.model_copy(update={"validity_loss_weight": 1.0})
+    model = WorldModel(cfg, input_dim=E).eval()
+    ctx = root_context(make_batch(cfg, B=3), t=2, C=cfg.context_length)
+    state, root_logits, value = model.root_inference(ctx)
+    assert (root_logits[ctx.valid_mask] > -1e3).all()  # the root keeps its real valid actions
+    _, _, logits, _ = model.recurrent_inference(state, torch.zeros(3, dtype=torch.long), ctx.valid_emb,
+                                                ctx.valid_mask)
+    assert (logits[ctx.valid_mask] > -1e3).all()  # a fresh head (p 0.95 everywhere) drops nothing
+
+    judged = torch.full((3, A), -5.0)
+    judged[:, 0] = 5.0  # action 0 (valid at every root) is the only one valid below it
+    monkeypatch.setattr(model, "validity_logits", lambda h, emb: judged[: h.shape[0]].expand(*emb.shape[:-1]))
+    _, _, logits, _ = model.recurrent_inference(state, torch.zeros(3, dtype=torch.long), ctx.valid_emb,
+                                                ctx.valid_mask)
+    assert (logits[:, 0] > -1e3).all() and (logits[:, 1:] < -1e8).all()
+    out = search(model.search_fn(ctx), RootOutput(state, root_logits, value), ctx.valid_mask,
+                 MCTSConfig(num_simulations=20), np.random.default_rng(0), add_noise=True, discount=cfg.discount)
+    below = out.tree.depth >= 2  # nodes reached by a move below the root
+    assert below.any() and (out.tree.action_from_parent[below] == 0).all()
+    assert out.visit_counts[ctx.valid_mask].gt(0).sum() > 3  # the root still spreads over its own actions
+
+    judged[:] = -5.0
+    judged[:, 2] = -1.0  # none judged valid: the likeliest one stays
+    _, _, logits, _ = model.recurrent_inference(state, torch.zeros(3, dtype=torch.long), ctx.valid_emb,
+                                                ctx.valid_mask)
+    kept = logits > -1e3
+    assert (kept.sum(-1) == 1).all() and (kept[:, 2] == ctx.valid_mask[:, 2]).all()
