@@ -1,10 +1,15 @@
 """What the world model predicted along one evaluation episode: replays the episode's moves from a transcript in
 the evaluation env that played it (same game seed) and prints, at each step, the moves the greedy agent ranked
 first with the model's one-step reward and Q (reward + discounted value of the imagined next state), and the
-reward the game paid. Reads a run's latest checkpoint; changes nothing in the run.
+reward the game paid. With --below MOVE, where MOVE was a valid action, also what the search sees one step
+below it: each of the root's moves imagined in the state MOVE leads to, with the model's prior, reward, value and
+Q there (and whether the validity head keeps it, world_model.validity_loss_weight). Reads a run's latest
+checkpoint; changes nothing in the run.
 
   python scripts/explain_episode.py runs/zork-2h-b runs/zork-2h-b/transcripts/eval-000020.txt --episode 1 \\
       --last 6 --set game.rom_dir=../shared/jericho-game-suite
+  python scripts/explain_episode.py runs/zork-2h-d runs/zork-2h-d/transcripts/eval-000062.txt --last 2 \
+      --below down --set game.rom_dir=../shared/jericho-game-suite
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def main() -> None:
     parser.add_argument("--episode", type=int, default=0)
     parser.add_argument("--last", type=int, default=8, help="print the last N steps (default 8)")
     parser.add_argument("--top", type=int, default=5, help="moves shown per step (default 5)")
+    parser.add_argument("--below", metavar="MOVE", help="also show the imagined state after MOVE where it is valid")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, as for priorzero eval")
     args = parser.parse_args()
 
@@ -82,6 +88,8 @@ def main() -> None:
                     i = valid.index(move)
                     print(f"   * {move:<28} policy {decision.policy_target[i]:.2f}  visits {decision.visit_dist[i]:.2f}  "
                           f"reward {float(reward[i]):+6.2f}  Q {float(q[i]):+6.2f}")
+                if args.below in valid:
+                    below(model, ctx, state, valid, valid.index(args.below), gamma, args.top)
             (after,) = pool.step([move], [args.episode])
             if t >= len(moves) - args.last:
                 print(f"     the game paid {after.reward:+g}{' and ended' if after.done else ''}")
@@ -91,6 +99,23 @@ def main() -> None:
                 break
     finally:
         trainer.close()
+
+
+def below(model, ctx, state, valid: list[str], move: int, gamma: float, top: int) -> None:
+    """The root's moves imagined in the state `move` leads to, as the search's second level sees them."""
+    k = len(valid)
+    with torch.inference_mode():
+        after, reward, logits, value = model.recurrent_inference(
+            tuple(s[:1] for s in state), torch.tensor([move]), ctx.valid_emb, ctx.valid_mask)
+        wide = tuple(s.repeat_interleave(k, 0) for s in after)
+        _, r2, _, v2 = model.recurrent_inference(wide, torch.arange(k), ctx.valid_emb.repeat_interleave(k, 0),
+                                                 ctx.valid_mask.repeat_interleave(k, 0))
+    prior = logits[0].softmax(-1)
+    print(f"     below {valid[move]!r}: reward {float(reward[0]):+.2f}, value {float(value[0]):+.2f}")
+    for i in sorted(range(k), key=lambda i: -float(prior[i]))[:top]:
+        dropped = "  (dropped by the validity head)" if float(logits[0, i]) < -1e8 else ""
+        print(f"       {valid[i]:<26} prior {float(prior[i]):.2f}  reward {float(r2[i]):+6.2f}  "
+              f"value {float(v2[i]):+6.2f}  Q {float(r2[i] + gamma * v2[i]):+6.2f}{dropped}")
 
 
 if __name__ == "__main__":
