@@ -143,7 +143,9 @@ class WorldModelConfig(_Section):
     # (a head trained on every real step; its loss has this weight), and search drops, below the root, the root's
     # actions it judges invalid in the imagined state (p < 0.5; the likeliest one is always kept). Without it the
     # search can back up a value through a move that does not exist there (taking a lamp left upstairs, in the dark
-    # the move down led to). 0: no such head (and checkpoints without one load).
+    # the move down led to). 0 (the default): no such head (and checkpoints without one load). Off because on
+    # Zork 1, 75 minutes against the same seed without it, its evaluations averaged 26.8 against 36.2: the
+    # policy it learned went for the cellar and died (docs/benchmarks.md, lever table).
     validity_loss_weight: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
