@@ -8,7 +8,7 @@ checkpoint; changes nothing in the run.
 
   python scripts/explain_episode.py runs/zork-2h-b runs/zork-2h-b/transcripts/eval-000020.txt --episode 1 \\
       --last 6 --set game.rom_dir=../shared/jericho-game-suite
-  python scripts/explain_episode.py runs/zork-2h-d runs/zork-2h-d/transcripts/eval-000062.txt --last 2 \
+  python scripts/explain_episode.py runs/zork-2h-d runs/zork-2h-d/transcripts/eval-000062.txt --last 2 \\
       --below down --set game.rom_dir=../shared/jericho-game-suite
 """
 
@@ -70,7 +70,7 @@ def main() -> None:
                     state, _, value = model.root_inference(ctx)
                     k = len(valid)
                     wide = tuple(s.repeat_interleave(k, 0) for s in state)
-                    _, reward, _, next_value = model.recurrent_inference(
+                    children, reward, child_logits, next_value = model.recurrent_inference(
                         wide, torch.arange(k), ctx.valid_emb.repeat_interleave(k, 0),
                         ctx.valid_mask.repeat_interleave(k, 0))
                 (decision,) = agent.act([view], mode="wm")
@@ -89,7 +89,9 @@ def main() -> None:
                     print(f"   * {move:<28} policy {decision.policy_target[i]:.2f}  visits {decision.visit_dist[i]:.2f}  "
                           f"reward {float(reward[i]):+6.2f}  Q {float(q[i]):+6.2f}")
                 if args.below in valid:
-                    below(model, ctx, state, valid, valid.index(args.below), gamma, args.top)
+                    i = valid.index(args.below)
+                    below(model, ctx, tuple(s[i:i + 1] for s in children), child_logits[i], float(reward[i]),
+                          float(next_value[i]), valid, i, gamma, args.top)
             (after,) = pool.step([move], [args.episode])
             if t >= len(moves) - args.last:
                 print(f"     the game paid {after.reward:+g}{' and ended' if after.done else ''}")
@@ -101,19 +103,19 @@ def main() -> None:
         trainer.close()
 
 
-def below(model, ctx, state, valid: list[str], move: int, gamma: float, top: int) -> None:
-    """The root's moves imagined in the state `move` leads to, as the search's second level sees them."""
+def below(model, ctx, after, logits, reward: float, value: float, valid: list[str], move: int, gamma: float,
+          top: int) -> None:
+    """The root's moves imagined in the state `after` [1 row] that `move` leads to (its policy `logits`, the
+    model's reward and value for getting there), as the search's second level sees them."""
     k = len(valid)
     with torch.inference_mode():
-        after, reward, logits, value = model.recurrent_inference(
-            tuple(s[:1] for s in state), torch.tensor([move]), ctx.valid_emb, ctx.valid_mask)
         wide = tuple(s.repeat_interleave(k, 0) for s in after)
         _, r2, _, v2 = model.recurrent_inference(wide, torch.arange(k), ctx.valid_emb.repeat_interleave(k, 0),
                                                  ctx.valid_mask.repeat_interleave(k, 0))
-    prior = logits[0].softmax(-1)
-    print(f"     below {valid[move]!r}: reward {float(reward[0]):+.2f}, value {float(value[0]):+.2f}")
+    prior = logits.softmax(-1)
+    print(f"     below {valid[move]!r}: reward {reward:+.2f}, value {value:+.2f}")
     for i in sorted(range(k), key=lambda i: -float(prior[i]))[:top]:
-        dropped = "  (dropped by the validity head)" if float(logits[0, i]) < -1e8 else ""
+        dropped = "  (dropped by the validity head)" if float(logits[i]) < -1e8 else ""
         print(f"       {valid[i]:<26} prior {float(prior[i]):.2f}  reward {float(r2[i]):+6.2f}  "
               f"value {float(v2[i]):+6.2f}  Q {float(r2[i] + gamma * v2[i]):+6.2f}{dropped}")
 
