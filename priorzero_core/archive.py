@@ -300,18 +300,22 @@ def shorten(actions: list[str], scores: Callable[[list[str]], list[float]],
 
 
 def demo_segment(cell: Cell, discount: float, cut_loops: bool = False,
-                 steps: Optional[list[StepRecord]] = None) -> GameSegment:
+                 steps: Optional[list[StepRecord]] = None, smoothing: float = 0.0) -> GameSegment:
     """The trajectory to `cell` as one segment the learners imitate (`demo_steps`, or `steps` where given, e.g.
-    those of a shortened trajectory): each step's policy target is the action taken (one-hot) and its stored
-    value the discounted return still to come along the trajectory."""
+    those of a shortened trajectory): each step's policy target is the action taken (one-hot, or with
+    `smoothing` ε: 1 − ε on it and ε spread evenly over the step's valid actions) and its stored value the
+    discounted return still to come along the trajectory."""
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"demo smoothing must lie in [0, 1), got {smoothing}")
     steps = demo_steps(cell, cut_loops) if steps is None else steps
     out: list[StepRecord] = []
     to_go = 0.0
     for step in reversed(steps):
         to_go = step.reward + discount * to_go
-        one_hot = [0.0] * len(step.valid_actions)
-        one_hot[step.action_index] = 1.0
-        out.append(replace(step, visit_dist=one_hot, policy_target=one_hot, root_value=to_go, terminal=False,
+        n = len(step.valid_actions)
+        target = [smoothing / n] * n
+        target[step.action_index] += 1.0 - smoothing
+        out.append(replace(step, visit_dist=target, policy_target=target, root_value=to_go, terminal=False,
                            truncated=False, env_state=None))
     out.reverse()
     if out:  # the value after the trajectory's end is unknown: no bootstrap past it

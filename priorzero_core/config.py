@@ -237,6 +237,11 @@ class ExploreConfig(_Section):
     # Share of each world-model batch (and of the LLM's SFT samples) drawn from the best trajectory found, whose
     # policy target is the action it took and whose value is the return it went on to get (self-imitation).
     demo_fraction: float = Field(default=0.25, ge=0, lt=1)
+    # The imitated action's share of a demonstration step's policy target; the rest is spread evenly over the
+    # step's valid actions (label smoothing). 0: one-hot. A one-hot target drives the learned prior towards
+    # p = 1 on the demonstrated move, which the improved policy's Q term (at most (c_visit + N)·c_scale logits)
+    # cannot overturn in a state that only looks like the demonstrated one.
+    demo_smoothing: float = Field(default=0.0, ge=0, lt=1)
     # Imitate the best trajectory without its detours back to a world state it had already passed through.
     demo_cut_loops: bool = True
     # Which trajectory is imitated, in a game with random events (Jericho games; the embedded game has none):

@@ -351,7 +351,8 @@ class Trainer:
             recorded = self._record(short) if len(short) < len(steps) else None
             if recorded is not None:
                 steps, value = recorded, float(np.mean(held))
-        demo = demo_segment(best, self.cfg.world_model.discount, steps=steps)
+        demo = demo_segment(best, self.cfg.world_model.discount, steps=steps,
+                            smoothing=self.cfg.explore.demo_smoothing)
         self._demo_value = value
         if self.llm_prior is not None:  # the LLM learns from the prompts it would see on that trajectory
             history = []

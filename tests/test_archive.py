@@ -122,6 +122,17 @@ def test_demonstration_targets_the_action_taken_and_values_the_return_to_come():
     assert [buf.value_target(demo, t) for t in range(4)] == pytest.approx(returns)  # n-step targets are exact
 
 
+def test_a_smoothed_demonstration_spreads_its_share_over_the_valid_actions():
+    archive = Archive(ExploreConfig(), np.random.default_rng(0))
+    archive.visit("end", 10, trace_of(record("a", 0.0, 2), record("b", 10.0, 0)), lambda: "end")
+    demo = demo_segment(archive.best(), discount=0.5, smoothing=0.3)
+    assert [s.policy_target for s in demo.steps] == [pytest.approx([0.1, 0.1, 0.8]), pytest.approx([0.8, 0.1, 0.1])]
+    assert [s.visit_dist for s in demo.steps] == [s.policy_target for s in demo.steps]
+    assert [s.root_value for s in demo.steps] == [5.0, 10.0]  # values are the returns, whatever the smoothing
+    with pytest.raises(ValueError, match=r"demo smoothing must lie in \[0, 1\), got 1"):
+        demo_segment(archive.best(), discount=0.5, smoothing=1)
+
+
 def test_a_demonstration_leaves_out_detours_back_to_a_state_it_passed_through():
     from dataclasses import replace
 

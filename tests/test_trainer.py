@@ -308,6 +308,23 @@ def test_the_archive_and_its_demonstration_are_checkpointed_and_resumed(tmp_path
         plain.close()
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.4])
+def test_the_imitated_trajectory_s_targets_take_explore_demo_smoothing(tmp_path, smoothing):
+    from test_archive import record, trace_of
+
+    cfg = load_config("debug", TINY + ["llm.enabled=false", f"explore.demo_smoothing={smoothing}"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    try:
+        trainer.archive.visit("won", 5, trace_of(record("a", 0.0, 1), record("b", 5.0, 2)), lambda: "won")
+        trainer._refresh_demo()
+        (demo,) = trainer.replay.demos
+        third = smoothing / 3
+        assert [s.policy_target for s in demo.steps] == [
+            pytest.approx([third, 1 - smoothing + third, third]), pytest.approx([third, third, 1 - smoothing + third])]
+    finally:
+        trainer.close()
+
+
 def test_search_free_exploration_grows_the_archive_but_not_the_replay(tmp_path):
     """explore.random_steps: envs of their own return to archived cells and try uniform actions after each
     collection; the archive (and the run's step count) keep what they found, the replay only the searched steps."""
