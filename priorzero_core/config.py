@@ -242,6 +242,11 @@ class ExploreConfig(_Section):
     # p = 1 on the demonstrated move, which the improved policy's Q term (at most (c_visit + N)·c_scale logits)
     # cannot overturn in a state that only looks like the demonstrated one.
     demo_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    # When the imitated trajectory changes: `best` whenever the archive's best cell does (a shorter way to the same
+    # score is found, even where its imitated moves, shortened, are no fewer, or take another path); `better` only
+    # for a trajectory that holds more on the other game seeds, or as much in fewer imitated moves. Each change
+    # sends the learners after other moves in states they had learned, for the iterations they take to relearn.
+    demo_switch: Literal["best", "better"] = "best"
     # Imitate the best trajectory without its detours back to a world state it had already passed through.
     demo_cut_loops: bool = True
     # Which trajectory is imitated, in a game with random events (Jericho games; the embedded game has none):

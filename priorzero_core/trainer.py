@@ -37,6 +37,7 @@ from .replay import ReplayBuffer, StepRecord
 log = logging.getLogger("priorzero")
 
 STAGES = ("evaluate", "collect", "train_world_model", "train_llm", "adapt", "ppo_train", "checkpoint")
+DEMO_FILE = "demo.jsonl.gz"  # in a checkpoint's demo/: the trajectory the learners imitate, as they see it
 
 
 @dataclass
@@ -135,6 +136,7 @@ class Trainer:
         self.archive = Archive(cfg.explore, self.rng) if cfg.explore.enabled else None
         self._demo: Optional[tuple[str, int]] = None  # the archive cell (key, length) whose trajectory is imitated
         self._demo_value = 0.0  # its mean score over other game seeds (explore.demo_seeds)
+        self._demo_passed: Optional[tuple[str, int]] = None  # the last best cell not imitated (demo_switch better)
         self._seed_replays: dict[tuple[str, int], float] = {}  # (cell, trajectory length) -> that mean
         self._replayer = None
         if self.archive is not None and cfg.explore.demo_seeds and self.spec.backend == "jericho":
@@ -343,7 +345,7 @@ class Trainer:
         if chosen is None or chosen[0].score <= 0 or chosen[1] <= 0:
             return
         best, value = chosen
-        if (best.key, best.length) == self._demo:
+        if (best.key, best.length) in (self._demo, self._demo_passed):
             return
         steps = demo_steps(best, self.cfg.explore.demo_cut_loops)
         if self._replayer is not None and self.cfg.explore.demo_shorten:
@@ -351,6 +353,14 @@ class Trainer:
             recorded = self._record(short) if len(short) < len(steps) else None
             if recorded is not None:
                 steps, value = recorded, float(np.mean(held))
+        if self.cfg.explore.demo_switch == "better" and self.replay.demos:
+            imitated = len(self.replay.demos[0].steps)
+            if (value, -len(steps)) <= (self._demo_value, -imitated):
+                self._demo_passed = (best.key, best.length)
+                log.info("kept imitating the trajectory of %d moves (%.1f on other game seeds): the best found now, "
+                         "score %d in %d steps (%d imitated, %.1f), is not better", imitated, self._demo_value,
+                         best.score, best.length, len(steps), value)
+                return
         demo = demo_segment(best, self.cfg.world_model.discount, steps=steps,
                             smoothing=self.cfg.explore.demo_smoothing)
         self._demo_value = value
@@ -513,6 +523,9 @@ class Trainer:
                                                                   dirs_exist_ok=True))
             if self.archive is not None:
                 writer.directory("archive", lambda d: self.archive.save(d, state_bytes))
+            if self.replay.demos:  # what is imitated: the archive's best cell need not be it (explore.demo_switch)
+                demos = list(self.replay.demos)
+                writer.directory("demo", lambda d: ReplayBuffer.write_segments(d / DEMO_FILE, demos))
             writer.json("collector", self.collector.state())
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
@@ -531,6 +544,8 @@ class Trainer:
                 "python_rng": [version, list(internal), gauss],
                 "replay_steps": len(self.replay),
                 "steps_since_wm": self._steps_since_wm,
+                "demo": list(self._demo) if self._demo is not None else None,
+                "demo_value": self._demo_value,
                 # This iteration's metrics row as far as it goes (all but the checkpoint's own time): a resume
                 # restores it when the process died before the row was written.
                 "metrics": {**self._metrics, "iteration/failed": float(bool(self._failed)),
@@ -627,6 +642,9 @@ class Trainer:
             self._ppo_resume_dir = path / "ppo"  # loaded when the PPO actors start
         if self.archive is not None and (path / "archive").is_dir():
             self.archive.load(path / "archive", state_from_bytes)
+        if (path / "demo" / DEMO_FILE).is_file() and meta.get("demo"):
+            self.replay.set_demos(ReplayBuffer.read_segments(path / "demo" / DEMO_FILE))
+            self._demo, self._demo_value = (str(meta["demo"][0]), int(meta["demo"][1])), float(meta["demo_value"])
         if (path / "collector.json.gz").is_file() and not self.readonly:  # the episodes in progress go on
             self.collector.load_state(ckpt.load_json(path, "collector"))
         rng = ckpt.load_torch_state(path, "rng")

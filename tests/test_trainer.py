@@ -325,6 +325,45 @@ def test_the_imitated_trajectory_s_targets_take_explore_demo_smoothing(tmp_path,
         trainer.close()
 
 
+@pytest.mark.parametrize("switch", ["best", "better"])
+def test_explore_demo_switch_better_keeps_the_imitated_trajectory_until_one_imitates_fewer_moves(tmp_path, switch):
+    """A shorter way to the same score whose imitated moves (loops cut) are no fewer does not replace the imitated
+    trajectory under `better` (it does under `best`); one with fewer does; a resume imitates what was imitated."""
+    from dataclasses import replace
+
+    from test_archive import record, trace_of
+
+    def at(state: str, action: str, score: int, reward: float = 0.0):
+        return replace(record(action, reward), action=action, state_hash=state, score=score)
+
+    cfg = load_config("debug", TINY + ["llm.enabled=false", f"explore.demo_switch={switch}",
+                                       "explore.demo_cut_loops=true"])
+    looped = trace_of(at("A", "open box", 0), at("B", "close box", 0), at("A", "north", 0),
+                      at("N", "east", 5, 5.0))  # 4 steps, 2 imitated: the box is a detour back to A
+    straight = trace_of(at("A", "west", 0), at("W", "up", 0), at("U", "east", 5, 5.0))  # 3 steps, 3 imitated
+    shortest = trace_of(at("A", "south", 5, 5.0))  # 1 step
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    try:
+        trainer.archive.visit("won-1", 5, looped, lambda: "s1")
+        trainer._refresh_demo()
+        assert [s.action for s in trainer.replay.demos[0].steps] == ["north", "east"]
+        trainer.archive.visit("won-2", 5, straight, lambda: "s2")  # now the archive's best: 3 steps < 4
+        trainer._refresh_demo()
+        kept = [s.action for s in trainer.replay.demos[0].steps]
+        assert kept == (["north", "east"] if switch == "better" else ["west", "up", "east"])
+        trainer.checkpoint(1)
+    finally:
+        trainer.close()
+    resumed = Trainer(cfg, tmp_path, resume=True, progress=False)
+    try:
+        assert [s.action for s in resumed.replay.demos[0].steps] == kept
+        resumed.archive.visit("won-3", 5, shortest, lambda: "s3")
+        resumed._refresh_demo()
+        assert [s.action for s in resumed.replay.demos[0].steps] == ["south"]  # fewer moves: imitated either way
+    finally:
+        resumed.close()
+
+
 def test_search_free_exploration_grows_the_archive_but_not_the_replay(tmp_path):
     """explore.random_steps: envs of their own return to archived cells and try uniform actions after each
     collection; the archive (and the run's step count) keep what they found, the replay only the searched steps."""
