@@ -343,6 +343,16 @@ class PPOConfig(_Section):
     generation_backend: Literal["auto", "transformers", "vllm"] = "auto"
     vllm_required: bool = False
     vllm_url: Optional[str] = None  # an OpenAI-compatible vLLM server on 127.0.0.1
+    # How vLLM generates (with generation_backend vllm, or auto on CUDA where vLLM is installed): `actors` runs
+    # vllm_num_engines engines as Ray actors placed beside the training actors (an engine of one GPU shares one as
+    # the placement plan puts it; of vllm_tensor_parallel_size > 1 GPUs it gets GPUs of its own) with the policy's
+    # weights synced in memory; `server` runs vLLM's OpenAI server from the vLLM venv, weights reloaded from disk.
+    # auto: actors where vLLM imports in this interpreter (the cluster's environment), else the server.
+    vllm_engine: Literal["auto", "actors", "server"] = "auto"
+    vllm_num_engines: int = Field(default=1, gt=0)
+    vllm_tensor_parallel_size: int = Field(default=1, gt=0)
+    # the share of its GPUs' memory an engine takes (weights and KV cache); None: 0.9 x its GPU share in the plan
+    vllm_gpu_memory_utilization: Optional[float] = Field(default=None, gt=0, le=1)
     ray_address: Optional[str] = None  # the Ray cluster for PPO alone; None: `ray.address`
     rollout_batch_size: int = Field(default=128, gt=0)
     train_batch_size: int = Field(default=32, gt=0)

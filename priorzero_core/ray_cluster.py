@@ -15,10 +15,14 @@ log = logging.getLogger("priorzero")
 
 def local_cpus(cfg: PriorZeroConfig, ppo: bool) -> int:
     """Logical CPUs a local cluster needs so that every actor the run may start fits, even on a 2-core machine
-    (torch threads are set per actor): the collection shards', and PPO's when it trains (`ppo`)."""
+    (torch threads are set per actor): the collection shards', and PPO's when it trains (`ppo`), vLLM engine
+    actors included."""
     need = cfg.collect.shards * cfg.collect.shard_cpus if cfg.collect.shards > 1 else 0.0
     if ppo:
+        from .ppo.generation import engine_kind
+
         actors = (2 if cfg.ppo.algorithm == "grpo" else 3) * cfg.ppo.dp_size + cfg.ppo.reward_workers
+        actors += cfg.ppo.vllm_num_engines if engine_kind(cfg.ppo) == "actors" else 0
         need += actors * cfg.ppo.actor_num_cpus
     return max(os.cpu_count() or 1, int(np.ceil(need)))
 

@@ -5,6 +5,10 @@ Checks, each reported as `check <name> PASS|FAIL <details>` (a failure does not 
   scoring_fp32   prefix-KV batched action scoring equals naive per-action scoring on CUDA (fp32, <= 1e-4)
   scoring_bf16   the prior as `make_llm_prior` builds it on CUDA (llm.scoring_dtype auto -> bf16), timed batched vs naive
   vllm_required  `llm.vllm_required: true` without an importable vLLM is a one-line error
+  ppo_placement  the PPO placement plan with a vLLM engine on this machine's GPUs: each group and the engine
+                 placed where the plan says, each seeing only the GPU Ray assigned it
+  vllm_actors    (where vLLM imports) a vLLM engine as a Ray actor on a GPU share: generation, and weights pushed
+                 in memory change it and restore it
   ppo_deepspeed  `ppo.strategy: auto` picks DeepSpeed ZeRO-2 bf16 on CUDA; one full PPO update (generate,
                  reference/critic passes, GAE, policy + critic training) with gradient checkpointing; peak memory
                  with and without checkpointing; the DeepSpeed checkpoint reloads to the same log-probs; the
@@ -178,7 +182,82 @@ def vllm_required(model_dir: Path) -> dict:
     return {"ok": False, "message": "no error raised"}
 
 
-CHECKS = ["env", "scoring_fp32", "scoring_bf16", "vllm_required", "ppo_deepspeed", "core_cuda"]
+@check("ppo_placement")
+def ppo_placement() -> dict:
+    """The PPO placement plan with a vLLM engine on this machine's real GPUs: every group and the engine placed
+    where the plan says (policy with its reference), each seeing only the GPU Ray assigned it."""
+    import ray
+
+    from priorzero_core.ppo.trainer import place, placement_plan
+
+    class Probe:
+        def where(self) -> tuple[list[str], int, str]:
+            return (sorted(str(g) for g in ray.get_gpu_ids()), torch.cuda.device_count(),
+                    os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    gpus = torch.cuda.device_count() if DEVICE == "cuda" else 2
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=8, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    try:
+        plan = placement_plan(gpus, False, 1, engines=1, engine_tp=1)
+        pg, opts = place(plan, 0.5, 120, "policy, reference, critic, 1 vLLM engine")
+        probes = {name: [ray.remote(Probe).options(**o).remote() for o in group] for name, group in opts.items()}
+        seen = {name: ray.get([p.where.remote() for p in group]) for name, group in probes.items()}
+        ray.util.remove_placement_group(pg)
+    finally:
+        ray.shutdown()
+    ok = (seen["policy"][0][0] == seen["reference"][0][0]
+          and all(len(ids) == 1 and (visible == 1 or DEVICE != "cuda") for g in seen.values() for ids, visible, _ in g))
+    return {"ok": ok, "gpus": gpus, "plan": plan, "seen": seen}
+
+
+@check("vllm_actors")
+def vllm_actors(model_dir: Path) -> dict:
+    """A vLLM engine as a Ray actor on a GPU share (0.25 of GPU 0, memory 0.9 x 0.25): with a fixed seed, the
+    weights pushed in memory (final norm zeroed: every logit 0) change its answer, and the originals restore it."""
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vLLM is not importable here"}
+    import ray
+    from safetensors.torch import load_file
+
+    from priorzero_core.config import PPOConfig
+    from priorzero_core.llm_prior import load_tokenizer
+    from priorzero_core.ppo.generation import VLLMActorEngine
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    try:
+        original = load_file(str(next(model_dir.glob("*.safetensors"))))
+        zeroed = {**original, "model.norm.weight": torch.zeros_like(original["model.norm.weight"])}
+
+        class Policy:
+            state = original
+
+            def submit(self, method: str) -> Any:
+                return ray.put(self.state)
+
+        cfg = PPOConfig(generation_backend="vllm", vllm_engine="actors", temperature=0.01, generate_max_tokens=8,
+                        max_prompt_tokens=128)
+        engine = VLLMActorEngine(cfg, model_dir, load_tokenizer(model_dir), [{"num_cpus": 1, "num_gpus": 0.25}])
+        prompt = ["<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"]
+        try:
+            first = engine.generate(prompt, 1, seed=0)[0].response_ids
+            policy = Policy()
+            policy.state = zeroed
+            engine.update_weights(policy)
+            zero = engine.generate(prompt, 1, seed=0)[0].response_ids
+            policy.state = original
+            engine.update_weights(policy)
+            back = engine.generate(prompt, 1, seed=0)[0].response_ids
+        finally:
+            engine.close()
+    finally:
+        ray.shutdown()
+    return {"ok": back == first != zero, "first": first, "zeroed": zero, "restored": back}
+
+
+CHECKS = ["env", "scoring_fp32", "scoring_bf16", "vllm_required", "ppo_placement", "vllm_actors", "ppo_deepspeed",
+          "core_cuda"]
 PPO_PROMPTS = 8
 PPO_SAMPLES = 4
 
@@ -347,6 +426,10 @@ def main() -> None:
         scoring_bf16(model_dir)
     if "vllm_required" in wanted:
         vllm_required(model_dir)
+    if "ppo_placement" in wanted:
+        ppo_placement()
+    if "vllm_actors" in wanted:
+        vllm_actors(model_dir)
     if "ppo_deepspeed" in wanted:
         ppo_deepspeed(model_dir, work)
     if "core_cuda" in wanted:

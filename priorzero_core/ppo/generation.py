@@ -1,7 +1,10 @@
-"""Rollout generation: transformers `generate` inside the policy actor, or a vLLM OpenAI server on 127.0.0.1.
+"""Rollout generation: transformers `generate` inside the policy actor, vLLM engines as Ray actors, or a vLLM
+OpenAI server on 127.0.0.1.
 
-One engine is chosen at start-up (`make_engine`) and logged. The vLLM engine runs from its own venv
-(scripts/setup_vllm_cpu.sh on CPU) and reloads the policy's weights from disk after every PPO step.
+One engine is chosen at start-up (`engine_kind`, `make_engine`) and logged. vLLM engine actors
+(`priorzero_core.vllm_actor`) are placed by the PPO placement plan beside the training actors and get the policy's
+weights in memory after every PPO step; the server runs from its own venv (scripts/setup_vllm_cpu.sh on CPU) and
+reloads them from disk.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..config import PPOConfig
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, first_line
+from ..vllm_actor import VLLMEngineActor
 from .adapter import STOP
 from .strategy import free_port
 
@@ -91,8 +95,20 @@ def hf_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], n: int
     return samples
 
 
+def to_samples(tokenizer: Any, encoded: Sequence[list[int]], n: int,
+               responses: Iterable[tuple[list[int], bool]]) -> list[Sample]:
+    """Samples from `n` responses (token ids, ended by the model) per prompt, prompt by prompt; an immediate EOS
+    is kept, so every response has a token to train on."""
+    samples = []
+    for j, (ids, finished) in enumerate(responses):
+        ids = list(ids) or [tokenizer.eos_token_id]
+        samples.append(Sample(encoded[j // n], ids, tokenizer.decode(ids, skip_special_tokens=True), finished))
+    return samples
+
+
 class GenerationEngine(ABC):
     name: str
+    where: str = ""  # for the log: where it generates
 
     @abstractmethod
     def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[Sample]: ...
@@ -154,6 +170,7 @@ class VLLMServerEngine(GenerationEngine):
         try:
             self.url = cfg.vllm_url.rstrip("/") if cfg.vllm_url else self._start(model_dir, log_path)
             self.model = self._served_model()
+            self.where = f"server at {self.url}"
         except BaseException:
             self.close()
             raise
@@ -205,14 +222,9 @@ class VLLMServerEngine(GenerationEngine):
             "include_stop_str_in_output": True, "return_token_ids": True, "skip_special_tokens": False,
         }
         choices = sorted(_post(f"{self.url}/v1/completions", body, timeout=3600)["choices"], key=lambda c: c["index"])
-        samples = []
-        for i, choice in enumerate(choices):
-            ids = list(choice.get("token_ids") or self.tokenizer.encode(choice["text"], add_special_tokens=False))
-            finished = choice.get("finish_reason") == "stop"
-            if not ids:  # an immediate EOS: keep it so the response has a token to train on
-                ids = [self.tokenizer.eos_token_id]
-            samples.append(Sample(encoded[i // n], ids, self.tokenizer.decode(ids, skip_special_tokens=True), finished))
-        return samples
+        return to_samples(self.tokenizer, encoded, n, (
+            (list(c.get("token_ids") or self.tokenizer.encode(c["text"], add_special_tokens=False)),
+             c.get("finish_reason") == "stop") for c in choices))
 
     def update_weights(self, policy: Any) -> None:
         self._version += 1
@@ -234,19 +246,121 @@ class VLLMServerEngine(GenerationEngine):
             proc.wait()
 
 
-def make_engine(cfg: PPOConfig, policy: Any, model_dir: Path, tokenizer: Any, work_dir: Path) -> GenerationEngine:
-    """`auto` picks vLLM for a configured `vllm_url`, or on CUDA when vllm is installed; CPU runs opt in
-    with `generation_backend: vllm` (the engine's ~2 minute start only pays off on long runs)."""
-    auto_vllm = bool(cfg.vllm_url) or (torch.cuda.is_available() and vllm_python(cfg) is not None)
-    if cfg.generation_backend == "vllm" or cfg.vllm_required or (cfg.generation_backend == "auto" and auto_vllm):
-        engine: Optional[VLLMServerEngine] = None
+class VLLMActorEngine(GenerationEngine):
+    """vLLM engines as Ray actors (OpenRLHF's): each gets its share of every batch's prompts, and the policy's
+    weights in memory after every PPO step (through the object store, straight from the policy actor).
+
+    `options` are each engine's Ray options from the PPO placement plan (its GPU bundle and share). Where vLLM
+    does not import in this interpreter, the engines run under the vLLM venv's (Ray's `py_executable`; that venv
+    needs this Ray version: scripts/setup_vllm_cpu.sh installs it)."""
+
+    name = "vllm-actors"
+
+    def __init__(self, cfg: PPOConfig, model_dir: Path, tokenizer: Any, options: Sequence[dict]):
+        import ray
+
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.actors: list[Any] = []
+        self._version = 0
+        python = vllm_python(cfg)
+        if python is None:
+            raise BackendUnavailable(f"vllm is not installed (looked in this venv and {default_vllm_venv(cfg)}); "
+                                     f"install it, or run scripts/setup_vllm_cpu.sh")
+        runtime_env: dict[str, Any] = {}
+        if importlib.util.find_spec("vllm") is None:
+            runtime_env = {"py_executable": str(python),
+                           "env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}}
+        tp = cfg.vllm_tensor_parallel_size
+        remote = ray.remote(VLLMEngineActor)
         try:
-            engine = VLLMServerEngine(cfg, model_dir, tokenizer, work_dir / "vllm-weights", work_dir / "logs" / "vllm.log")
+            for i, opts in enumerate(options):
+                # a share of a GPU the engine shares with training actors: that share of its memory, not vLLM's 90 %
+                share = min(1.0, float(opts.get("num_gpus", 0.0)))
+                util = cfg.vllm_gpu_memory_utilization or (round(0.9 * share, 3) if share else 0.9)
+                actor_opts = {**opts, **({"runtime_env": runtime_env} if runtime_env else {})}
+                self.actors.append(remote.options(**actor_opts).remote(
+                    str(model_dir), tensor_parallel_size=tp, gpu_memory_utilization=util,
+                    max_model_len=cfg.max_prompt_tokens + cfg.generate_max_tokens + 16, seed=i))
+            ready = {a.__ray_ready__.remote(): i for i, a in enumerate(self.actors)}
+            done, waiting = ray.wait(list(ready), num_returns=len(ready), timeout=VLLM_START_TIMEOUT_S)
+            if waiting:
+                raise BackendUnavailable(f"vLLM engine actor(s) {sorted(ready[r] for r in waiting)} not started within "
+                                         f"{VLLM_START_TIMEOUT_S:g} s (Ray cluster free: {ray.available_resources()})")
+            try:
+                ray.get(done)
+            except ray.exceptions.RayError as err:
+                raise BackendUnavailable(f"a vLLM engine actor failed to start: {first_line(err)}") from None
+        except BaseException:
+            self.close()
+            raise
+        self.where = f"{len(self.actors)} Ray actor(s) x {tp} device(s)"
+
+    def generate(self, prompts: Sequence[str], n: int, seed: int) -> list[Sample]:
+        import ray
+
+        encoded = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        k = len(self.actors)
+        bounds = [len(encoded) * i // k for i in range(k + 1)]
+        refs = [actor.generate.remote(encoded[lo:hi], n, self.cfg.generate_max_tokens, self.cfg.temperature, seed + i,
+                                      STOP)
+                for i, (actor, lo, hi) in enumerate(zip(self.actors, bounds, bounds[1:])) if hi > lo]
+        return to_samples(self.tokenizer, encoded, n, (out for part in ray.get(refs) for out in part))
+
+    def update_weights(self, policy: Any) -> None:
+        import ray
+
+        self._version += 1
+        state = policy.submit("state_dict")  # a reference: each engine fetches the weights from the object store
+        ray.get([actor.update_weights.remote(state, self._version) for actor in self.actors])
+
+    def close(self) -> None:
+        actors, self.actors = self.actors, []
+        if not actors:
+            return
+        import ray
+
+        if ray.is_initialized():
+            for actor in actors:
+                ray.kill(actor)
+
+
+def engine_kind(cfg: PPOConfig) -> str:
+    """What generates the rollouts: "transformers" (in the policy actor), "actors" (vLLM engines as Ray actors) or
+    "server" (vLLM's OpenAI server). vLLM when asked for (`generation_backend: vllm`, `vllm_required`, a
+    `vllm_url`) or, with `auto`, on CUDA where vLLM is installed; then `vllm_engine` says which, and its `auto` means
+    actors where vLLM imports in this interpreter (the cluster's environment), else the server (the vLLM venv)."""
+    auto_vllm = bool(cfg.vllm_url) or (torch.cuda.is_available() and vllm_python(cfg) is not None)
+    if not (cfg.generation_backend == "vllm" or cfg.vllm_required or (cfg.generation_backend == "auto" and auto_vllm)):
+        return "transformers"
+    if cfg.vllm_url:
+        return "server"
+    if cfg.vllm_engine == "auto":
+        return "actors" if importlib.util.find_spec("vllm") is not None else "server"
+    return cfg.vllm_engine
+
+
+def make_engine(cfg: PPOConfig, policy: Any, model_dir: Path, tokenizer: Any, work_dir: Path,
+                kind: Optional[str] = None, engine_options: Optional[Sequence[dict]] = None) -> GenerationEngine:
+    """The engine `kind` (default `engine_kind(cfg)`) names; vLLM engine actors take `engine_options` (the PPO
+    placement plan's Ray options, one per engine). CPU runs opt in to vLLM with `generation_backend: vllm` (an
+    engine's ~2 minute start only pays off on long runs); one that cannot start falls back to transformers unless
+    vLLM was required."""
+    kind = kind or engine_kind(cfg)
+    if kind != "transformers":
+        engine: Optional[GenerationEngine] = None
+        try:
+            if kind == "actors":
+                options = engine_options or [{"num_cpus": cfg.actor_num_cpus}] * cfg.vllm_num_engines
+                engine = VLLMActorEngine(cfg, model_dir, tokenizer, options)
+            else:
+                engine = VLLMServerEngine(cfg, model_dir, tokenizer, work_dir / "vllm-weights",
+                                          work_dir / "logs" / "vllm.log")
             engine.update_weights(policy)  # the policy may start from weights other than model_dir's
-            logger.info("PPO generation: vLLM at %s", engine.url)
+            logger.info("PPO generation: vLLM, %s", engine.where)
             return engine
         except BaseException as err:
-            if engine is not None:  # a server that started must never outlive a failed set-up
+            if engine is not None:  # an engine that started must never outlive a failed set-up
                 engine.close()
             if not isinstance(err, (BackendUnavailable, OSError)):
                 raise

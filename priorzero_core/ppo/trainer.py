@@ -27,7 +27,7 @@ from ..replay import GameSegment
 from .actors import ActorGroup, CriticActor, PolicyActor, ReferenceActor, RewardActor, StateDict
 from .adapter import GameSegmentToORZAdapter, PromptRecord, read_prompts, write_prompts
 from .experience import make_rollout
-from .generation import GenerationEngine, Sample, make_engine
+from .generation import GenerationEngine, Sample, engine_kind, make_engine
 from .losses import approx_kl, gae, group_advantages, masked_mean, normalise, token_rewards
 from .reward import Judgement
 
@@ -57,25 +57,78 @@ class PPOStartupError(RuntimeError):
     """The PPO actors could not be placed or started on the Ray cluster."""
 
 
-def placement_plan(gpus: int, grpo: bool, ranks: int = 1) -> dict[str, list[tuple[Optional[int], float]]]:
-    """{model group: [(GPU bundle index, GPU share) for each data-parallel rank]} on `gpus` GPUs; (None, 0) each
-    without GPUs.
+def placement_plan(gpus: int, grpo: bool, ranks: int = 1, engines: int = 0,
+                   engine_tp: int = 1) -> dict[str, list[tuple[Optional[int], float]]]:
+    """{model group: [(GPU index, GPU share) for each data-parallel rank]} on `gpus` GPUs, and with `engines`
+    vLLM engines {"engine": [(first GPU, GPUs) for each engine]}; (None, 0) each without GPUs.
 
     Each rank gets `gpus // ranks` GPUs of its own, so no two ranks of one group share a GPU (NCCL cannot put two
     ranks of a communicator on one device). Within a rank's GPUs each group gets one of its own when there are
     enough; with fewer they share, in order policy + reference, then critic (ORZ/OpenRLHF colocate the policy
     with its reference), each taking an equal share of its GPU, so every plan fits (a share of gpus / groups did
-    not: 0.667 of a GPU three times on 2 GPUs waits forever). Extra GPUs stay free for the generation engine and
-    the driver's world model."""
+    not: 0.667 of a GPU three times on 2 GPUs waits forever). Extra GPUs stay free for the driver's world model.
+
+    Engines of one GPU (`engine_tp` 1) join the ranks' groups (engine i with rank i mod ranks, after its critic)
+    and share GPUs by the same rule; engines of `engine_tp` > 1 GPUs (tensor parallel) each take `engine_tp` GPUs
+    of their own at the end, and the ranks share what is left."""
     groups = ["policy", "reference"] + ([] if grpo else ["critic"])
     if gpus <= 0:
-        return {g: [(None, 0.0)] * ranks for g in groups}
-    if ranks > gpus:
+        plan = {g: [(None, 0.0)] * ranks for g in groups}
+        return {**plan, "engine": [(None, 0.0)] * engines} if engines else plan
+    dedicated = engines * engine_tp if engine_tp > 1 else 0
+    left = gpus - dedicated
+    if ranks > left:
         raise PPOStartupError(f"ppo.dp_size={ranks} needs a GPU for each rank (NCCL ranks of one model cannot share "
-                              f"a GPU); the Ray cluster has {gpus}")
-    own = gpus // ranks
-    per_gpu = -(-len(groups) // own)
-    return {g: [(r * own + i // per_gpu, 1.0 / per_gpu) for r in range(ranks)] for i, g in enumerate(groups)}
+                              f"a GPU); the Ray cluster has {gpus}"
+                              + (f", {dedicated} of them for {engines} vLLM engine(s) of {engine_tp} GPUs" if dedicated
+                                 else ""))
+    own = left // ranks
+    plan: dict[str, list[tuple[Optional[int], float]]] = {g: [] for g in groups}
+    shared_engines: list[tuple[int, float]] = []
+    for r in range(ranks):
+        members = groups + [f"engine{i}" for i in range(engines) if engine_tp == 1 and i % ranks == r]
+        per_gpu = -(-len(members) // own)
+        for j, member in enumerate(members):
+            place = (r * own + j // per_gpu, 1.0 / per_gpu)
+            if member in plan:
+                plan[member].append(place)
+            else:
+                shared_engines.append((int(member[len("engine"):]), place))
+    if engines:
+        plan["engine"] = ([place for _, place in sorted(shared_engines)] if engine_tp == 1
+                          else [(left + i * engine_tp, float(engine_tp)) for i in range(engines)])
+    return plan
+
+
+def place(plan: dict[str, list[tuple[Optional[int], float]]], cpus: float, timeout_s: float,
+          what: str) -> tuple[Any, dict[str, list[dict[str, Any]]]]:
+    """A placement group for `plan`'s GPUs (None without any) and each group's Ray options in it: one bundle per
+    GPU used, of 1 GPU, or of a tensor-parallel engine's GPUs; the groups on one bundle are colocated, as in ORZ.
+    A group that cannot be placed within `timeout_s` is a one-line PPOStartupError naming `what` was placed."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    size: dict[int, float] = {}  # a bundle's first GPU → its GPUs
+    members: dict[int, int] = {}
+    for places in plan.values():
+        for first, share in places:
+            if first is not None:
+                size[first] = max(size.get(first, 1.0), share)
+                members[first] = members.get(first, 0) + 1
+    if not size:
+        return None, {}
+    index = {first: i for i, first in enumerate(sorted(size))}
+    pg = placement_group([{"GPU": size[b], "CPU": cpus * members[b]} for b in sorted(size)], strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        ray.util.remove_placement_group(pg)
+        raise PPOStartupError(f"PPO could not place {len(size)} GPU bundle(s) ({sum(size.values()):g} GPUs, up to "
+                              f"{cpus * max(members.values()):g} CPU each: {what}) within {timeout_s:g} s; the Ray "
+                              f"cluster has {ray.available_resources()}")
+    return pg, {name: [{"num_cpus": cpus, "num_gpus": share, "scheduling_strategy":
+                        PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index[first])}
+                       for first, share in places] for name, places in plan.items()}
 
 
 class PPOTrainer:
@@ -108,35 +161,25 @@ class PPOTrainer:
     # ------------------------------------------------------------------ set-up
     def _start(self, policy_model: Optional[nn.Module]) -> None:
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         grpo = self.ppo.algorithm == "grpo"
         self._owns_ray = connect_ray(self.cfg, self.ppo.ray_address or self.cfg.ray.address, ppo=True, who="PPO")
         ranks = self.ppo.dp_size
-        plan = placement_plan(int(ray.cluster_resources().get("GPU", 0.0)), grpo, ranks)
+        kind = engine_kind(self.ppo)
+        engines = self.ppo.vllm_num_engines if kind == "actors" else 0
+        plan = placement_plan(int(ray.cluster_resources().get("GPU", 0.0)), grpo, ranks, engines,
+                              self.ppo.vllm_tensor_parallel_size)
         weights = None
         if policy_model is not None:
             # LoRA adapters (llm.lora with LLM training) merged in: PPO trains the full weights
             weights = ray.put({k: v.detach().to("cpu", torch.float32) for k, v in plain_state_dict(policy_model).items()})
         cpus = self.ppo.actor_num_cpus
-        opts: dict[str, list[dict[str, Any]]] = {name: [{"num_cpus": cpus, "scheduling_strategy": "SPREAD"}] * ranks
-                                                 for name in plan}
-        slots = [bundle for places in plan.values() for bundle, _ in places]
-        bundles = sorted({bundle for bundle in slots if bundle is not None})
-        if bundles:  # one bundle per GPU used; the groups that share one are colocated on it, as in ORZ
-            per_bundle = {b: slots.count(b) for b in bundles}
-            self._pg = placement_group([{"GPU": 1.0, "CPU": cpus * per_bundle[b]} for b in bundles], strategy="PACK")
-            ready, _ = ray.wait([self._pg.ready()], timeout=self.ppo.startup_timeout_s)
-            if not ready:
-                raise PPOStartupError(
-                    f"PPO could not place {len(bundles)} GPU bundle(s) of 1 GPU + {cpus * max(per_bundle.values()):g} "
-                    f"CPU (policy, reference{'' if grpo else ', critic'} x {ranks} rank(s) on {len(bundles)} GPU(s)) "
-                    f"within {self.ppo.startup_timeout_s:g} s; the Ray cluster has {ray.available_resources()}")
-            for name, places in plan.items():
-                opts[name] = [{"num_cpus": cpus, "num_gpus": share, "scheduling_strategy":
-                               PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle)}
-                              for bundle, share in places]
+        opts: dict[str, list[dict[str, Any]]] = {name: [{"num_cpus": cpus, "scheduling_strategy": "SPREAD"}] * len(places)
+                                                 for name, places in plan.items()}
+        what = (f"policy, reference{'' if grpo else ', critic'} x {ranks} rank(s)"
+                + (f", {engines} vLLM engine(s)" if engines else ""))
+        self._pg, placed = place(plan, cpus, self.ppo.startup_timeout_s, what)
+        opts.update(placed)
         seed = self.cfg.run.seed
         # the ranks of a trained model meet at a store this driver holds: reachable from every node of a cluster
         host = "127.0.0.1" if self._owns_ray else ray.util.get_node_ip_address()
@@ -156,7 +199,8 @@ class PPOTrainer:
                                   f"{', '.join(sorted({refs[r] for r in waiting}))} (Ray cluster free: "
                                   f"{ray.available_resources()})")
         ray.get(done)
-        self._engine = make_engine(self.ppo, self.policy, self.model_dir, self.tokenizer, self.work_dir)
+        self._engine = make_engine(self.ppo, self.policy, self.model_dir, self.tokenizer, self.work_dir, kind,
+                                   opts.get("engine"))
         logger.info("PPO trainer ready: %s, generation %s, actors on %d node(s)", self.ppo.algorithm, self._engine.name,
                     len(set(self.actor_nodes())))
 

@@ -155,6 +155,72 @@ def test_every_placement_plan_fits_its_gpus_keeps_the_policy_with_its_reference_
     assert placement_plan(0, grpo, ranks) == {g: [(None, 0.0)] * ranks for g in plan}
 
 
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+@pytest.mark.parametrize("grpo", [False, True], ids=["ppo", "grpo"])
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("engines,tp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_vllm_engines_in_the_placement_plan_fit_beside_the_training_actors(gpus, grpo, ranks, engines, tp):
+    dedicated = engines * tp if tp > 1 else 0
+    if ranks > gpus - dedicated:
+        with pytest.raises(PPOStartupError, match=f"dp_size={ranks} needs a GPU for each rank.*vLLM engine"
+                           if dedicated else f"dp_size={ranks}"):
+            placement_plan(gpus, grpo, ranks, engines, tp)
+        return
+    plan = placement_plan(gpus, grpo, ranks, engines, tp)
+    assert len(plan["engine"]) == engines
+    load: dict[int, float] = {}
+    for name, places in plan.items():
+        for first, share in places:
+            for gpu in range(first, first + (tp if name == "engine" and tp > 1 else 1)):
+                assert 0 <= gpu < gpus
+                load[gpu] = load.get(gpu, 0.0) + min(share, 1.0)
+    assert all(total <= 1 + 1e-9 for total in load.values())  # no GPU holds more than it has
+    if tp > 1:  # tensor-parallel engines: whole GPUs of their own, after the training actors'
+        assert plan["engine"] == [(gpus - dedicated + i * tp, float(tp)) for i in range(engines)]
+        assert {k: v for k, v in plan.items() if k != "engine"} == placement_plan(gpus - dedicated, grpo, ranks)
+    else:  # engine i sits among rank i mod ranks's GPUs
+        own = gpus // ranks
+        assert all((i % ranks) * own <= first < (i % ranks + 1) * own for i, (first, _) in enumerate(plan["engine"]))
+    assert placement_plan(0, grpo, ranks, engines, tp)["engine"] == [(None, 0.0)] * engines
+
+
+def test_the_plan_s_groups_and_engines_are_placed_on_the_gpus_it_gives_them(monkeypatch):
+    """Ray accepts GPUs a machine lacks: on 4 declared GPUs each group lands where the plan says, a tensor-parallel
+    engine gets its 2 GPUs whole, and a plan the cluster cannot hold is a one-line error instead of a hang."""
+    import ray
+
+    from priorzero_core.ppo.trainer import place
+
+    class Probe:
+        def gpus(self) -> list[str]:
+            return sorted(str(g) for g in ray.get_gpu_ids())
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        for engines, tp in ((2, 1), (1, 2)):
+            plan = placement_plan(4, False, 1, engines, tp)
+            pg, opts = place(plan, 0.25, 60, "test")
+            probes = {name: [ray.remote(Probe).options(**o).remote() for o in group] for name, group in opts.items()}
+            got = {name: ray.get([p.gpus.remote() for p in group]) for name, group in probes.items()}
+            for group in probes.values():
+                for probe in group:
+                    ray.kill(probe)
+            ray.util.remove_placement_group(pg)
+            assert len(got["policy"][0]) == 1 and got["policy"] == got["reference"]  # colocated, as in ORZ
+            if tp == 1:  # 5 members on 4 GPUs: two to a GPU, the second engine beside nothing but its own share
+                assert len(set(map(tuple, got["engine"]))) == 2
+                assert got["critic"][0] == got["engine"][0]
+            else:  # the engine's 2 GPUs are neither the policy's nor the critic's
+                assert len(got["engine"][0]) == 2
+                assert not set(got["engine"][0]) & set(got["policy"][0] + got["critic"][0])
+        with pytest.raises(PPOStartupError, match=r"could not place 6 GPU bundle\(s\) \(8 GPUs.*within 2 s") as err:
+            place(placement_plan(8, False, 2, 2, 2), 0.25, 2, "test")  # 2 ranks on 4 GPUs, 2 engines on 4 more
+        assert "\n" not in str(err.value)
+    finally:
+        ray.shutdown()
+
+
 def test_grpo_without_groups_is_a_config_error():
     from priorzero_core.config import config_from_dict
     from priorzero_core.errors import ConfigError

