@@ -89,13 +89,13 @@ def placement_plan(gpus: int, grpo: bool, ranks: int = 1, engines: int = 0,
         members = groups + [f"engine{i}" for i in range(engines) if engine_tp == 1 and i % ranks == r]
         per_gpu = -(-len(members) // own)
         for j, member in enumerate(members):
-            place = (r * own + j // per_gpu, 1.0 / per_gpu)
+            spot = (r * own + j // per_gpu, 1.0 / per_gpu)
             if member in plan:
-                plan[member].append(place)
+                plan[member].append(spot)
             else:
-                shared_engines.append((int(member[len("engine"):]), place))
+                shared_engines.append((int(member[len("engine"):]), spot))
     if engines:
-        plan["engine"] = ([place for _, place in sorted(shared_engines)] if engine_tp == 1
+        plan["engine"] = ([spot for _, spot in sorted(shared_engines)] if engine_tp == 1
                           else [(left + i * engine_tp, float(engine_tp)) for i in range(engines)])
     return plan
 
