@@ -31,7 +31,8 @@ LLM_WEIGHTS_FILE = "llm_weights.safetensors"
 
 def export_agent(checkpoint: Path, cfg: PriorZeroConfig, spec: GameSpec, dest: Path, iteration: int,
                  evaluation: dict[str, float]) -> Path:
-    """Write the agent of `checkpoint` (a committed checkpoint directory) to `dest` (made; must not exist)."""
+    """Write the agent of `checkpoint` (a committed checkpoint directory) to `dest` (made; must not exist), with the
+    `evaluation` it scored at iteration `iteration`."""
     from .llm_train import WEIGHTS_FILE
 
     checkpoint, dest = Path(checkpoint), Path(dest)
@@ -43,7 +44,7 @@ def export_agent(checkpoint: Path, cfg: PriorZeroConfig, spec: GameSpec, dest: P
     files = sorted(p.name for p in dest.iterdir())
     spec_fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}
     (dest / AGENT_FILE).write_text(json.dumps({
-        "iteration": iteration, "evaluation": evaluation, "spec": spec_fields,
+        "iteration": iteration, "checkpoint": checkpoint.name, "evaluation": evaluation, "spec": spec_fields,
         "sha256": {name: _sha256(dest / name) for name in files}}, indent=1, sort_keys=True))
     return dest
 

@@ -37,6 +37,7 @@ from .replay import ReplayBuffer, StepRecord
 log = logging.getLogger("priorzero")
 
 STAGES = ("evaluate", "collect", "train_world_model", "train_llm", "adapt", "ppo_train", "checkpoint")
+WEIGHT_STAGES = ("train_world_model", "train_llm", "ppo_train")  # the stages that change the weights the agent acts with
 DEMO_FILE = "demo.jsonl.gz"  # in a checkpoint's demo/: the trajectory the learners imitate, as they see it
 
 
@@ -103,6 +104,10 @@ class Trainer:
                  self.run_dir, self.spec.name, self.spec.max_score, self.spec.action_space_size,
                  self.spec.max_episode_steps, self.device)
         self.iteration = 0
+        # The committed checkpoint whose weights the agent acts with now: None once a stage has trained them
+        # since (or before any checkpoint). An evaluation names it, so the agent logged for a good evaluation is
+        # the one evaluated, not the weights one more iteration of training made.
+        self.weights_checkpoint: Optional[Path] = None
         self.env_steps = 0
         self.random_steps = 0  # search-free exploration's env steps (explore.random_steps), not in the replay
         self._started = time.monotonic()  # for schedule.time_budget_s
@@ -256,9 +261,12 @@ class Trainer:
         if path.exists():  # a re-run iteration or `priorzero eval` keeps the earlier transcript
             path = path.with_name(f"eval-{iteration:06d}-{int(time.time())}.txt")
         path.write_text(result.transcript)
+        artifacts = {"transcript": path}
+        if self.weights_checkpoint is not None:
+            artifacts["evaluated_checkpoint"] = self.weights_checkpoint
         log.info("iteration %d eval: reward_mean %.2f (%s)", iteration, result.metrics["evals/reward_mean"],
                  ", ".join(f"{m} {result.metrics[f'evals/{m}/reward_mean']:.1f}" for m in modes))
-        return StageResult(metrics=result.metrics, artifacts={"transcript": path})
+        return StageResult(metrics=result.metrics, artifacts=artifacts)
 
     def collect(self, iteration: int) -> StageResult:
         if self._collect_undo is not None:  # an earlier attempt failed part-way: start over from where it started
@@ -557,6 +565,7 @@ class Trainer:
             raise
         if self._ppo is None and (path / "ppo").is_dir():
             self._ppo_resume_dir = path / "ppo"
+        self.weights_checkpoint = path
         ckpt.prune(self.run_dir / "checkpoints", self.cfg.run.keep_checkpoints)
         faults.inject("checkpoint-done", iteration)  # test hook: committed, the iteration's metrics not yet logged
         self.iteration = iteration
@@ -567,6 +576,8 @@ class Trainer:
         """Run one stage of the iteration in progress (the fault hook first, see faults.py); its metrics, with
         its time, go into the iteration's metrics row. A stage that raises records nothing, and the iteration
         counts as failed unless a retry of that stage succeeds."""
+        if stage in WEIGHT_STAGES:
+            self.weights_checkpoint = None
         try:
             faults.inject(stage, iteration)
             start = time.perf_counter()
@@ -660,6 +671,7 @@ class Trainer:
             version, internal, gauss = meta["python_rng"]
             random.setstate((version, tuple(internal), gauss))
         self.iteration = int(meta["iteration"])
+        self.weights_checkpoint = path
         self.env_steps = int(meta["env_steps"])
         self.random_steps = int(meta.get("random_steps", 0))
         self._steps_since_wm = int(meta.get("steps_since_wm", 0))

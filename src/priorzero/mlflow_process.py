@@ -210,7 +210,8 @@ class MLflowStore:
             except MlflowException as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-            tags = {"iteration": str(iteration), **{k: str(v) for k, v in info["evaluation"].items()}}
+            tags = {"iteration": str(iteration), "checkpoint": str(info.get("checkpoint", "")),
+                    **{k: str(v) for k, v in info["evaluation"].items()}}
             version = self.client.create_model_version(name, f"runs:/{self.run_id}/agent", run_id=self.run_id, tags=tags)
             self.client.set_registered_model_alias(name, "best", version.version)
             self._say(logging.INFO, f"MLflow model {name} version {version.version} (iteration {iteration}) is now @best")

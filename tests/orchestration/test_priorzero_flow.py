@@ -1,5 +1,6 @@
 """The priorzero flow against a real Prefect server and a real MLflow sqlite store, with the real Trainer."""
 
+import hashlib
 import json
 import logging
 import os
@@ -92,7 +93,7 @@ def test_a_run_dir_another_live_process_trains_is_refused_and_a_dead_ones_is_tak
     assert (run_dir / TRAINING_PID_FILE).read_text() == str(os.getpid())
 
 
-def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_api, debug_overrides):
+def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_api, debug_overrides, tmp_path):
     overrides = [*debug_overrides, "tracking.system_metrics_interval_s=1", "tracking.log_models=true"]
     state = priorzero(config="debug", overrides=overrides, iterations=3, return_state=True)
 
@@ -139,18 +140,28 @@ def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_
     (where,) = by_type["markdown"]
     assert run.info.run_id in where.data and "mlflow ui --backend-store-uri" in where.data
 
-    # The agent of each checkpoint whose evaluation was the best so far is a version of priorzero-embedded in the
-    # Model Registry, the best at @best; it loads and acts in a fresh process, and `priorzero eval` plays it.
+    # The agent each evaluation that was the best so far played is a version of priorzero-embedded in the Model
+    # Registry, the best at @best; it loads and acts in a fresh process, and `priorzero eval` plays it. An iteration
+    # evaluates the weights of the checkpoint before it: those are the weights logged (iteration 1's, untrained and
+    # in no checkpoint, are not).
     best = client.get_model_version_by_alias("priorzero-embedded", "best")
     versions = client.search_model_versions("name='priorzero-embedded'")
     evals = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "evals/reward_mean")}
     logged = sorted(int(v.tags["iteration"]) for v in versions)
-    assert logged[0] == 1 and set(logged) <= set(evals)  # the first evaluation, then only improvements
+    assert logged[0] == 3 and set(logged) <= set(evals)  # the first evaluation of checkpointed weights, then improvements
     assert all(evals[b] > evals[a] for a, b in zip(logged, logged[1:]))
     assert int(best.tags["iteration"]) == logged[-1] and best.run_id == run.info.run_id
-    assert float(best.tags["evals/reward_mean"]) == max(evals.values())
+    assert float(best.tags["evals/reward_mean"]) == max(v for k, v in evals.items() if k > 1)
+    assert best.tags["checkpoint"] == f"iter-{logged[-1] - 1:06d}"
     (run_dir,) = Path(debug_overrides[0].split("=", 1)[1]).iterdir()
     assert not list((run_dir / "agents").iterdir())  # the exported copies were logged, then removed
+    (copy,) = client.list_artifacts(run.info.run_id, "agent/artifacts")  # the exported directory, as logged
+    agent_json = Path(client.download_artifacts(run.info.run_id, f"{copy.path}/agent.json", str(tmp_path)))
+    evaluated = run_dir / "checkpoints" / best.tags["checkpoint"] / "world_model.safetensors"
+    assert json.loads(agent_json.read_text())["sha256"]["world_model.safetensors"] == \
+        hashlib.sha256(evaluated.read_bytes()).hexdigest()
+    trained_after = run_dir / "checkpoints" / f"iter-{logged[-1]:06d}" / "world_model.safetensors"
+    assert hashlib.sha256(trained_after.read_bytes()).digest() != hashlib.sha256(evaluated.read_bytes()).digest()
     uri = next(o.split("=", 1)[1] for o in debug_overrides if o.startswith("tracking.uri="))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     # One fresh process (an interpreter start with torch and MLflow costs ≈10 s here): MLflow's own loader, then

@@ -152,18 +152,21 @@ class Progress:
 
 
 def log_best_agent(cfg: PriorZeroConfig, trainer: Trainer, run_dir: Path, tracker: Tracker, progress: Progress,
-                   n: int, checkpoint: Path) -> None:
-    """At checkpoint `n`: when its latest evaluation is the run's best, export its agent and have MLflow log and
-    register it (`tracking.log_models`)."""
-    if not (cfg.tracking.log_models and tracker.active and progress.new_best()):
+                   n: int, evaluated: Optional[Path]) -> None:
+    """At checkpoint `n`: when its latest evaluation is the run's best, export the agent that evaluation played and
+    have MLflow log and register it (`tracking.log_models`). An iteration evaluates the weights its previous one
+    trained, so the agent comes from the checkpoint that holds them (`evaluated`, the evaluate stage's
+    `evaluated_checkpoint`), not from checkpoint `n`. An evaluation of weights no checkpoint holds (the first, of
+    untrained weights; with `run.checkpoint_freq` > 1, some others) logs nothing."""
+    if not (cfg.tracking.log_models and tracker.active and evaluated is not None and progress.new_best()):
         return
     from priorzero_core.agent_model import export_agent
 
     dest = run_dir / "agents" / f"iter-{n:06d}-{time.time_ns()}"  # the tracker deletes it once logged
     try:
-        export_agent(checkpoint, cfg, trainer.spec, dest, n, progress.evaluation)
-    except OSError as err:  # tracking never stops training
-        logging.getLogger("priorzero").warning("agent of iteration %d not logged: %s", n, err)
+        export_agent(evaluated, cfg, trainer.spec, dest, n, progress.evaluation)
+    except OSError as err:  # tracking never stops training; e.g. run.keep_checkpoints 1 pruned `evaluated`
+        logging.getLogger("priorzero").warning("agent of evaluation %d not logged: %s", n, err)
         return
     tracker.log_agent(n, dest)
 
@@ -183,7 +186,7 @@ def train(cfg: PriorZeroConfig, trainer: Trainer, run_dir: Path, tracker: Tracke
         if "checkpoint" in it.artifacts:
             progress.last_checkpoint = n
             tracker.commit()
-            log_best_agent(cfg, trainer, run_dir, tracker, progress, n, it.artifacts["checkpoint"])
+            log_best_agent(cfg, trainer, run_dir, tracker, progress, n, it.artifacts.get("evaluated_checkpoint"))
         if failure is None:
             failed_in_row = 0
             progress.last_ok = n
