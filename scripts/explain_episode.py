@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -65,16 +66,11 @@ def main() -> None:
             view = EnvView(history=list(history), timestep=ts)
             if t >= len(moves) - args.last:
                 valid = kept_actions(ts, agent.spec.action_space_size)
-                with torch.inference_mode():
-                    ctx = agent._root_context([[(o, a) for o, a, _ in history]], [ts.observation], [valid])
-                    state, _, value = model.root_inference(ctx)
-                    k = len(valid)
-                    wide = tuple(s.repeat_interleave(k, 0) for s in state)
-                    children, reward, child_logits, next_value = model.recurrent_inference(
-                        wide, torch.arange(k), ctx.valid_emb.repeat_interleave(k, 0),
-                        ctx.valid_mask.repeat_interleave(k, 0))
+                look = one_step(agent, history, ts, valid, gamma)
+                ctx, value, children, reward, child_logits, next_value, q = (
+                    look.ctx, look.value, look.children, look.reward, look.child_logits, look.next_value, look.q)
+                k = len(valid)
                 (decision,) = agent.act([view], mode="wm")
-                q = reward + gamma * next_value
                 tree_q = searched[-1].q_values[0]
                 order = sorted(range(k), key=lambda i: -decision.policy_target[i])[:args.top]
                 print(f"[{t}] score {ts.score}, value {float(value[0]):+.2f}; played {move!r}"
@@ -101,6 +97,30 @@ def main() -> None:
                 break
     finally:
         trainer.close()
+
+
+class OneStep(NamedTuple):
+    ctx: object  # the root's RootContext
+    logits: torch.Tensor  # [1, A] the learned policy's logits at the root
+    value: torch.Tensor  # [1] the root's value
+    children: tuple  # the imagined state after each valid action, [k] rows
+    reward: torch.Tensor  # [k] the model's reward for each valid action
+    child_logits: torch.Tensor  # [k, A] the policy logits in the state each leads to
+    next_value: torch.Tensor  # [k] the value of the state each leads to
+    q: torch.Tensor  # [k] one-step Q: reward + discount * next_value
+
+
+def one_step(agent, history: list[tuple[str, str, float]], ts, valid: list[str], gamma: float) -> OneStep:
+    """The model's root for the real state `ts` after `history`, and each valid move's one-step lookahead."""
+    model = agent.model
+    with torch.inference_mode():
+        ctx = agent._root_context([[(o, a) for o, a, _ in history]], [ts.observation], [valid])
+        state, logits, value = model.root_inference(ctx)
+        k = len(valid)
+        wide = tuple(s.repeat_interleave(k, 0) for s in state)
+        children, reward, child_logits, next_value = model.recurrent_inference(
+            wide, torch.arange(k), ctx.valid_emb.repeat_interleave(k, 0), ctx.valid_mask.repeat_interleave(k, 0))
+    return OneStep(ctx, logits, value, children, reward, child_logits, next_value, reward + gamma * next_value)
 
 
 def below(model, ctx, after, logits, reward: float, value: float, valid: list[str], move: int, gamma: float,
