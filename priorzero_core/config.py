@@ -184,6 +184,15 @@ class MCTSConfig(_Section):
     # "mixed_value", Gumbel MuZero's (mctx's default) root value mixed with the visited actions' Q (no extra
     # model call; unvisited actions are taken to be as good as the state).
     complete_q: Literal["one_step", "mixed_value"] = "one_step"
+    # The value each searched step stores, which later n-step targets bootstrap from: "search", the mean of the
+    # search's backed-up returns at the root (MuZero's), or "lookahead", the improved policy's expected one-step
+    # Q (Σ_a π(a)·(r(a) + γ·v(s'_a)): one imagined step, no deeper). Below the root every node offers the root's
+    # valid actions, most of which do not exist in the imagined state; the model's rewards and values for them
+    # are noise that 25 simulations average into the root's value (along the imitated trajectories of three
+    # Zork 1 checkpoints, 18-23 states each, `scripts/demo_fidelity.py`: the search's value lay 9.1-16.7 points
+    # from the return still to come on average, this one 3.5-6.6, the model's own value 3.5-6.4). Needs
+    # mcts.policy_target improved (the one-step Q of every root action).
+    root_value: Literal["search", "lookahead"] = "search"
     # The tree's walk and backup in numba-compiled code (priorzero_core/mcts_compiled.py); false: the numpy path.
     compiled: bool = True
 
@@ -193,6 +202,13 @@ class MCTSConfig(_Section):
         if isinstance(v, float) and not 0.0 <= v <= 1.0:
             raise ValueError("mix_weight must be in [0, 1] or 'adaptive'")
         return v
+
+    @model_validator(mode="after")
+    def _root_value_has_its_lookahead(self) -> "MCTSConfig":
+        if self.root_value == "lookahead" and self.policy_target != "improved":
+            raise ValueError("mcts.root_value 'lookahead' needs mcts.policy_target 'improved' (the one-step Q of "
+                             "every root action)")
+        return self
 
 
 class CollectConfig(_Section):

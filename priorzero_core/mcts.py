@@ -87,7 +87,7 @@ class SearchOutput(NamedTuple):
     visit_counts: Tensor  # [B, A] root children
     visit_dist: Tensor  # [B, A]
     improved_policy: Tensor  # [B, A] softmax(prior logits + σ(completed Q)); visit_dist without a lookahead
-    root_value: Tensor  # [B] mean backed-up value at the root
+    root_value: Tensor  # [B] mean backed-up value at the root (mcts.root_value "lookahead": expected one-step Q)
     q_values: Tensor  # [B, A] reward + discount·value of root children; 0 where unvisited
     selected_action: Tensor  # [B]
     tree: SearchedTree
@@ -389,12 +389,18 @@ def search(
     visit_dist = visit_counts / visit_counts.sum(-1, keepdim=True)
     improved, completed = visit_dist, q_values
     if lookahead_fn is not None:
+        one_step = (one_step_q(lookahead_fn, root.state, valid_mask, discount)
+                    if cfg.complete_q == "one_step" or cfg.root_value == "lookahead" else None)
         unvisited = (mixed_value(root.value.float(), q_values, visit_counts, masked_softmax(root.prior_logits.float(),
                                                                                            valid_mask))
-                     if cfg.complete_q == "mixed_value" else one_step_q(lookahead_fn, root.state, valid_mask, discount))
+                     if cfg.complete_q == "mixed_value" else one_step)
         completed = torch.where(visit_counts > 0, q_values, unvisited)
         improved = improved_policy(root.prior_logits, completed, visit_counts, valid_mask, cfg.c_visit, cfg.c_scale,
                                    cfg.min_q_spread)
+        if cfg.root_value == "lookahead":  # the improved policy's expected one-step Q (mcts.root_value)
+            root_value = (improved * torch.where(valid_mask, one_step, torch.zeros_like(one_step))).sum(-1)
+    elif cfg.root_value == "lookahead":
+        raise ValueError("mcts.root_value 'lookahead' needs the one-step Q of every root action (a lookahead_fn)")
     act_from = improved if cfg.policy_target == "improved" else visit_counts
     return SearchOutput(
         visit_counts=visit_counts,

@@ -1,9 +1,12 @@
 """How closely a checkpoint follows the trajectory it imitates: replays the checkpoint's imitated trajectory
 (`demo/demo.jsonl.gz`) in evaluation env 0 from the game's start and prints, at each of its moves, the rank and
-probability the learned policy gives the imitated move, its value against the trajectory's discounted return still
-to come (what the learners are taught there), and the move the greedy agent would take there, with both moves'
+probability the learned policy gives the imitated move; the trajectory's discounted return still to come (what the
+learners are taught there) against the model's value of the state, the search's root value and the imitated move's
+one-step Q (the model's reward plus the discounted value of the state it leads to); and the move the greedy agent would take there, with both moves'
 visits, searched Q (0 where unvisited), one-step Q and improved-policy share. Ends with
-the fraction of moves where the learned policy's top move and the greedy agent's move are the imitated one.
+the fraction of moves where the learned policy's top move and the greedy agent's move are the imitated one, and
+how far, on average, the model's value, the search's root value and the improved policy's expected one-step Q
+(`mcts.root_value: lookahead`) lie from the return still to come.
 Reads a run's latest checkpoint; changes nothing in the run.
 
   python scripts/demo_fidelity.py runs/zork-demo-better --set game.rom_dir=../shared/jericho-game-suite
@@ -42,6 +45,7 @@ def main() -> None:
         search = agent_module.search
         agent_module.search = lambda *a, **k: searched.append(search(*a, **k)) or searched[-1]
         policy_hits = greedy_hits = n = 0
+        errors = {"the model's value": 0.0, "the search's root value": 0.0, "the improved policy's one-step Q": 0.0}
         for t, move in enumerate(moves):
             valid = kept_actions(ts, agent.spec.action_space_size)
             if move not in valid:
@@ -57,10 +61,13 @@ def main() -> None:
             policy_hits += order[0] == i
             greedy_hits += decision.action == move
             q = searched[-1].q_values[0]
+            ahead = float((decision.policy_target * one_step_q.numpy()).sum())  # mcts.root_value lookahead
+            for key, estimate in zip(errors, (float(value[0]), decision.root_value, ahead)):
+                errors[key] += abs(steps[t].root_value - estimate)
             g = valid.index(decision.action)
-            print(f"[{t}] {move:<22} rank {order.index(i) + 1:>2}/{len(valid):<3} p {float(probs[i]):.2f}  value "
-                  f"{float(value[0]):+6.2f} (to go {steps[t].root_value:+6.2f})  policy's top {valid[order[0]]!r} "
-                  f"({float(probs[order[0]]):.2f})"
+            print(f"[{t}] {move:<22} rank {order.index(i) + 1:>2}/{len(valid):<3} p {float(probs[i]):.2f}  to go "
+                  f"{steps[t].root_value:+6.2f}: value {float(value[0]):+6.2f}, search {decision.root_value:+6.2f}, "
+                  f"one-step Q {float(one_step_q[i]):+6.2f}  policy's top {valid[order[0]]!r} ({float(probs[order[0]]):.2f})"
                   + ("" if decision.action == move else
                      f"\n     greedy: {decision.action!r} against it: visits {decision.visit_dist[g]:.2f} / "
                      f"{decision.visit_dist[i]:.2f}, searched Q {float(q[g]):+.2f} / {float(q[i]):+.2f}, one-step Q "
@@ -74,6 +81,8 @@ def main() -> None:
         n = max(n, 1)
         print(f"policy top-1 on the imitated moves {policy_hits}/{n} = {policy_hits / n:.2f}; "
               f"greedy agent {greedy_hits}/{n} = {greedy_hits / n:.2f}")
+        print("mean distance from the return still to come: "
+              + ", ".join(f"{key} {total / n:.1f}" for key, total in errors.items()))
     finally:
         trainer.close()
 

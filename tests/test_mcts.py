@@ -234,6 +234,49 @@ def test_a_minimum_q_spread_keeps_a_fraction_of_a_point_from_overruling_the_poli
                                improved_policy(prior, real, visits, mask, 50.0, 0.1))  # spread above the floor
 
 
+class NoisyBelow:
+    """The model right one step ahead and wrong beyond: every imagined state one step below the root is worth 10,
+    every deeper one -50 (as the model's guesses for moves that do not exist in an imagined state can be)."""
+
+    def __call__(self, state, action):
+        (depth,) = state
+        value = torch.where(depth + 1 == 1, 10.0, -50.0)
+        return (depth + 1,), torch.zeros(len(action)), torch.zeros(len(action), A), value
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_root_value_lookahead_stores_the_improved_policys_one_step_q_not_the_deeper_searchs_mean(compiled):
+    model = NoisyBelow()
+    root = RootOutput((torch.zeros(1, dtype=torch.long),), torch.zeros(1, A), torch.zeros(1))
+    mask = torch.tensor([[True, True, True, False]])
+    searched = MCTSConfig(num_simulations=30, compiled=compiled)
+    out = search(model, root, mask, searched, np.random.default_rng(0), False, discount=1.0, temperature=0,
+                 lookahead_fn=model)
+    assert out.root_value.item() < 0  # the search backs the deeper states' -50 up into the root's value
+    ahead = searched.model_copy(update={"root_value": "lookahead"})
+    out = search(model, root, mask, ahead, np.random.default_rng(0), False, discount=1.0, temperature=0,
+                 lookahead_fn=model)
+    torch.testing.assert_close(out.root_value, torch.tensor([10.0]))  # every valid move's one-step Q is 10
+
+    # Moves of different one-step Q: the improved policy's expectation of them, the invalid move left out.
+    bandit = Bandit([0.0, 0.1, 1.0, 5.0])
+    prior = torch.tensor([[4.0, 0.0, 0.0, 0.0]])
+    out = search(bandit, RootOutput((torch.zeros(1),), prior, torch.zeros(1)), mask, ahead.model_copy(
+        update={"num_simulations": 2}), np.random.default_rng(0), False, discount=1.0, temperature=0,
+        lookahead_fn=bandit)
+    assert out.improved_policy[0, 3].item() < 1e-6
+    torch.testing.assert_close(out.root_value, (out.improved_policy[:, :3] * torch.tensor([0.0, 0.1, 1.0])).sum(-1))
+
+
+def test_root_value_lookahead_needs_the_improved_policy():
+    with pytest.raises(ValueError, match="root_value 'lookahead' needs mcts.policy_target 'improved'"):
+        MCTSConfig(root_value="lookahead", policy_target="visits")
+    with pytest.raises(ValueError, match="needs the one-step Q of every root action"):
+        search(Bandit([0.0] * A), RootOutput((torch.zeros(1),), torch.zeros(1, A), torch.zeros(1)),
+               torch.ones(1, A, dtype=torch.bool), MCTSConfig(root_value="lookahead"), np.random.default_rng(0),
+               False, discount=1.0)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_compiled_walk_and_backup_keep_the_numpy_paths_trees(seed):
     """Two trees stepped in lockstep, one by mcts.simulate/backup (numpy), one by the numba kernels: the same
