@@ -247,6 +247,26 @@ def evaluate(
         typer.echo(f"{key} {path}")
 
 
+def registered_agent_dir(local: Path, uri: str) -> Path:
+    """The exported agent inside a downloaded MLflow model: the directory its MLmodel names as the pyfunc artifact
+    `agent` (what `mlflow.pyfunc.load_model` loads), or the model's one agent where no MLmodel names it."""
+    import yaml
+
+    from priorzero_core.agent_model import AGENT_FILE
+
+    try:
+        named = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]["agent"]["path"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        named = None
+    if named is not None and (local / named / AGENT_FILE).is_file():
+        return local / named
+    found = sorted(p.parent for p in local.rglob(AGENT_FILE))
+    if len(found) != 1:
+        raise PriorZeroError(f"{uri} is not a PriorZero agent ({len(found)} {AGENT_FILE} in it"
+                             f"{', and no MLmodel naming one' if found else ''})")
+    return found[0]
+
+
 def _evaluate_registered(uri: str, overrides: list[str]):
     """Download an agent logged by a run (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/agent) from the MLflow
     store ($MLFLOW_TRACKING_URI, else ./mlruns) and evaluate it; the transcript goes to ./transcripts/."""
@@ -257,7 +277,7 @@ def _evaluate_registered(uri: str, overrides: list[str]):
     from mlflow.exceptions import MlflowException
 
     from priorzero.tasks.tracking import tracking_uri
-    from priorzero_core.agent_model import AGENT_FILE, evaluate_agent
+    from priorzero_core.agent_model import evaluate_agent
     from priorzero_core.config import config_from_dict
     from priorzero_core.trainer import StageResult
 
@@ -268,11 +288,9 @@ def _evaluate_registered(uri: str, overrides: list[str]):
         except MlflowException as err:
             raise PriorZeroError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: "
                                  f"{first_line(err)}") from None
-        found = sorted(local.rglob(AGENT_FILE))
-        if not found:
-            raise PriorZeroError(f"{uri} is not a PriorZero agent (no {AGENT_FILE} in it)")
+        agent = registered_agent_dir(local, uri)
         transcript = Path("transcripts") / f"eval-{uri.split(':/', 1)[1].replace('/', '-').replace('@', '-')}-{int(time.time())}.txt"
-        played = evaluate_agent(found[0].parent, overrides, transcript)
+        played = evaluate_agent(agent, overrides, transcript)
     return StageResult(metrics=played.metrics, artifacts={"transcript": transcript})
 
 

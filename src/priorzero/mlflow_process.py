@@ -65,6 +65,12 @@ def check_reachable(uri: str) -> None:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
 
+def agent_artifact_path(iteration: int) -> str:
+    """Where in its run the agent of the evaluation at `iteration` is logged (each version of the registered model
+    points at its own)."""
+    return f"agents/iter-{iteration:06d}"
+
+
 class MLflowStore:
     """One training run's MLflow run: what each of the Tracker's requests does.
 
@@ -187,8 +193,9 @@ class MLflowStore:
                 self.log_metrics(int(row["iteration"]), {k: v for k, v in row.items() if k != "iteration"})
 
     def log_agent(self, iteration: int, agent_dir: str, name: str, requirement: str) -> None:
-        """Log the exported agent at `agent_dir` as the run's MLflow model `agent`, register it as a new version
-        of `name` with the alias `best`, then delete `agent_dir`. A registry that refuses it is a warning."""
+        """Log the exported agent at `agent_dir` as the run's MLflow model `agents/iter-NNNNNN` (the evaluation's
+        iteration), register it as a new version of `name` with the alias `best`, then delete `agent_dir`. A
+        registry that refuses it is a warning."""
         import tempfile
 
         import mlflow.pyfunc
@@ -196,6 +203,7 @@ class MLflowStore:
 
         from priorzero_core.agent_model import AGENT_FILE, PriorZeroAgentModel
 
+        path = agent_artifact_path(iteration)  # a path of its own: a later version must not overwrite this one
         try:
             info = json.loads((Path(agent_dir) / AGENT_FILE).read_text())
             with tempfile.TemporaryDirectory() as tmp:
@@ -203,7 +211,7 @@ class MLflowStore:
                 mlflow.pyfunc.save_model(str(model), python_model=PriorZeroAgentModel(), artifacts={"agent": agent_dir},
                                          pip_requirements=[requirement],
                                          metadata={"iteration": iteration, "evaluation": info["evaluation"]})
-                self.client.log_artifacts(self.run_id, str(model), "agent")
+                self.client.log_artifacts(self.run_id, str(model), path)
             try:
                 self.client.create_registered_model(name, description="PriorZero agents: world model, trained LLM "
                                                     "weights and config; @best is the best evaluation")
@@ -212,7 +220,7 @@ class MLflowStore:
                     raise
             tags = {"iteration": str(iteration), "checkpoint": str(info.get("checkpoint", "")),
                     **{k: str(v) for k, v in info["evaluation"].items()}}
-            version = self.client.create_model_version(name, f"runs:/{self.run_id}/agent", run_id=self.run_id, tags=tags)
+            version = self.client.create_model_version(name, f"runs:/{self.run_id}/{path}", run_id=self.run_id, tags=tags)
             self.client.set_registered_model_alias(name, "best", version.version)
             self._say(logging.INFO, f"MLflow model {name} version {version.version} (iteration {iteration}) is now @best")
         except Exception as err:  # a registry that refuses the model must not stop the metrics

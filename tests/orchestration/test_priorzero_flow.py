@@ -155,7 +155,7 @@ def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_
     assert best.tags["checkpoint"] == f"iter-{logged[-1] - 1:06d}"
     (run_dir,) = Path(debug_overrides[0].split("=", 1)[1]).iterdir()
     assert not list((run_dir / "agents").iterdir())  # the exported copies were logged, then removed
-    (copy,) = client.list_artifacts(run.info.run_id, "agent/artifacts")  # the exported directory, as logged
+    (copy,) = client.list_artifacts(run.info.run_id, f"agents/iter-{logged[-1]:06d}/artifacts")  # the export
     agent_json = Path(client.download_artifacts(run.info.run_id, f"{copy.path}/agent.json", str(tmp_path)))
     evaluated = run_dir / "checkpoints" / best.tags["checkpoint"] / "world_model.safetensors"
     assert json.loads(agent_json.read_text())["sha256"]["world_model.safetensors"] == \

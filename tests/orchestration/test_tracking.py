@@ -154,6 +154,38 @@ def test_an_agent_that_cannot_be_registered_is_a_warning_and_metrics_go_on(tmp_p
 
 
 
+def test_each_registered_version_keeps_the_agent_it_was_registered_with_and_eval_finds_it(tmp_path):
+    """Two best agents of one run: each version of the registered model downloads (and `priorzero eval` plays)
+    its own, not the one logged last."""
+    import mlflow
+
+    from priorzero.cli import registered_agent_dir
+
+    cfg = make_cfg(tmp_path)
+    (tmp_path / "run").mkdir()
+    tracker = Tracker(cfg, tmp_path / "run", LOG)
+    tracker.start(run_name="run", tags={})
+    for iteration in (6, 21):
+        agent = tmp_path / "run" / "agents" / f"iter-{iteration:06d}-1"
+        agent.mkdir(parents=True)
+        (agent / "agent.json").write_text(json.dumps({"iteration": iteration, "checkpoint": f"iter-{iteration - 1:06d}",
+                                                      "evaluation": {"evals/reward_mean": float(iteration)},
+                                                      "sha256": {}}))
+        tracker.log_agent(iteration, agent)
+    tracker.end("FINISHED")
+
+    client = MlflowClient(cfg.tracking.uri)
+    name = tracker.registered_model_name
+    assert str(client.get_model_version_by_alias(name, "best").version) == "2"
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    for version, iteration in (("1", 6), ("2", 21)):
+        uri = f"models:/{name}/{version}"
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / version)))
+        played = json.loads((registered_agent_dir(local, uri) / "agent.json").read_text())
+        assert played["iteration"] == iteration and played["checkpoint"] == f"iter-{iteration - 1:06d}"
+        assert client.get_model_version(name, version).tags["iteration"] == str(iteration)
+
+
 TRAINING = """
 import logging, sys, time
 from pathlib import Path
