@@ -471,8 +471,9 @@ class TrackingConfig(_Section):
     # sampled every `system_metrics_interval_s` seconds for as long as the run trains
     system_metrics: bool = True
     system_metrics_interval_s: float = Field(default=10.0, gt=0)
-    # At a checkpoint whose latest evaluation is the run's best so far, log the agent (world model, trained LLM
-    # weights, config) as an MLflow model and register it as priorzero-<game> with the alias `best`
+    # When an evaluation is the run's best so far, log the agent it played (world model, trained LLM weights,
+    # config: the checkpoint before that iteration) as an MLflow model and register it as a version of
+    # priorzero-<game>; the alias `best` moves to it unless the version there evaluated higher
     log_models: bool = True
 
     @field_validator("uri")

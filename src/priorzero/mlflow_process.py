@@ -194,8 +194,9 @@ class MLflowStore:
 
     def log_agent(self, iteration: int, agent_dir: str, name: str, requirement: str) -> None:
         """Log the exported agent at `agent_dir` as the run's MLflow model `agents/iter-NNNNNN` (the evaluation's
-        iteration), register it as a new version of `name` with the alias `best`, then delete `agent_dir`. A
-        registry that refuses it is a warning."""
+        iteration), register it as a new version of `name`, give it the alias `best` unless the version @best
+        already points at (of this run or another) evaluated higher, then delete `agent_dir`. A registry that
+        refuses it is a warning."""
         import tempfile
 
         import mlflow.pyfunc
@@ -221,6 +222,12 @@ class MLflowStore:
             tags = {"iteration": str(iteration), "checkpoint": str(info.get("checkpoint", "")),
                     **{k: str(v) for k, v in info["evaluation"].items()}}
             version = self.client.create_model_version(name, f"runs:/{self.run_id}/{path}", run_id=self.run_id, tags=tags)
+            held = self._best_score(name)
+            score = info["evaluation"].get("evals/reward_mean")
+            if held is not None and score is not None and float(score) < held:  # another run's agent scored more
+                self._say(logging.INFO, f"MLflow model {name} version {version.version} (iteration {iteration}, "
+                                        f"{float(score):g}); @best stays on a version that scored {held:g}")
+                return
             self.client.set_registered_model_alias(name, "best", version.version)
             self._say(logging.INFO, f"MLflow model {name} version {version.version} (iteration {iteration}) is now @best")
         except Exception as err:  # a registry that refuses the model must not stop the metrics
@@ -228,6 +235,18 @@ class MLflowStore:
                                        f"({type(err).__name__}: {first_line(err)})")
         finally:
             shutil.rmtree(agent_dir, ignore_errors=True)
+
+
+    def _best_score(self, name: str) -> Optional[float]:
+        """The evaluation (`evals/reward_mean`) of the version of `name` at @best, if any."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            held = self.client.get_model_version_by_alias(name, "best")
+        except MlflowException:  # no @best yet
+            return None
+        value = held.tags.get("evals/reward_mean")
+        return float(value) if value is not None else None
 
 
 def _watch(parent: int) -> None:

@@ -156,7 +156,7 @@ def test_an_agent_that_cannot_be_registered_is_a_warning_and_metrics_go_on(tmp_p
 
 def test_each_registered_version_keeps_the_agent_it_was_registered_with_and_eval_finds_it(tmp_path):
     """Two best agents of one run: each version of the registered model downloads (and `priorzero eval` plays)
-    its own, not the one logged last."""
+    its own, not the one logged last; @best stays on the highest evaluation across runs."""
     import mlflow
 
     from priorzero.cli import registered_agent_dir
@@ -184,6 +184,19 @@ def test_each_registered_version_keeps_the_agent_it_was_registered_with_and_eval
         played = json.loads((registered_agent_dir(local, uri) / "agent.json").read_text())
         assert played["iteration"] == iteration and played["checkpoint"] == f"iter-{iteration - 1:06d}"
         assert client.get_model_version(name, version).tags["iteration"] == str(iteration)
+
+    # A later run whose best agent evaluates lower gets a version, not @best.
+    (tmp_path / "run2").mkdir()
+    later = Tracker(cfg, tmp_path / "run2", LOG)
+    later.start(run_name="run2", tags={})
+    agent = tmp_path / "run2" / "agents" / "iter-000006-1"
+    agent.mkdir(parents=True)
+    (agent / "agent.json").write_text(json.dumps({"iteration": 6, "evaluation": {"evals/reward_mean": 10.0},
+                                                  "sha256": {}}))
+    later.log_agent(6, agent)
+    later.end("FINISHED")
+    assert len(client.search_model_versions(f"name='{name}'")) == 3
+    assert str(client.get_model_version_by_alias(name, "best").version) == "2"
 
 
 TRAINING = """
