@@ -268,8 +268,9 @@ def registered_agent_dir(local: Path, uri: str) -> Path:
 
 
 def _evaluate_registered(uri: str, overrides: list[str]):
-    """Download an agent logged by a run (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/agent) from the MLflow
-    store ($MLFLOW_TRACKING_URI, else ./mlruns) and evaluate it; the transcript goes to ./transcripts/."""
+    """Download an agent logged by a run (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/agents/iter-NNNNNN)
+    from the MLflow store ($MLFLOW_TRACKING_URI, else ./mlruns) and evaluate it; the transcript goes to
+    ./transcripts/."""
     import tempfile
     import time
 
