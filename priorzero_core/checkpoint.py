@@ -57,6 +57,11 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter-{iteration:06d}"
 
 
+def checkpoint_iteration(path: Path) -> int:
+    """The iteration of the checkpoint at `path` (its name, `checkpoint_name`)."""
+    return int(Path(path).name[5:])
+
+
 class CheckpointWriter:
     """Collects the parts of one checkpoint in a temporary directory; `commit` makes it visible at once."""
 

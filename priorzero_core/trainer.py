@@ -262,8 +262,9 @@ class Trainer:
             path = path.with_name(f"eval-{iteration:06d}-{int(time.time())}.txt")
         path.write_text(result.transcript)
         artifacts = {"transcript": path}
-        if self.weights_checkpoint is not None:
+        if self.weights_checkpoint is not None:  # the checkpoint holding the weights played (the first: none)
             artifacts["evaluated_checkpoint"] = self.weights_checkpoint
+            result.metrics["evals/weights_iteration"] = float(ckpt.checkpoint_iteration(self.weights_checkpoint))
         log.info("iteration %d eval: reward_mean %.2f (%s)", iteration, result.metrics["evals/reward_mean"],
                  ", ".join(f"{m} {result.metrics[f'evals/{m}/reward_mean']:.1f}" for m in modes))
         return StageResult(metrics=result.metrics, artifacts=artifacts)

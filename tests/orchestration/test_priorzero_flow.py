@@ -93,6 +93,20 @@ def test_a_run_dir_another_live_process_trains_is_refused_and_a_dead_ones_is_tak
     assert (run_dir / TRAINING_PID_FILE).read_text() == str(os.getpid())
 
 
+def test_a_resumed_run_counts_as_best_only_evaluations_whose_agent_could_be_logged():
+    """The bar a resumed run's next best agent must pass: the untrained first evaluation and an evaluation in an
+    iteration that failed before its checkpoint logged no agent, so they do not count."""
+    rows = [{"iteration": 1, "evals/reward_mean": 5.0, "timing/checkpoint_s": 0.1},  # untrained weights
+            {"iteration": 2, "timing/checkpoint_s": 0.1},
+            {"iteration": 3, "evals/reward_mean": 3.0, "evals/weights_iteration": 2.0, "timing/checkpoint_s": 0.1},
+            {"iteration": 4, "evals/reward_mean": 9.0, "evals/weights_iteration": 3.0, "iteration/failed": 1.0}]
+    progress = Progress()
+    progress.resumed(rows)
+    assert progress.best == 3.0 and progress.evaluation["evals/reward_mean"] == 9.0  # the latest, not logged
+    progress.saw({"evals/reward_mean": 4.0, "evals/weights_iteration": 4.0})
+    assert progress.new_best() and progress.best == 4.0
+
+
 def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_api, debug_overrides, tmp_path):
     overrides = [*debug_overrides, "tracking.system_metrics_interval_s=1", "tracking.log_models=true"]
     state = priorzero(config="debug", overrides=overrides, iterations=3, return_state=True)
@@ -110,6 +124,9 @@ def test_three_iterations_complete_with_metrics_per_iteration_in_mlflow(prefect_
     for key in ("train/wm_total_loss", "collect/total_env_steps", "timing/collect_s", "timing/iteration_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "evals/reward_mean")] == [1, 3]
+    # which checkpoint's weights each evaluation played: none at iteration 1 (untrained), checkpoint 2's at 3
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "evals/weights_iteration")] \
+        == [(3, 2.0)]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoint.json", "transcripts"} <= artifacts
     assert run.info.status == "FINISHED"

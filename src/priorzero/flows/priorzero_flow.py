@@ -143,6 +143,16 @@ class Progress:
         if "evals/reward_mean" in row:
             self.evaluation = {k: v for k, v in row.items() if k.startswith("evals/") and k.count("/") == 1}
 
+    def resumed(self, rows: list[dict[str, float]]) -> None:
+        """Take the rows of a run being resumed (logs/metrics.jsonl): the latest evaluation, and as the best one
+        whose agent was logged the highest that `log_best_agent` saw, one played on a checkpoint's weights
+        (`evals/weights_iteration`) in an iteration that checkpointed. The first, untrained evaluation logged
+        no agent and must not raise the bar a later best agent has to pass."""
+        for row in rows:
+            self.saw(row)
+            if "evals/weights_iteration" in row and "timing/checkpoint_s" in row:
+                self.new_best()
+
     def new_best(self) -> bool:
         """Whether the latest evaluation beats every one whose agent was logged (then it counts as logged)."""
         if self.evaluation.get("evals/reward_mean", -math.inf) <= self.best:
@@ -354,9 +364,7 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
         if resume:  # checkpointed iterations whose process died before MLflow had them
             rows = read_metrics(run_dir)
             tracker.catch_up(rows)
-            for row in rows:  # the best evaluation so far, whose agent was logged then
-                progress.saw(row)
-                progress.new_best()
+            progress.resumed(rows)
         artifacts = RunArtifacts(cfg, run_dir.name, logger, trainer.iteration)
         artifacts.start()
         if tracker.wait_started():
