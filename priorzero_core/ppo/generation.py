@@ -281,7 +281,8 @@ class VLLMActorEngine(GenerationEngine):
                 actor_opts = {**opts, **({"runtime_env": runtime_env} if runtime_env else {})}
                 self.actors.append(remote.options(**actor_opts).remote(
                     str(model_dir), tensor_parallel_size=tp, gpu_memory_utilization=util,
-                    max_model_len=cfg.max_prompt_tokens + cfg.generate_max_tokens + 16, seed=i))
+                    max_model_len=cfg.max_prompt_tokens + cfg.generate_max_tokens + 16, seed=i,
+                    sleep=engine_sleeps(cfg, opts)))
             ready = {a.__ray_ready__.remote(): i for i, a in enumerate(self.actors)}
             done, waiting = ray.wait(list(ready), num_returns=len(ready), timeout=VLLM_START_TIMEOUT_S)
             if waiting:
@@ -323,6 +324,14 @@ class VLLMActorEngine(GenerationEngine):
         if ray.is_initialized():
             for actor in actors:
                 ray.kill(actor)
+
+
+def engine_sleeps(cfg: PPOConfig, options: dict) -> bool:
+    """Whether the vLLM engine actor placed with Ray `options` sleeps while the actors train (`vllm_sleep`; by
+    default, when it takes a share of a GPU, which the placement plan gives it beside training actors)."""
+    if cfg.vllm_sleep is not None:
+        return cfg.vllm_sleep
+    return 0.0 < float(options.get("num_gpus", 0.0)) < 1.0
 
 
 def engine_kind(cfg: PPOConfig) -> str:

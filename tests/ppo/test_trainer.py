@@ -184,6 +184,23 @@ def test_vllm_engines_in_the_placement_plan_fit_beside_the_training_actors(gpus,
     assert placement_plan(0, grpo, ranks, engines, tp)["engine"] == [(None, 0.0)] * engines
 
 
+@pytest.mark.parametrize("gpus,ranks,engines,tp,sleeps", [
+    (1, 1, 1, 1, [True]),  # the engine shares GPU 0 with all three groups
+    (2, 1, 1, 1, [True]),  # beside the critic
+    (8, 2, 2, 1, [False, False]),  # a GPU of its own each
+    (4, 1, 1, 2, [False]),  # tensor parallel: 2 GPUs of its own
+    (0, 1, 1, 1, [False]),  # no GPU: vLLM on CPU has no sleep mode
+])
+def test_a_vllm_engine_sleeps_while_the_actors_train_when_it_shares_their_gpu(gpus, ranks, engines, tp, sleeps):
+    from priorzero_core.config import PPOConfig
+    from priorzero_core.ppo.generation import engine_sleeps
+
+    options = [{"num_cpus": 1, "num_gpus": share} for _, share in placement_plan(gpus, False, ranks, engines, tp)["engine"]]
+    assert [engine_sleeps(PPOConfig(), o) for o in options] == sleeps
+    for forced in (True, False):  # vllm_sleep set: every engine does as it says
+        assert [engine_sleeps(PPOConfig(vllm_sleep=forced), o) for o in options] == [forced] * engines
+
+
 def test_the_plan_s_groups_and_engines_are_placed_on_the_gpus_it_gives_them(monkeypatch):
     """Ray accepts GPUs a machine lacks: on 4 declared GPUs each group lands where the plan says, a tensor-parallel
     engine gets its 2 GPUs whole, and a plan the cluster cannot hold is a one-line error instead of a hang."""

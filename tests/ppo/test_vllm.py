@@ -68,8 +68,9 @@ def test_a_vllm_engine_actor_generates_from_the_weights_pushed_to_it_in_memory(p
     children, still_running = process_tracker
     before = children()
     model_dir = resolve_model_dir(LLMConfig())
+    # vllm_sleep asked for: vLLM has no sleep mode on CPU, so the engine runs awake
     cfg = PPOConfig(generation_backend="vllm", vllm_engine="actors", vllm_num_engines=1, temperature=0.01,
-                    generate_max_tokens=8, max_prompt_tokens=128)
+                    generate_max_tokens=8, max_prompt_tokens=128, vllm_sleep=True)
     owns = connect_ray(PriorZeroConfig(), None, ppo=True, who="test")
     try:
         original = load_file(str(model_dir / "model.safetensors"))
@@ -95,6 +96,8 @@ def test_a_vllm_engine_actor_generates_from_the_weights_pushed_to_it_in_memory(p
             engine.update_weights(policy)
             assert engine.generate(prompt, 1, seed=0)[0].response_ids == first != zeroed_ids
             assert engine._version == 2
+            where = ray.get(engine.actors[0].devices.remote())
+            assert not where["sleeps"] and not where["asleep"] and where["gpu_memory_used"] is None
         finally:
             engine.close()
         spawned = children() - before
