@@ -64,9 +64,10 @@ def placement_plan(gpus: int, grpo: bool, ranks: int = 1, engines: int = 0,
 
     Each rank gets `gpus // ranks` GPUs of its own, so no two ranks of one group share a GPU (NCCL cannot put two
     ranks of a communicator on one device). Within a rank's GPUs each group gets one of its own when there are
-    enough; with fewer they share, in order policy + reference, then critic (ORZ/OpenRLHF colocate the policy
-    with its reference), each taking an equal share of its GPU, so every plan fits (a share of gpus / groups did
-    not: 0.667 of a GPU three times on 2 GPUs waits forever). Extra GPUs stay free for the driver's world model.
+    enough; with fewer they are spread over all of them in order, policy + reference first (ORZ/OpenRLHF colocate
+    the policy with its reference), each taking an equal share of its GPU, so every plan fits (a share of gpus /
+    groups did not: 0.667 of a GPU three times on 2 GPUs waits forever). Extra GPUs stay free for the driver's
+    world model.
 
     Engines of one GPU (`engine_tp` 1) join the ranks' groups (engine i with rank i mod ranks, after its critic)
     and share GPUs by the same rule; engines of `engine_tp` > 1 GPUs (tensor parallel) each take `engine_tp` GPUs
@@ -87,9 +88,10 @@ def placement_plan(gpus: int, grpo: bool, ranks: int = 1, engines: int = 0,
     shared_engines: list[tuple[int, float]] = []
     for r in range(ranks):
         members = groups + [f"engine{i}" for i in range(engines) if engine_tp == 1 and i % ranks == r]
-        per_gpu = -(-len(members) // own)
+        # one GPU each while there are enough; else spread over all of them, so none stays idle
+        gpu_of = [j if len(members) <= own else j * own // len(members) for j in range(len(members))]
         for j, member in enumerate(members):
-            spot = (r * own + j // per_gpu, 1.0 / per_gpu)
+            spot = (r * own + gpu_of[j], 1.0 / gpu_of.count(gpu_of[j]))
             if member in plan:
                 plan[member].append(spot)
             else:

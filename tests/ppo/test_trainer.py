@@ -181,6 +181,9 @@ def test_vllm_engines_in_the_placement_plan_fit_beside_the_training_actors(gpus,
     else:  # engine i sits among rank i mod ranks's GPUs
         own = gpus // ranks
         assert all((i % ranks) * own <= first < (i % ranks + 1) * own for i, (first, _) in enumerate(plan["engine"]))
+        members = len(plan) - 1 + engines  # the groups and engines, each rank's GPUs shared by its members
+        if members > ranks * own:  # more members than GPUs: none of them stays idle
+            assert set(load) == set(range(ranks * own))
     assert placement_plan(0, grpo, ranks, engines, tp)["engine"] == [(None, 0.0)] * engines
 
 
@@ -225,9 +228,9 @@ def test_the_plan_s_groups_and_engines_are_placed_on_the_gpus_it_gives_them(monk
                     ray.kill(probe)
             ray.util.remove_placement_group(pg)
             assert len(got["policy"][0]) == 1 and got["policy"] == got["reference"]  # colocated, as in ORZ
-            if tp == 1:  # 5 members on 4 GPUs: two to a GPU, the second engine beside nothing but its own share
+            if tp == 1:  # 5 members on 4 GPUs: policy with reference, then a GPU each for critic and engines
                 assert len(set(map(tuple, got["engine"]))) == 2
-                assert got["critic"][0] == got["engine"][0]
+                assert not set(got["critic"][0]) & set(got["engine"][0] + got["engine"][1] + got["policy"][0])
             else:  # the engine's 2 GPUs are neither the policy's nor the critic's
                 assert len(got["engine"][0]) == 2
                 assert not set(got["engine"][0]) & set(got["policy"][0] + got["critic"][0])
