@@ -87,7 +87,8 @@ class VLLMEngineActor:
                    for name, t in state.items()]
         self._wake("weights")  # the KV cache stays released until the next generation
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.llm.reset_prefix_cache()
+        if "kv_cache" not in self.asleep:  # going to sleep dropped the prefix cache already
+            self.llm.reset_prefix_cache()
         self.version = version
         return version
 
