@@ -190,10 +190,10 @@ class MCTSConfig(_Section):
     # valid actions, most of which do not exist in the imagined state; the model's rewards and values for them
     # are noise that 25 simulations average into the root's value (along the imitated trajectories of three
     # Zork 1 checkpoints, 18-23 states each, `scripts/demo_fidelity.py`: the search's value lay 9.1-16.7 points
-    # from the return still to come on average, this one 3.5-6.6, the model's own value 3.5-6.4). On Zork 1, 40
-    # minutes against the shipped training with the same seed, one run: evaluations averaged 37.6 against 34.0
-    # (docs/benchmarks.md, lever table); not the default until longer runs and detective agree. Needs
-    # mcts.policy_target improved (the one-step Q of every root action).
+    # from the return still to come on average, this one 3.5-6.6, the model's own value 3.5-6.4). On Zork 1, 2
+    # hours against "search" with the same seed: evaluations at iterations 11-41 averaged 39.7 against 33.4
+    # (docs/benchmarks.md), so zork.yaml sets it; the default stays "search" until detective is measured with it.
+    # Needs mcts.policy_target improved (the one-step Q of every root action).
     root_value: Literal["search", "lookahead"] = "search"
     # The tree's walk and backup in numba-compiled code (priorzero_core/mcts_compiled.py); false: the numpy path.
     compiled: bool = True
