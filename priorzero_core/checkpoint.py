@@ -165,7 +165,7 @@ def latest_valid(root: Path) -> Optional[tuple[Path, dict[str, Any]]]:
 def set_aside_newer(root: Path, iteration: int) -> None:
     """Before resuming from `iteration`, move broken checkpoints beyond it aside so new ones never clash."""
     for path in list_checkpoints(root):
-        if int(path.name[5:]) > iteration:
+        if checkpoint_iteration(path) > iteration:
             _set_aside(path, "unverified")
 
 
