@@ -10,10 +10,15 @@ from priorzero_core.ppo.strategy import TorchStrategy, make_strategy
 PROMPTS = ["<|im_start|>user\nYou are in a kitchen.<|im_end|>\n<|im_start|>assistant\n<answer>", "west of house <answer>"]
 
 
+def changed(before: dict, after: dict) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def ppo_step(cfg: PPOConfig, llm: LLMConfig) -> tuple[dict, dict, bool]:
-    """One full PPO update (rollout, reference, critic, GAE, both trainings) run in-process."""
+    """One full PPO update (rollout, reference, critic, GAE, both trainings) run in-process; whether it changed the
+    policy's weights and the critic's (value head and trunk)."""
     policy, reference, critic = PolicyActor(cfg, llm), ReferenceActor(cfg, llm), CriticActor(cfg, llm)
-    before = policy.state_dict()
+    before, critic_before = policy.state_dict(), {k: v.clone() for k, v in critic.model.module.state_dict().items()}
     samples = policy.generate(PROMPTS, 2, seed=0)
     rollout = make_rollout([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id=2)
     rollout.old_logp, rollout.ref_logp = policy.logprobs(rollout), reference.logprobs(rollout)
@@ -22,16 +27,39 @@ def ppo_step(cfg: PPOConfig, llm: LLMConfig) -> tuple[dict, dict, bool]:
     adv, rollout.returns = gae(rewards, rollout.values, rollout.action_mask, 1.0, 1.0)
     rollout.advantages = normalise(adv, rollout.action_mask)
     p_stats, c_stats = policy.train(rollout), critic.train(rollout)
-    after = policy.state_dict()
-    changed = any(not torch.equal(before[k], after[k]) for k in before)
-    return p_stats, c_stats, changed
+    critic_after = critic.model.module.state_dict()
+    critic_moved = changed({k: v for k, v in critic_before.items() if "value_head" in k}, critic_after) and \
+        changed({k: v for k, v in critic_before.items() if "value_head" not in k}, critic_after)
+    return p_stats, c_stats, changed(before, policy.state_dict()) and critic_moved
 
 
 def test_torch_strategy_runs_a_ppo_step(tiny_llm_dir):
     cfg = PPOConfig(strategy="torch", bf16=False, actor_lr=1e-3, critic_lr=1e-3, train_batch_size=2, critic_update_steps=2,
                     generate_max_tokens=6)
-    p_stats, c_stats, changed = ppo_step(cfg, LLMConfig(model=str(tiny_llm_dir)))
-    assert changed and all(torch.isfinite(torch.tensor(v)) for v in [*p_stats.values(), *c_stats.values()])
+    p_stats, c_stats, moved = ppo_step(cfg, LLMConfig(model=str(tiny_llm_dir)))
+    assert moved and all(torch.isfinite(torch.tensor(v)) for v in [*p_stats.values(), *c_stats.values()])
+
+
+def test_a_grpo_update_moves_the_policy_toward_the_better_answer_of_its_group(tiny_llm_dir):
+    """GRPO (no critic): with one answer of a prompt's group rewarded over the other, the update changes the
+    policy's weights and raises that answer's log-probability relative to the other's."""
+    from priorzero_core.ppo.losses import group_advantages
+
+    llm = LLMConfig(model=str(tiny_llm_dir))
+    cfg = PPOConfig(algorithm="grpo", strategy="torch", bf16=False, actor_lr=1e-3, train_batch_size=4,
+                    generate_max_tokens=6, n_samples_per_prompt=2)
+    policy, reference = PolicyActor(cfg, llm), ReferenceActor(cfg, llm)
+    before = policy.state_dict()
+    samples = policy.generate(PROMPTS, 2, seed=0)
+    rollout = make_rollout([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id=2)
+    assert rollout.sequences[0].tolist() != rollout.sequences[1].tolist()  # the group's two answers differ
+    rollout.old_logp, rollout.ref_logp = policy.logprobs(rollout), reference.logprobs(rollout)
+    reward = torch.tensor([1.0, 0.0, 0.0, 1.0])  # each prompt's group: one answer rewarded
+    rollout.advantages = group_advantages(reward, 2, rollout.action_mask)
+    stats = policy.train(rollout)
+    assert changed(before, policy.state_dict()) and all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    gain = ((policy.logprobs(rollout) - rollout.old_logp) * rollout.action_mask).sum(-1)
+    assert gain[0] > gain[1] and gain[3] > gain[2], gain
 
 
 def test_an_actor_runs_the_torch_threads_configured_else_those_of_its_reserved_cpus(tiny_llm_dir):
@@ -56,8 +84,8 @@ def test_deepspeed_strategy_runs_a_ppo_step_on_cpu(tiny_llm_dir):
     cfg = PPOConfig(strategy="deepspeed", gradient_checkpointing=True, actor_lr=1e-3, critic_lr=1e-3, train_batch_size=2,
                     critic_update_steps=1, generate_max_tokens=6, num_warmup_steps=1,  # one step: bf16 must see it
                     micro_train_batch_size=1)  # each minibatch's gradients accumulated over two micro-batches
-    p_stats, c_stats, changed = ppo_step(cfg, LLMConfig(model=str(tiny_llm_dir)))
-    assert changed and all(torch.isfinite(torch.tensor(v)) for v in [*p_stats.values(), *c_stats.values()])
+    p_stats, c_stats, moved = ppo_step(cfg, LLMConfig(model=str(tiny_llm_dir)))
+    assert moved and all(torch.isfinite(torch.tensor(v)) for v in [*p_stats.values(), *c_stats.values()])
     from deepspeed.comm import comm
 
     assert comm.cdb.shm_comm_op is None  # one rank: DeepSpeed's shared-memory all-reduce op is not compiled
