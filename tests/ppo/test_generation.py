@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from priorzero_core.config import LLMConfig, PPOConfig
 from priorzero_core.errors import BackendUnavailable
@@ -70,3 +71,72 @@ def test_a_local_ray_cluster_has_room_for_the_vllm_engine_actors(tmp_path):
                                                       "vllm_num_engines": 2, "actor_num_cpus": 4}})
     assert local_cpus(plain, ppo=True) >= 3  # policy, reference, one reward actor
     assert local_cpus(engines, ppo=True) == (3 + 2) * 4  # and two engines, 4 CPUs each
+
+
+class FakeWorker:
+    """What `_receive_weights` uses of a vLLM worker: its rank, device and `reload_weights`."""
+
+    def __init__(self, fail_after=None):
+        self.rank, self.device, self.loaded, self.fail_after = 0, torch.device("cpu"), {}, fail_after
+
+    def reload_weights(self, weights_iterator):
+        for name, tensor in weights_iterator:  # as vLLM's load_weights: one tensor at a time, as it arrives
+            if len(self.loaded) == self.fail_after:
+                raise RuntimeError("load failed")
+            self.loaded[name] = tensor
+
+
+@pytest.mark.parametrize("fail_after", [None, 1])
+def test_the_policy_broadcasts_its_weights_to_engine_workers_in_the_engine_s_dtype(fail_after):
+    """Rank 0 (the policy's side) and two engine workers (ranks 1, 2) on a gloo group of their own: every worker
+    loads every tensor, in bf16 (integer tensors keep their dtype), the model's default process group untouched.
+    A worker whose load fails still receives every broadcast, so the sender finishes instead of hanging."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch.distributed as dist
+
+    from priorzero_core.ppo.actors import StaticWeights
+    from priorzero_core.ppo.strategy import free_port
+    from priorzero_core.vllm_actor import _join_weight_group, _receive_weights
+
+    g = torch.Generator().manual_seed(0)
+    state = {"a.weight": torch.randn(3, 5, generator=g), "b.bias": torch.randn(7, generator=g),
+             "c.index": torch.arange(4)}
+    sender = StaticWeights(state)
+    workers = [FakeWorker(fail_after), FakeWorker()]
+    port = free_port()
+
+    def worker_side(i):
+        _join_weight_group(workers[i], "127.0.0.1", port, 3, 1 + i, "gloo", 60)
+        _receive_weights(workers[i], metas)
+
+    metas = sender.weight_meta("bfloat16")
+    assert metas == [("a.weight", "bfloat16", [3, 5]), ("b.bias", "bfloat16", [7]), ("c.index", "int64", [4])]
+    with ThreadPoolExecutor(3) as pool:
+        sent = pool.submit(lambda: (sender.join_weight_group("127.0.0.1", port, 3, "gloo", 60),
+                                    sender.broadcast_weights("bfloat16"))[1])
+        received = [pool.submit(worker_side, i) for i in range(2)]
+        assert sent.result(60) == 2 * 15 + 2 * 7 + 8 * 4
+        if fail_after is None:
+            received[0].result(60)
+        else:
+            with pytest.raises(RuntimeError, match="load failed"):
+                received[0].result(60)
+        received[1].result(60)
+    for worker in workers[1:] if fail_after is not None else workers:
+        assert list(worker.loaded) == list(state)
+        for name, tensor in state.items():
+            want = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+            assert worker.loaded[name].dtype == want.dtype and torch.equal(worker.loaded[name], want)
+    assert not dist.is_initialized()
+
+
+def test_weights_are_broadcast_unless_nccl_would_put_two_ranks_on_one_gpu():
+    from priorzero_core.ppo.generation import weight_sync_mode
+
+    assert weight_sync_mode("auto", "gloo", [], []) == "broadcast"  # the CPU
+    assert weight_sync_mode("auto", "nccl", ["0"], ["1", "2"]) == "broadcast"
+    assert weight_sync_mode("auto", "nccl", ["0"], ["1", "0"]) == "object_store"  # an engine beside the policy
+    assert weight_sync_mode("object_store", "nccl", ["0"], ["1"]) == "object_store"
+    with pytest.raises(BackendUnavailable, match="shares GPU 0 with the policy"):
+        weight_sync_mode("broadcast", "nccl", ["0"], ["0"])

@@ -46,6 +46,8 @@ def test_grpo_step_generates_with_vllm_and_pushes_the_new_weights(engine_kind, r
         # through disk, the actors in memory
         assert engine._version == 2
         assert (tmp_path / "run" / "ppo" / "vllm-weights" / "v2").is_dir() == (engine_kind == "server")
+        if engine_kind == "actors":  # by default the policy actor broadcasts them (gloo on the CPU)
+            assert engine.sync == "broadcast"
         samples = engine.generate(["<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"], 2, seed=0)
         assert all(s.response_ids for s in samples)
         spawned = children() - before
@@ -53,15 +55,18 @@ def test_grpo_step_generates_with_vllm_and_pushes_the_new_weights(engine_kind, r
     assert not still_running(spawned), "the vLLM server or Ray outlived close()"
 
 
-def test_a_vllm_engine_actor_generates_from_the_weights_pushed_to_it_in_memory(process_tracker, tmp_path):
+@pytest.mark.parametrize("sync", ["broadcast", "object_store"])
+def test_a_vllm_engine_actor_generates_from_the_weights_pushed_to_it_in_memory(sync, process_tracker, tmp_path):
     """With a fixed seed an engine's answer is a function of its weights: pushing weights that zero the final norm
     (every logit 0: a draw from the whole vocabulary) changes it, pushing the original weights back restores it
-    token for token; closing leaves no process behind."""
+    token for token, whether a policy actor broadcasts them over a gloo group or they go through the object store;
+    closing leaves no process behind."""
     import ray
     import torch
 
     from priorzero_core.config import LLMConfig, PriorZeroConfig
     from priorzero_core.llm_prior import load_tokenizer, resolve_model_dir
+    from priorzero_core.ppo.actors import ActorGroup, StaticWeights
     from priorzero_core.ray_cluster import connect_ray
     from safetensors.torch import load_file
 
@@ -70,36 +75,29 @@ def test_a_vllm_engine_actor_generates_from_the_weights_pushed_to_it_in_memory(p
     model_dir = resolve_model_dir(LLMConfig())
     # vllm_sleep asked for: vLLM has no sleep mode on CPU, so the engine runs awake
     cfg = PPOConfig(generation_backend="vllm", vllm_engine="actors", vllm_num_engines=1, temperature=0.01,
-                    generate_max_tokens=8, max_prompt_tokens=128, vllm_sleep=True)
+                    generate_max_tokens=8, max_prompt_tokens=128, vllm_sleep=True, vllm_weight_sync=sync)
     owns = connect_ray(PriorZeroConfig(), None, ppo=True, who="test")
     try:
         original = load_file(str(model_dir / "model.safetensors"))
         zeroed = {**original, "model.norm.weight": torch.zeros_like(original["model.norm.weight"])}
 
-        class Policy:  # the one call the engine makes of the policy group
-            state = original
-
-            def submit(self, method):
-                assert method == "state_dict"
-                return ray.put(self.state)
-
         tokenizer = load_tokenizer(model_dir)
         engine = VLLMActorEngine(cfg, model_dir, tokenizer, [{"num_cpus": 1}])
         prompt = ["<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"]
+        policy = ActorGroup(StaticWeights, 1, zeroed, num_cpus=0)
         try:
             first = engine.generate(prompt, 1, seed=0)[0].response_ids
-            policy = Policy()
-            policy.state = zeroed
             engine.update_weights(policy)
             zeroed_ids = engine.generate(prompt, 1, seed=0)[0].response_ids
-            policy.state = original
+            policy.call_one("set_state", original)
             engine.update_weights(policy)
             assert engine.generate(prompt, 1, seed=0)[0].response_ids == first != zeroed_ids
-            assert engine._version == 2
+            assert engine._version == 2 and engine.sync == sync
             where = ray.get(engine.actors[0].devices.remote())
             assert not where["sleeps"] and not where["asleep"] and where["gpu_memory_used"] is None
         finally:
             engine.close()
+            policy.kill()
         spawned = children() - before
     finally:
         if owns:
