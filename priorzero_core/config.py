@@ -192,7 +192,8 @@ class MCTSConfig(_Section):
     # Zork 1 checkpoints, 18-23 states each, `scripts/demo_fidelity.py`: the search's value lay 9.1-16.7 points
     # from the return still to come on average, this one 3.5-6.6, the model's own value 3.5-6.4). On Zork 1, 2
     # hours against "search" with the same seed: evaluations at iterations 11-41 averaged 39.7 against 33.4
-    # (docs/benchmarks.md), so zork.yaml sets it; the default stays "search" until detective is measured with it.
+    # (docs/benchmarks.md), so zork.yaml sets it. The default stays "search": on detective, 30 minutes each with
+    # the same seed, "search" evaluated 320-330 from minute 15 on, "lookahead" 300-320 from minute 20 on.
     # Needs mcts.policy_target improved (the one-step Q of every root action).
     root_value: Literal["search", "lookahead"] = "search"
     # The tree's walk and backup in numba-compiled code (priorzero_core/mcts_compiled.py); false: the numpy path.
