@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from abc import ABC, abstractmethod
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -105,14 +106,14 @@ def micro_batches(mb: Rollout, size: int, rank: int = 0, world: int = 1) -> Iter
         yield micro, float(micro.action_mask.sum()) / tokens, start == starts[-1]
 
 
-class WeightSender:
+class WeightSender(ABC):
     """Rank 0 of the weight-broadcast group to vLLM engine actors (`priorzero_core.vllm_actor`): the process whose
     `_weights()` (parameter name → tensor, on its device) the engines load. NCCL on a GPU, gloo on the CPU."""
 
     _weight_group: Optional[tuple] = None
 
-    def _weights(self) -> StateDict:
-        raise NotImplementedError
+    @abstractmethod
+    def _weights(self) -> StateDict: ...
 
     def weight_group_address(self) -> dict[str, Any]:
         """Where the group's rendezvous store will listen (this node, a free port), its backend, and the GPUs Ray

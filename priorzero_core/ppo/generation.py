@@ -22,7 +22,7 @@ import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -287,14 +287,10 @@ class VLLMActorEngine(GenerationEngine):
                     max_model_len=cfg.max_prompt_tokens + cfg.generate_max_tokens + 16, seed=i,
                     sleep=engine_sleeps(cfg, opts)))
             ready = {a.__ray_ready__.remote(): i for i, a in enumerate(self.actors)}
-            done, waiting = ray.wait(list(ready), num_returns=len(ready), timeout=VLLM_START_TIMEOUT_S)
-            if waiting:
-                raise BackendUnavailable(f"vLLM engine actor(s) {sorted(ready[r] for r in waiting)} not started within "
-                                         f"{VLLM_START_TIMEOUT_S:g} s (Ray cluster free: {ray.available_resources()})")
-            try:
-                ray.get(done)
-            except ray.exceptions.RayError as err:
-                raise BackendUnavailable(f"a vLLM engine actor failed to start: {first_line(err)}") from None
+            wait_all(list(ready), VLLM_START_TIMEOUT_S,
+                     lambda waiting: f"vLLM engine actor(s) {sorted(ready[r] for r in waiting)} not started within "
+                                     f"{VLLM_START_TIMEOUT_S:g} s (Ray cluster free: {ray.available_resources()})",
+                     "a vLLM engine actor failed to start")
         except BaseException:
             self.close()
             raise
@@ -350,16 +346,9 @@ class VLLMActorEngine(GenerationEngine):
     def _collective(self, refs: list[Any], what: str) -> None:
         """Wait for every side of a collective, at most `ppo.startup_timeout_s`; a side that fails or hangs is a
         one-line error (the group's own timeout then ends the others)."""
-        import ray
-
-        done, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.startup_timeout_s)
-        if waiting:
-            raise BackendUnavailable(f"vLLM {what} not done within {self.cfg.startup_timeout_s:g} s "
-                                     f"(ppo.startup_timeout_s)")
-        try:
-            ray.get(done)
-        except ray.exceptions.RayError as err:
-            raise BackendUnavailable(f"vLLM {what} failed: {first_line(err)}") from None
+        timeout = self.cfg.startup_timeout_s
+        wait_all(refs, timeout, lambda _: f"vLLM {what} not done within {timeout:g} s (ppo.startup_timeout_s)",
+                 f"vLLM {what} failed")
 
     def close(self) -> None:
         actors, self.actors = self.actors, []
@@ -370,6 +359,20 @@ class VLLMActorEngine(GenerationEngine):
         if ray.is_initialized():
             for actor in actors:
                 ray.kill(actor)
+
+
+def wait_all(refs: list[Any], timeout_s: float, late: Callable[[list[Any]], str], failed: str) -> None:
+    """Wait at most `timeout_s` for every Ray ref: `BackendUnavailable(late(refs not done))` when some are not
+    done, `BackendUnavailable("<failed>: <its error's first line>")` when one raised."""
+    import ray
+
+    done, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if waiting:
+        raise BackendUnavailable(late(waiting))
+    try:
+        ray.get(done)
+    except ray.exceptions.RayError as err:
+        raise BackendUnavailable(f"{failed}: {first_line(err)}") from None
 
 
 def weight_sync_mode(wanted: str, backend: str, policy_gpus: Sequence[str], engine_gpus: Iterable[str]) -> str:
