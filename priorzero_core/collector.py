@@ -94,7 +94,8 @@ class Collector:
     """Plays `pool` with the agent's search policy; episodes continue across collect calls."""
 
     def __init__(self, pool, agent: Agent, segment_length: int, epsilon: float, rng: np.random.Generator,
-                 archive: Optional[Archive] = None, explore: Optional[ExploreConfig] = None, context: int = 0):
+                 archive: Optional[Archive] = None, explore: Optional[ExploreConfig] = None, context: int = 0,
+                 loss_penalty: float = 0.0):
         self.pool = pool
         self.agent = agent
         self.segment_length = segment_length
@@ -103,6 +104,7 @@ class Collector:
         self.archive = archive
         self.explore = explore or ExploreConfig(enabled=archive is not None)
         self.context = context  # steps of a returned-to trajectory kept as its episode's history in the replay
+        self.loss_penalty = loss_penalty  # taken from the stored reward of a move that ends the game unwon
         self._running: list[Optional[_Running]] = []
         self.record_env_state = False  # ~13 KB per Zork step; only PPO's reward needs it
 
@@ -181,12 +183,13 @@ class Collector:
                     r.steps_left -= 1
                 out_of_steps = not ts.done and r.steps_left == 0  # its exploration budget is spent
                 truncated = (ts.done and ts.truncated) or out_of_steps
+                lost = ts.done and not ts.truncated and not ts.won
                 record = StepRecord(
                     observation=r.view.timestep.observation,
                     valid_actions=d.valid_actions,
                     action_index=d.action_index,
                     action=d.action,
-                    reward=float(ts.reward),
+                    reward=float(ts.reward) - (self.loss_penalty if lost else 0.0),
                     score=int(ts.score),
                     visit_dist=[float(x) for x in d.visit_dist],
                     root_value=float(d.root_value),
@@ -330,7 +333,8 @@ class SearchFreeExplorer:
     def __init__(self, pool, cfg: PriorZeroConfig, archive: Archive, rng: np.random.Generator, action_limit: int):
         self.pool = pool
         self.collector = Collector(pool, UniformActor(rng, action_limit), cfg.collect.segment_length, 0.0, rng,
-                                   archive, cfg.explore.model_copy(update={"from_start": 0.0}))
+                                   archive, cfg.explore.model_copy(update={"from_start": 0.0}),
+                                   loss_penalty=cfg.collect.loss_penalty)
         self.steps_per_env = -(-cfg.explore.random_steps // cfg.explore.random_envs)
         self.hazard_steps = cfg.explore.hazard_steps if cfg.explore.hazard_fraction else 0
         self.context = cfg.world_model.context_length - 1

@@ -247,7 +247,8 @@ class CollectShard:
         self.archive = ShardArchive(cfg.explore, self.rng) if cfg.explore.enabled else None
         agent = Agent(cfg, spec, encoder, self.model, self.llm, self.rng, self.device)
         self.collector = Collector(self.pool, agent, cfg.collect.segment_length, cfg.collect.epsilon, self.rng,
-                                   self.archive, cfg.explore, context=cfg.world_model.context_length - 1)
+                                   self.archive, cfg.explore, context=cfg.world_model.context_length - 1,
+                                   loss_penalty=cfg.collect.loss_penalty)
         self.cfg = cfg
         self.explorer: Optional[SearchFreeExplorer] = None
         first, n = shard_envs(cfg.explore.random_envs, cfg.collect.shards)[index]

@@ -157,7 +157,8 @@ class Trainer:
             self.collector = ShardedCollector(cfg, self.archive, self.wm.model, self.llm_prior)
         else:
             self.collector = Collector(self.collect_pool, self.agent, cfg.collect.segment_length, cfg.collect.epsilon,
-                                       self.rng, self.archive, cfg.explore, context=wmc.context_length - 1)
+                                       self.rng, self.archive, cfg.explore, context=wmc.context_length - 1,
+                                       loss_penalty=cfg.collect.loss_penalty)
         self.explorer: Optional[SearchFreeExplorer] = None
         if self.archive is not None and cfg.explore.random_steps and not sharded:
             # its own envs (game seeds apart from collection's, evaluation's and the replays'), the same
