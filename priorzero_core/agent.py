@@ -168,6 +168,10 @@ class Agent:
             improved, q = out.improved_policy, out.completed_q
             if mode != "collect" and self.cfg.eval.act_on == "visits":  # improved < 1 only breaks ties
                 actions = (out.visit_counts + improved).argmax(-1)
+            if mode != "collect" and self.cfg.eval.policy_confidence is not None:
+                policy = logits.masked_fill(~ctx.valid_mask, -1e9).softmax(-1)
+                sure = policy.max(-1).values >= self.cfg.eval.policy_confidence
+                actions = torch.where(sure, policy.argmax(-1), torch.as_tensor(actions, device=policy.device))
         return self._decisions(valid, probs, improved, actions, values, llm_lp, prompts, q)
 
     @staticmethod

@@ -89,6 +89,39 @@ def test_the_greedy_agent_acting_on_its_policy_skips_the_search(text_encoder, mo
         pool.close()
 
 
+def test_the_greedy_agent_takes_the_policy_s_move_where_the_policy_is_as_sure_as_eval_policy_confidence(text_encoder):
+    cfg = load_config("debug", ["llm.enabled=false", "world_model.embed_dim=32", "world_model.num_heads=2",
+                                "mcts.num_simulations=4"])
+    torch.manual_seed(7)
+    model = WorldModel(cfg.world_model, text_encoder.dim)
+    for head in (model.value_head, model.reward_head):  # values that differ, so the search overrules the policy
+        torch.nn.init.normal_(head[-1].weight, std=1.0)
+    pool = EnvPool(cfg.game, 1)
+    try:
+        ts = pool.reset_all()[0]
+        agent = Agent(cfg, game_spec(cfg.game), text_encoder, model, None, np.random.default_rng(0), torch.device("cpu"))
+        ctx = agent._root_context([[]], [ts.observation], [list(ts.valid_actions)])
+        _, logits, _ = model.root_inference(ctx)
+        policy = logits[0, : len(ts.valid_actions)].softmax(-1).detach().numpy()
+        cfg.eval.policy_confidence = None
+        (searched,) = agent.act([EnvView([], ts)], mode="wm")
+        assert searched.action_index == int(np.argmax(searched.policy_target)) != int(np.argmax(policy))
+        for confidence, expected in ((float(policy.max()) - 1e-4, int(np.argmax(policy))),
+                                     (float(policy.max()) + 1e-4, searched.action_index)):
+            cfg.eval.policy_confidence = confidence
+            (d,) = agent.act([EnvView([], ts)], mode="wm")
+            assert d.action_index == expected
+            np.testing.assert_allclose(d.policy_target, searched.policy_target, atol=1e-6)  # what it learns: unchanged
+        cfg.eval.policy_confidence = 1e-3  # collection follows its search whatever the policy's confidence
+        rng_state = agent.rng.bit_generator.state
+        (collected,) = agent.act([EnvView([], ts)], mode="collect")
+        cfg.eval.policy_confidence = None
+        agent.rng.bit_generator.state = rng_state
+        assert agent.act([EnvView([], ts)], mode="collect")[0].action_index == collected.action_index
+    finally:
+        pool.close()
+
+
 def test_evaluation_searches_with_eval_num_simulations_and_collection_with_mcts_num_simulations(text_encoder,
                                                                                               monkeypatch):
     import priorzero_core.agent as agent_module
