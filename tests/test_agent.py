@@ -67,6 +67,13 @@ def test_the_greedy_agent_acts_on_what_eval_act_on_names(text_encoder):
         pool.close()
 
 
+def learned_policy(agent: Agent, model: WorldModel, ts) -> np.ndarray:
+    """The world model's learned policy over the valid actions of `ts`, with no history."""
+    ctx = agent._root_context([[]], [ts.observation], [list(ts.valid_actions)])
+    _, logits, _ = model.root_inference(ctx)
+    return logits[0, : len(ts.valid_actions)].softmax(-1).detach().numpy()
+
+
 def test_the_greedy_agent_acting_on_its_policy_skips_the_search(text_encoder, monkeypatch):
     import priorzero_core.agent as agent_module
 
@@ -78,9 +85,7 @@ def test_the_greedy_agent_acting_on_its_policy_skips_the_search(text_encoder, mo
     try:
         ts = pool.reset_all()[0]
         agent = Agent(cfg, game_spec(cfg.game), text_encoder, model, None, np.random.default_rng(0), torch.device("cpu"))
-        ctx = agent._root_context([[]], [ts.observation], [list(ts.valid_actions)])
-        _, logits, _ = model.root_inference(ctx)
-        policy = logits[0, : len(ts.valid_actions)].softmax(-1).detach().numpy()
+        policy = learned_policy(agent, model, ts)
         monkeypatch.setattr(agent_module, "search", lambda *a, **k: pytest.fail("searched"))
         (d,) = agent.act([EnvView([], ts)], mode="wm")
         assert d.action_index == int(np.argmax(policy))
@@ -100,9 +105,7 @@ def test_the_greedy_agent_takes_the_policy_s_move_where_the_policy_is_as_sure_as
     try:
         ts = pool.reset_all()[0]
         agent = Agent(cfg, game_spec(cfg.game), text_encoder, model, None, np.random.default_rng(0), torch.device("cpu"))
-        ctx = agent._root_context([[]], [ts.observation], [list(ts.valid_actions)])
-        _, logits, _ = model.root_inference(ctx)
-        policy = logits[0, : len(ts.valid_actions)].softmax(-1).detach().numpy()
+        policy = learned_policy(agent, model, ts)
         cfg.eval.policy_confidence = None
         (searched,) = agent.act([EnvView([], ts)], mode="wm")
         assert searched.action_index == int(np.argmax(searched.policy_target)) != int(np.argmax(policy))
