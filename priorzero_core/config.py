@@ -221,9 +221,10 @@ class CollectConfig(_Section):
     epsilon: float = Field(default=0.0, ge=0, le=1)  # chance of a uniformly random valid action
     # Points taken from the stored reward of a move that ends the game without winning (death), in collection and
     # search-free exploration alike: what the world model learns to predict and the search avoids. Scores,
-    # returns and evaluation keep the game's own points. Zork 1, one hour, seed 1: 50 made the agent stop going
-    # down into the cellar at all, below which most exploring deaths happen (evaluations at iterations 6-51 24.1
-    # against 27.9 on average, the last 13 against 33.4; docs/benchmarks.md), so the default is 0.
+    # returns and evaluation keep the game's own points. Zork 1, one hour, seed 1: with 50 the agent went down into
+    # the cellar, below which most exploring deaths happen, in half its evaluation episodes instead of all, and
+    # still died there whenever it did (evaluations at iterations 6-51 24.1 against 27.9 on average, the last 13
+    # against 33.4; docs/benchmarks.md), so the default is 0.
     loss_penalty: float = Field(default=0.0, ge=0)
     # Collection on this many Ray actors (priorzero_core/shards.py), the envs split among them, each with its own
     # world-model copy (and LLM prior), fed the learner's weights at every collect stage; 1: in this process.
