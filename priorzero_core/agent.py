@@ -171,7 +171,7 @@ class Agent:
             if mode != "collect" and self.cfg.eval.policy_confidence is not None:
                 policy = logits.masked_fill(~ctx.valid_mask, -1e9).softmax(-1)
                 sure = policy.max(-1).values >= self.cfg.eval.policy_confidence
-                actions = torch.where(sure, policy.argmax(-1), torch.as_tensor(actions, device=policy.device))
+                actions = torch.where(sure, policy.argmax(-1), actions.to(policy.device))
         return self._decisions(valid, probs, improved, actions, values, llm_lp, prompts, q)
 
     @staticmethod

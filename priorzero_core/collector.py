@@ -183,20 +183,20 @@ class Collector:
                     r.steps_left -= 1
                 out_of_steps = not ts.done and r.steps_left == 0  # its exploration budget is spent
                 truncated = (ts.done and ts.truncated) or out_of_steps
-                lost = ts.done and not ts.truncated and not ts.won
+                terminal = ts.done and not truncated
                 record = StepRecord(
                     observation=r.view.timestep.observation,
                     valid_actions=d.valid_actions,
                     action_index=d.action_index,
                     action=d.action,
-                    reward=float(ts.reward) - (self.loss_penalty if lost else 0.0),
+                    reward=float(ts.reward) - (self.loss_penalty if terminal and not ts.won else 0.0),
                     score=int(ts.score),
                     visit_dist=[float(x) for x in d.visit_dist],
                     root_value=float(d.root_value),
                     policy_target=[float(x) for x in d.policy_target],
                     llm_prior=None if d.llm_prior is None else [float(x) for x in d.llm_prior],
                     prompt=d.prompt,
-                    terminal=bool(ts.done and not truncated),
+                    terminal=bool(terminal),
                     truncated=bool(truncated),
                     env_state=states[i] if states else None,
                     state_hash=r.view.timestep.state_hash,
