@@ -4,9 +4,9 @@ A cell is a coarse description of a state (`GameEnv.cell_key`: score and place, 
 player carries and can do there). The archive keeps, per cell, the shortest trajectory from the game's start
 that reached it and the env snapshot at its end. Collection episodes return to a chosen cell by restoring its
 snapshot and explore from there with the agent's own search (Ecoffet et al. 2021; Madotto et al. 2020 for text
-games); evaluation never restores. The best trajectory (highest score, then shortest) is what the learners
-imitate (`demo`), so the agent learns to walk from the start to where exploration got, as XTX's exploitation
-phase does.
+games); evaluation never restores. The best trajectory (highest score, then shortest; with seed replays, what it
+holds on other game seeds one move past its end, `robust_best`) is what the learners imitate (`demo`), so the agent
+learns to walk from the start to where exploration got, as XTX's exploitation phase does.
 
 Trajectories share their prefixes: a `Trace` is a persistent list of the steps from the start.
 """
@@ -256,16 +256,16 @@ def without_loops(steps: list[StepRecord]) -> list[StepRecord]:
     return out
 
 
-def robust_best(cells: list[Cell], scores: Callable[[Cell], float], cache: dict[tuple[str, int], float]
-                ) -> Optional[tuple[Cell, float]]:
-    """The cell whose `scores` (a trajectory's mean score over other game seeds) is highest; on ties the higher
-    archive score, then the shorter trajectory. `cache` keeps each (cell, trajectory length)'s figure, so a
-    trajectory is replayed once."""
-    best: Optional[tuple[Cell, float]] = None
+def robust_best(cells: list[Cell], scores: Callable[[Cell], tuple[float, ...]],
+                cache: dict[tuple[str, int], tuple[float, ...]]) -> Optional[tuple[Cell, tuple[float, ...]]]:
+    """The cell whose `scores` (what a trajectory holds over other game seeds: its mean score, then how safe its
+    end is) is highest, compared in order; on ties the higher archive score, then the shorter trajectory. `cache`
+    keeps each (cell, trajectory length)'s figures, so a trajectory is replayed once."""
+    best: Optional[tuple[Cell, tuple[float, ...]]] = None
     for cell in cells:
         key = (cell.key, cell.length)
         if key not in cache:
-            cache[key] = float(scores(cell))
+            cache[key] = tuple(float(v) for v in scores(cell))
         value = cache[key]
         if best is None or (value, cell.score, -cell.length) > (best[1], best[0].score, -best[0].length):
             best = (cell, value)

@@ -279,8 +279,9 @@ class ExploreConfig(_Section):
     # the archive's top cells (by score, shortest first; at most `demo_candidates`, a quarter of them per score)
     # have the moves the learners would imitate (loops cut, with `demo_cut_loops`) replayed from the start under
     # `demo_seeds` game seeds that neither collection nor evaluation uses, and the one with the best mean score
-    # over them is imitated (ties: the higher score, then the shorter): a trajectory that walked past a random
-    # danger by luck scores less than its cell. In a game without random events this is the archive's best.
+    # over them (see demo_end_check) is imitated (ties: the safer end, the higher score, then the shorter): a
+    # trajectory that walked past a random danger by luck scores less than its cell. In a game without random
+    # events this is the archive's best.
     # 0: the archive's best score, shortest first.
     demo_seeds: int = Field(default=8, ge=0)
     demo_candidates: int = Field(default=128, gt=0)
@@ -289,6 +290,12 @@ class ExploreConfig(_Section):
     # the shorter trajectory is played once more to record what the learners see on it. Zork 1's 47-point
     # trajectory of 64 moves became one of 29 that scores 55 (archive.shorten).
     demo_shorten: bool = True
+    # Judge each candidate trajectory (with demo_seeds) one move past its end: under each replay seed, each valid
+    # action of its cell's state is tried from the end, and the trajectory holds its score less what such a move,
+    # drawn uniformly, loses on average (ties: the larger share of moves that keep the game going). A trajectory
+    # that ends one step from likely death (a place where most moves kill) holds less than its score, and
+    # shortening keeps the moves that make its end safe (a move goes only where neither figure drops on any seed).
+    demo_end_check: bool = True
     # Search-free exploration (Go-Explore's own exploration phase), env steps per iteration after collection:
     # `random_envs` envs each return to an archived cell (drawn as above) and try uniformly random valid actions
     # for `steps` steps. What they find grows the archive, and with it the trajectory the learners imitate; the

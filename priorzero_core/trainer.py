@@ -142,7 +142,8 @@ class Trainer:
         self._demo: Optional[tuple[str, int]] = None  # the archive cell (key, length) whose trajectory is imitated
         self._demo_value = 0.0  # its mean score over other game seeds (explore.demo_seeds)
         self._demo_passed: Optional[tuple[str, int]] = None  # the last best cell not imitated (demo_switch better)
-        self._seed_replays: dict[tuple[str, int], float] = {}  # (cell, trajectory length) -> that mean
+        # (cell, trajectory length) -> what it holds there (archive.robust_best)
+        self._seed_replays: dict[tuple[str, int], tuple[float, ...]] = {}
         self._replayer = None
         if self.archive is not None and cfg.explore.demo_seeds and self.spec.backend == "jericho":
             from .games.jericho_env import SeedReplayer
@@ -335,19 +336,27 @@ class Trainer:
 
     def _demo_cell(self) -> Optional[tuple[Cell, float]]:
         """The archive cell whose trajectory the learners imitate and what it scores: the best score, shortest
-        first; with a seed replayer, the best mean score over other game seeds (`explore.demo_seeds`). None while
-        the archive is empty."""
+        first; with a seed replayer, the best mean over other game seeds (`explore.demo_seeds`) of what it holds
+        one move past its end (`explore.demo_end_check`), then the safest end. None while the archive is empty."""
         if self.archive is None or not self.archive.cells:
             return None
         if self._replayer is None:
             best = self.archive.best()
             return best, float(best.score)
 
-        def held(cell) -> float:  # the moves the learners would imitate (loops cut, if they are)
+        def held(cell) -> tuple[float, float]:  # the moves the learners would imitate (loops cut, if they are)
             steps = demo_steps(cell, self.cfg.explore.demo_cut_loops)
-            return float(np.mean(self._replayer.scores([s.action for s in steps])))
+            outcomes = self._replayer.outcomes([s.action for s in steps], self._end_probes(cell))
+            return float(np.mean([h for h, _ in outcomes])), float(np.mean([safe for _, safe in outcomes]))
 
-        return robust_best(self.archive.candidates(self.cfg.explore.demo_candidates), held, self._seed_replays)
+        chosen = robust_best(self.archive.candidates(self.cfg.explore.demo_candidates), held, self._seed_replays)
+        return (chosen[0], chosen[1][0]) if chosen is not None else None
+
+    def _end_probes(self, cell: Cell) -> tuple[str, ...]:
+        """The commands tried one move past the end of the trajectory to `cell` (`explore.demo_end_check`): the
+        valid actions of the cell's own state."""
+        last = getattr(cell.state, "last", None)  # a JerichoState's last TimeStep
+        return tuple(last.valid_actions) if self.cfg.explore.demo_end_check and last is not None else ()
 
     def _refresh_demo(self) -> None:
         """Imitate the archive's best trajectory once it scores (self-imitation); rebuilt when a better one is found."""
@@ -359,10 +368,16 @@ class Trainer:
             return
         steps = demo_steps(best, self.cfg.explore.demo_cut_loops)
         if self._replayer is not None and self.cfg.explore.demo_shorten:
-            short, held = shorten([s.action for s in steps], self._replayer.scores)
+            probes = self._end_probes(best)
+
+            def holds(actions: list[str]) -> list[float]:  # a move goes where neither figure drops on any seed
+                outcomes = self._replayer.outcomes(actions, probes)
+                return [h for h, _ in outcomes] + [safe for _, safe in outcomes]
+
+            short, held = shorten([s.action for s in steps], holds)
             recorded = self._record(short) if len(short) < len(steps) else None
             if recorded is not None:
-                steps, value = recorded, float(np.mean(held))
+                steps, value = recorded, float(np.mean(held[:len(held) // 2]))
         if self.cfg.explore.demo_switch == "better" and self.replay.demos:
             imitated = len(self.replay.demos[0].steps)
             if (value, -len(steps)) <= (self._demo_value, -imitated):

@@ -286,20 +286,24 @@ def test_the_robust_best_holds_on_other_seeds_and_each_trajectory_is_replayed_on
     archive.visit("lucky|44", 44, trace_of(record("a")), lambda: "s")  # shortest, highest, but often eaten
     archive.visit("safe|40", 40, trace_of(record("b"), record("c")), lambda: "s")
     archive.visit("also|40", 40, trace_of(record("b"), record("c"), record("d")), lambda: "s")
-    held = {"lucky|44": 34.0, "safe|40": 40.0, "also|40": 40.0}
+    archive.visit("trap|40", 40, trace_of(record("f"), record("g"), record("h")), lambda: "s")
+    # (mean score over seeds, share of moves from the end that keep the game going)
+    held = {"lucky|44": (34.0, 1.0), "safe|40": (40.0, 1.0), "also|40": (40.0, 1.0), "trap|40": (40.0, 0.5)}
     calls, cache = [], {}
 
     def scores(cell):
         calls.append(cell.key)
         return held[cell.key]
 
-    best, value = robust_best(archive.candidates(8), scores, cache)
-    assert (best.key, value) == ("safe|40", 40.0)  # ties go to the shorter trajectory
-    robust_best(archive.candidates(8), scores, cache)
+    best, value = robust_best(archive.candidates(16), scores, cache)
+    assert (best.key, value) == ("safe|40", (40.0, 1.0))  # ties go to the safer end, then the shorter trajectory
+    robust_best(archive.candidates(16), scores, cache)
     assert sorted(calls) == sorted(held)  # the second choice came from the cache
     archive.visit("safe|40", 40, trace_of(record("e")), lambda: "s")  # a shorter way: replayed anew
-    robust_best(archive.candidates(8), scores, cache)
+    robust_best(archive.candidates(16), scores, cache)
     assert calls.count("safe|40") == 2
+    held["safe|40"] = held["also|40"] = (40.0, 0.25)
+    assert robust_best(archive.candidates(16), lambda c: held[c.key], {})[0].key == "trap|40"
 
 
 def test_shorten_leaves_out_each_move_the_score_needs_under_no_seed_and_keeps_the_rest():

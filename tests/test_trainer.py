@@ -108,6 +108,46 @@ def test_a_jericho_run_imitates_the_trajectory_that_holds_on_other_game_seeds(tm
         trainer.close()
 
 
+@pytest.mark.parametrize("end_check", [True, False])
+def test_a_jericho_run_imitates_a_trajectory_whose_end_is_safe_with_the_moves_that_make_it_so(end_check, tmp_path,
+                                                                                              rom_dir):
+    from priorzero_core.archive import Trace
+    from priorzero_core.config import GameConfig
+    from priorzero_core.games import make_env
+    from priorzero_core.replay import StepRecord
+
+    # Zork 1's egg, window and cellar: 40 points on every seed either way, but without the lamp the cellar is dark
+    # and a grue takes most moves from there
+    start = ["north", "north", "up", "take egg", "down", "south", "east", "open window", "west", "west"]
+    dark = start + ["push rug", "open trap door", "down"]
+    lit = start + ["take lantern", "push rug", "open trap door", "turn on lantern", "down"]
+    env = make_env(GameConfig(name="zork1", rom_dir=str(rom_dir), valid_action_workers=0))
+    cfg = load_config("zork", TINY + ["llm.enabled=false", f"game.rom_dir={rom_dir}", "game.valid_action_workers=1",
+                                      f"explore.demo_end_check={str(end_check).lower()}"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    try:
+        for key, actions in (("dark", dark), ("lit", lit)):
+            env.reset()
+            node = None
+            for a in actions:
+                node = Trace.extend(node, StepRecord("", [a], 0, a, 0.0, 0, [1.0], 0.0))
+                ts = env.step(a)
+            assert ts.score == 40 and not ts.done
+            trainer.archive.visit(key, 40, node, env.get_state)
+        chosen, value = trainer._demo_cell()
+        trainer._refresh_demo()
+        imitated = [s.action for s in trainer.replay.demos[0].steps]
+        if end_check:
+            assert chosen.key == "lit" and value == 40.0  # no move from its end loses points on any seed
+            assert {"take lantern", "turn on lantern"} <= set(imitated)  # shortening keeps them: its end stays safe
+        else:  # both hold 40: the shorter, whose end most moves die from
+            assert chosen.key == "dark" and value == 40.0
+            assert "take lantern" not in imitated
+    finally:
+        trainer.close()
+        env.close()
+
+
 @pytest.mark.parametrize("shorten", [True, False])
 def test_a_jericho_run_imitates_its_trajectory_without_the_moves_the_score_does_not_need(shorten, tmp_path, rom_dir):
     from priorzero_core.archive import Trace

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jericho
 import numpy as np
@@ -165,13 +165,33 @@ class SeedReplayer:
 
     def scores(self, actions: list[str]) -> list[float]:
         """Per seed, the score after playing `actions` from the start (or where the game ended on the way)."""
+        return [held for held, _ in self.outcomes(actions)]
+
+    def outcomes(self, actions: list[str], probes: Sequence[str] = ()) -> list[tuple[float, float]]:
+        """Per seed, what `actions` hold one move after their end: (the score less what one more move, drawn
+        uniformly from `probes`, would lose on average; the share of `probes` that leave the game going or won).
+        A trajectory whose end lies one step from likely death (the dark with no light) holds less than its
+        score; without `probes`, (the score, 1). A seed where the game ended on the way: (its score there,
+        1 if won else 0)."""
         out = []
         for env in self.envs:
             env.reset()
+            done = False
             for action in actions:
                 if env.step(action)[2]:
+                    done = True
                     break
-            out.append(float(env.get_score()))
+            score = float(env.get_score())
+            if done or not probes:
+                out.append((score, float(env.victory()) if done else 1.0))
+                continue
+            end, lost, safe = env.get_state(), 0.0, 0
+            for probe in probes:
+                env.set_state(end)
+                over = env.step(probe)[2]
+                lost += max(0.0, score - float(env.get_score()))
+                safe += not over or env.victory()
+            out.append((score - lost / len(probes), safe / len(probes)))
         return out
 
     def close(self) -> None:

@@ -103,3 +103,27 @@ def test_seed_replays_tell_a_lucky_trajectory(rom_dir):
         assert replayer.scores(["north", "north", "up", "take egg"]) == [5.0] * 10  # no random event on the way
     finally:
         replayer.close()
+
+
+def test_seed_replays_judge_a_trajectory_one_move_past_its_end(zork, rom_dir):
+    from priorzero_core.games.jericho_env import SeedReplayer
+
+    # the egg, the window and the cellar without the lamp: 40 points, then the dark, where a grue takes most moves
+    dark = ["north", "north", "up", "take egg", "down", "south", "east", "open window", "west", "west", "push rug",
+            "open trap door", "down"]
+    zork.reset()
+    for action in dark[:-1]:
+        zork.advance(action)
+    probes = zork.step(dark[-1]).valid_actions
+    replayer = SeedReplayer(rom_dir / "zork1.z5", list(range(30_000, 30_008)))
+    try:
+        outcomes = replayer.outcomes(dark, probes)
+        assert outcomes == replayer.outcomes(dark, probes)
+        assert min(safe for _, safe in outcomes) < 1  # some move from the end dies on some seed
+        for held, safe in outcomes:  # each death there costs its 10 points; no other move loses any
+            assert held == pytest.approx(40 - 10 * (1 - safe))
+        assert replayer.outcomes(dark) == [(40.0, 1.0)] * 8  # without probes: the score, and safe
+        eaten = [(held, safe) for held, safe in replayer.outcomes(LUCKY, probes) if held == 30.0]
+        assert eaten and all(safe == 0.0 for _, safe in eaten)  # the game ended on the way: its score there
+    finally:
+        replayer.close()
