@@ -21,7 +21,7 @@ import math
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from .errors import CheckpointError
 from .replay import GameSegment, StepRecord
 
 ARCHIVE_FILE = "archive.jsonl.gz"
+T = TypeVar("T")  # a move, or its index in a trajectory (shorten)
 
 
 @dataclass(frozen=True)
@@ -279,8 +280,8 @@ def demo_steps(cell: Cell, cut_loops: bool = False) -> list[StepRecord]:
     return without_loops(steps) if cut_loops else steps
 
 
-def shorten(actions: list[str], scores: Callable[[list[str]], list[float]],
-            max_passes: int = 4) -> tuple[list[str], list[float]]:
+def shorten(actions: list[T], scores: Callable[[list[T]], list[float]],
+            max_passes: int = 4) -> tuple[list[T], list[float]]:
     """`actions` without every move the score does not need, and what the moves kept score on each seed: each move
     in turn (last first) is left out where the trajectory without it scores, under every game seed `scores` plays
     it on, at least what it scored with it; passes repeat until none can go (at most `max_passes`). Exploration's

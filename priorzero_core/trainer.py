@@ -374,10 +374,13 @@ class Trainer:
                 outcomes = self._replayer.outcomes(actions, probes)
                 return [h for h, _ in outcomes] + [safe for _, safe in outcomes]
 
-            short, held = shorten([s.action for s in steps], holds)
-            recorded = self._record(short) if len(short) < len(steps) else None
+            moves = [s.action for s in steps]
+            kept, _ = shorten(list(range(len(moves))), lambda ks: holds([moves[k] for k in ks]))
+            recorded = self._record_shortened(moves, kept) if len(kept) < len(moves) else None
             if recorded is not None:
-                steps, value = recorded, float(np.mean(held[:len(held) // 2]))
+                held = holds([s.action for s in recorded])
+                if np.mean(held[:len(held) // 2]) >= value:  # moves put back while recording may hold less
+                    steps, value = recorded, float(np.mean(held[:len(held) // 2]))
         if self.cfg.explore.demo_switch == "better" and self.replay.demos:
             imitated = len(self.replay.demos[0].steps)
             if (value, -len(steps)) <= (self._demo_value, -imitated):
@@ -399,20 +402,39 @@ class Trainer:
         log.info("imitating the best trajectory found: score %d in %d steps (%d imitated), %.1f on other game "
                  "seeds", best.score, best.length, len(demo.steps), self._demo_value)
 
-    def _record(self, actions: list[str]) -> Optional[list[StepRecord]]:
+    def _record_shortened(self, moves: list[str], kept: list[int]) -> Optional[list[StepRecord]]:
+        """The shortened trajectory (`moves` at the indices `kept`) recorded as the learners see it (`_record`).
+        Where a kept move is not a valid action in the state the moves before it reach (leaving moves out changed
+        what the game's valid-action detection finds there), the latest move left out before it is put back and
+        the recording starts again, until one succeeds or every move before it is back (None)."""
+        kept = sorted(kept)
+        while True:
+            recorded = self._record([moves[k] for k in kept])
+            if not isinstance(recorded, int):
+                return recorded
+            left_out = set(range(kept[recorded])) - set(kept) if recorded < len(kept) else set()
+            if not left_out:
+                log.info("the shortened trajectory's move %d (%s) is not a valid action there: imitating it whole",
+                         recorded, moves[kept[recorded]] if recorded < len(kept) else "the game ended")
+                return None
+            log.info("the shortened trajectory's move %d (%s) is not a valid action there: move %d (%s) put back",
+                     recorded, moves[kept[recorded]], max(left_out), moves[max(left_out)])
+            kept = sorted([*kept, max(left_out)])
+
+    def _record(self, actions: list[str]) -> list[StepRecord] | int:
         """`actions` played from the game's start under the first of the replays' game seeds, as the steps the
-        learners see there; None where one is not among its state's valid actions (no agent could choose it) or
-        the game ends before it."""
+        learners see there; else the index of the first that is not among its state's valid actions (no agent
+        could choose it), or len(actions) where the game ends before the last."""
         if self._recorder is None:
             self._recorder = EnvPool(self.cfg.game, 1, seed=self.cfg.run.seed + 20_000,
                                      valid_actions=self.collect_pool.valid_actions)
         (ts,) = self._recorder.reset([0])
         steps = []
-        for action in actions:
-            if ts.done or action not in ts.valid_actions:
-                log.info("the shortened trajectory's move %d (%s) is not a valid action there: imitating it whole",
-                         len(steps), action)
-                return None
+        for k, action in enumerate(actions):
+            if ts.done:
+                return len(actions)
+            if action not in ts.valid_actions:
+                return k
             (after,) = self._recorder.step([action], [0])
             steps.append(StepRecord(observation=ts.observation, valid_actions=list(ts.valid_actions),
                                     action_index=ts.valid_actions.index(action), action=action,

@@ -148,6 +148,38 @@ def test_a_jericho_run_imitates_a_trajectory_whose_end_is_safe_with_the_moves_th
         env.close()
 
 
+def test_a_shortened_move_that_is_no_valid_action_gets_the_move_left_out_before_it_back(tmp_path, rom_dir):
+    from priorzero_core.archive import Trace
+    from priorzero_core.config import GameConfig
+    from priorzero_core.games import make_env
+    from priorzero_core.replay import StepRecord
+
+    # detective, 70 points in 19 moves of an earlier run's imitated trajectory. Shortened, it takes the note with the
+    # paper still in hand, where the game's valid-action detection does not find "take note"
+    moves = ["take paper", "north", "west", "east", "put paper down", "north", "south", "west", "take note", "east",
+             "east", "take wood", "put note down", "north", "west", "north", "north", "west", "north"]
+    env = make_env(GameConfig(name="detective", rom_dir=str(rom_dir), valid_action_workers=0))
+    cfg = load_config("detective", TINY + ["llm.enabled=false", f"game.rom_dir={rom_dir}",
+                                           "game.valid_action_workers=1"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    try:
+        env.reset()
+        node = None
+        for a in moves:
+            node = Trace.extend(node, StepRecord("", [a], 0, a, 0.0, 0, [1.0], 0.0))
+            ts = env.step(a)
+        trainer.archive.visit("paper", ts.score, node, env.get_state)
+        trainer._refresh_demo()
+        steps = trainer.replay.demos[0].steps
+        imitated = [s.action for s in steps]
+        assert len(imitated) < len(moves) and imitated.index("put paper down") < imitated.index("take note")
+        assert all(s.valid_actions[s.action_index] == s.action for s in steps)
+        assert steps[-1].score == ts.score == trainer._demo_value == 70
+    finally:
+        trainer.close()
+        env.close()
+
+
 @pytest.mark.parametrize("shorten", [True, False])
 def test_a_jericho_run_imitates_its_trajectory_without_the_moves_the_score_does_not_need(shorten, tmp_path, rom_dir):
     from priorzero_core.archive import Trace
