@@ -280,21 +280,23 @@ def demo_steps(cell: Cell, cut_loops: bool = False) -> list[StepRecord]:
     return without_loops(steps) if cut_loops else steps
 
 
-def shorten(actions: list[T], scores: Callable[[list[T]], list[float]],
-            max_passes: int = 4) -> tuple[list[T], list[float]]:
-    """`actions` without every move the score does not need, and what the moves kept score on each seed: each move
-    in turn (last first) is left out where the trajectory without it scores, under every game seed `scores` plays
-    it on, at least what it scored with it; passes repeat until none can go (at most `max_passes`). Exploration's
-    random tries leave moves that change the world but lead nowhere (put down, take, close); imitating them costs
-    the learners steps and accuracy."""
+def shorten(actions: list[T], scores: Callable[[list[T]], list[float]], max_passes: int = 4,
+            span: int = 1) -> tuple[list[T], list[float]]:
+    """`actions` without every move the score does not need, and what the moves kept score on each seed: each run
+    of `span` moves in turn (last first), then of one fewer, down to single moves, is left out where the trajectory
+    without it scores, under every game seed `scores` plays it on, at least what it scored with it; passes repeat
+    until none can go (at most `max_passes`). Exploration's random tries leave moves that change the world but
+    lead nowhere (put down, take, close), and detours that only a run of moves undoes (a walk around and back);
+    imitating them costs the learners steps and accuracy."""
     best = list(scores(actions))
     for _ in range(max_passes):
         before = len(actions)
-        for k in reversed(range(len(actions))):
-            without = actions[:k] + actions[k + 1:]
-            held = list(scores(without))
-            if all(new >= old for new, old in zip(held, best)):
-                actions, best = without, held
+        for width in range(span, 0, -1):
+            for k in reversed(range(len(actions) - width + 1)):
+                without = actions[:k] + actions[k + width:]
+                held = list(scores(without))
+                if all(new >= old for new, old in zip(held, best)):
+                    actions, best = without, held
         if len(actions) == before:
             break
     return actions, best

@@ -290,6 +290,9 @@ class ExploreConfig(_Section):
     # the shorter trajectory is played once more to record what the learners see on it. Zork 1's 47-point
     # trajectory of 64 moves became one of 29 that scores 55 (archive.shorten).
     demo_shorten: bool = True
+    # The longest run of consecutive moves shortening tries to leave out at once (runs of this many first, then
+    # fewer, down to single moves): a detour that only several moves undo (a walk around and back) goes as a whole.
+    demo_shorten_span: int = Field(default=4, ge=1)
     # Judge each candidate trajectory (with demo_seeds) one move past its end: under each replay seed, each valid
     # action of its cell's state is tried from the end, and the trajectory holds its score less what such a move,
     # drawn uniformly, loses on average (ties: the larger share of moves that keep the game going). A trajectory

@@ -375,7 +375,8 @@ class Trainer:
                 return [h for h, _ in outcomes] + [safe for _, safe in outcomes]
 
             moves = [s.action for s in steps]
-            kept, _ = shorten(list(range(len(moves))), lambda ks: holds([moves[k] for k in ks]))
+            kept, _ = shorten(list(range(len(moves))), lambda ks: holds([moves[k] for k in ks]),
+                              span=self.cfg.explore.demo_shorten_span)
             recorded = self._record_shortened(moves, kept) if len(kept) < len(moves) else None
             if recorded is not None:
                 held = holds([s.action for s in recorded])
