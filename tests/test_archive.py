@@ -306,6 +306,21 @@ def test_the_robust_best_holds_on_other_seeds_and_each_trajectory_is_replayed_on
     assert robust_best(archive.candidates(16), lambda c: held[c.key], {})[0].key == "trap|40"
 
 
+def test_shorten_leaves_out_a_detour_that_only_several_moves_undo():
+    def scores(actions):
+        """One seed: a point for digging where the walk started."""
+        place = 0
+        for a in actions:
+            place += {"east": 1, "west": -1}.get(a, 0)
+            if a == "dig":
+                return [int(place == 0)]
+        return [0]
+
+    moves = ["east", "east", "west", "west", "dig"]
+    assert shorten(moves, scores) == (moves, [1])  # no single move can go: each leaves the walk off its start
+    assert shorten(moves, scores, span=2) == (["dig"], [1])  # "east, west" goes whole, then the other pair
+
+
 def test_shorten_leaves_out_each_move_the_score_needs_under_no_seed_and_keeps_the_rest():
     needed = ["key", "door", "gold"]
 
