@@ -413,10 +413,13 @@ class Trainer:
             recorded = self._record([moves[k] for k in kept])
             if not isinstance(recorded, int):
                 return recorded
-            left_out = set(range(kept[recorded])) - set(kept) if recorded < len(kept) else set()
+            if recorded == len(kept):
+                log.info("the shortened trajectory ends the game before its last move: imitating it whole")
+                return None
+            left_out = set(range(kept[recorded])) - set(kept)
             if not left_out:
                 log.info("the shortened trajectory's move %d (%s) is not a valid action there: imitating it whole",
-                         recorded, moves[kept[recorded]] if recorded < len(kept) else "the game ended")
+                         recorded, moves[kept[recorded]])
                 return None
             log.info("the shortened trajectory's move %d (%s) is not a valid action there: move %d (%s) put back",
                      recorded, moves[kept[recorded]], max(left_out), moves[max(left_out)])
