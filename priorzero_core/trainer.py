@@ -380,8 +380,9 @@ class Trainer:
             recorded = self._record_shortened(moves, kept) if len(kept) < len(moves) else None
             if recorded is not None:
                 held = holds([s.action for s in recorded])
-                if np.mean(held[:len(held) // 2]) >= value:  # moves put back while recording may hold less
-                    steps, value = recorded, float(np.mean(held[:len(held) // 2]))
+                recorded_value = float(np.mean(held[:len(held) // 2]))
+                if recorded_value >= value:  # moves put back while recording may hold less
+                    steps, value = recorded, recorded_value
         if self.cfg.explore.demo_switch == "better" and self.replay.demos:
             imitated = len(self.replay.demos[0].steps)
             if (value, -len(steps)) <= (self._demo_value, -imitated):
