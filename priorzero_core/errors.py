@@ -32,3 +32,9 @@ class CheckpointError(PriorZeroError):
 
 class BackendUnavailable(PriorZeroError):
     """A required optional backend (vLLM, DeepSpeed, CUDA) could not be started."""
+
+
+class StageStopped(BaseException):
+    """Raised inside a training stage that is running while its trainer closes (Ctrl-C, SIGTERM): the stage
+    unwinds before the envs and workers it uses are shut down. A BaseException, as KeyboardInterrupt is, so no
+    `except Exception` on the way swallows it."""

@@ -28,7 +28,7 @@ from .agent import Agent, sequences_to_wm_batch
 from .archive import Archive, Cell, demo_segment, demo_steps, robust_best, shorten
 from .collector import Collector, SearchFreeExplorer
 from .config import PriorZeroConfig, dump_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, StageStopped
 from .evaluator import eval_modes, evaluate
 from .games import EnvPool, game_spec
 from .ppo.env_state import state_bytes, state_from_bytes
@@ -123,6 +123,12 @@ class Trainer:
         self._failed: set[str] = set()  # its stages whose last attempt raised
         self._metrics_lock = threading.Lock()
         self._lock = threading.Lock()  # parallel mode: WM and LLM training share the replay buffer
+        # Stages run in Prefect's task threads while Ctrl-C or SIGTERM unwinds the flow in the main thread:
+        # close() sets `_closing` (the env pools raise StageStopped at their next step) and waits for the running
+        # stages (thread id -> stage) to end before it shuts down the envs and workers they use.
+        self._closing = threading.Event()
+        self._running: dict[int, str] = {}
+        self._running_changed = threading.Condition()
 
         from .text_encoder import TextEncoder
         from .world_model import WorldModelLearner
@@ -137,7 +143,8 @@ class Trainer:
                                    td_lambda=wmc.td_lambda)
         sharded = cfg.collect.shards > 1 and not readonly  # collection runs on Ray actors (shards.py)
         # with shards, one env here: its valid-action workers serve the demonstration's recorder
-        self.collect_pool = EnvPool(cfg.game, 1 if sharded else cfg.collect.num_envs, seed=cfg.run.seed)
+        self.collect_pool = EnvPool(cfg.game, 1 if sharded else cfg.collect.num_envs, seed=cfg.run.seed,
+                                    stop=self._closing)
         self.archive = Archive(cfg.explore, self.rng) if cfg.explore.enabled else None
         self._demo: Optional[tuple[str, int]] = None  # the archive cell (key, length) whose trajectory is imitated
         self._demo_value = 0.0  # its mean score over other game seeds (explore.demo_seeds)
@@ -165,7 +172,7 @@ class Trainer:
             # its own envs (game seeds apart from collection's, evaluation's and the replays'), the same
             # valid-action workers and cache
             pool = EnvPool(cfg.game, cfg.explore.random_envs, seed=cfg.run.seed + 30_000,
-                           valid_actions=self.collect_pool.valid_actions)
+                           valid_actions=self.collect_pool.valid_actions, stop=self._closing)
             self.explorer = SearchFreeExplorer(pool, cfg, self.archive, self.rng, self.spec.action_space_size)
         self._eval_pool: Optional[EnvPool] = None
         self._ppo = None
@@ -204,7 +211,7 @@ class Trainer:
     def eval_pool(self) -> EnvPool:
         if self._eval_pool is None:  # an env (and its own game seed) per episode, up to 16 played at once
             n = min(self.cfg.eval.num_episodes, 16)
-            self._eval_pool = EnvPool(self.cfg.game, n, seed=self.cfg.run.seed + 10_000)
+            self._eval_pool = EnvPool(self.cfg.game, n, seed=self.cfg.run.seed + 10_000, stop=self._closing)
         return self._eval_pool
 
     @property
@@ -432,7 +439,7 @@ class Trainer:
         could choose it), or len(actions) where the game ends before the last."""
         if self._recorder is None:
             self._recorder = EnvPool(self.cfg.game, 1, seed=self.cfg.run.seed + 20_000,
-                                     valid_actions=self.collect_pool.valid_actions)
+                                     valid_actions=self.collect_pool.valid_actions, stop=self._closing)
         (ts,) = self._recorder.reset([0])
         steps = []
         for k, action in enumerate(actions):
@@ -470,6 +477,8 @@ class Trainer:
             self._wm_sums, self._wm_done = {}, 0
         sums = self._wm_sums
         for _ in tqdm(range(self._wm_updates_owed), desc=f"world model {iteration}", disable=not self.progress, leave=False):
+            if self._closing.is_set():
+                raise StageStopped(f"train_world_model-{iteration}: the trainer is closing")
             for k, v in self.wm.train_step(self.wm_batch()).items():
                 sums[k] = sums.get(k, 0.0) + v
             self._wm_done += 1
@@ -620,6 +629,10 @@ class Trainer:
         """Run one stage of the iteration in progress (the fault hook first, see faults.py); its metrics, with
         its time, go into the iteration's metrics row. A stage that raises records nothing, and the iteration
         counts as failed unless a retry of that stage succeeds."""
+        with self._running_changed:
+            if self._closing.is_set():
+                raise StageStopped(f"{stage}-{iteration} not started: the trainer is closing")
+            self._running[threading.get_ident()] = stage
         if stage in WEIGHT_STAGES:
             self.weights_checkpoint = None
         try:
@@ -629,6 +642,10 @@ class Trainer:
         except BaseException:
             self._failed.add(stage)
             raise
+        finally:
+            with self._running_changed:
+                del self._running[threading.get_ident()]
+                self._running_changed.notify_all()
         self._failed.discard(stage)
         result.metrics[f"timing/{stage}_s"] = time.perf_counter() - start
         with self._metrics_lock:  # parallel mode: the world-model stage finishes beside the LLM's
@@ -740,8 +757,20 @@ class Trainer:
                      len(moved), iteration)
 
     # ------------------------------------------------------------------ teardown
-    def close(self) -> None:
-        """Shut envs and workers down; each part independently."""
+    def close(self, stage_wait_s: float = 600.0) -> None:
+        """Shut envs and workers down; each part independently. Stages still running in other threads are asked
+        to stop (their env pools raise StageStopped at the next step; training stages end their updates) and waited
+        for: shutting down an env that a stage is stepping crashes the process. Where one is still running after
+        `stage_wait_s`, nothing is shut down: the process's exit reclaims it all."""
+        self._closing.set()
+        with self._running_changed:
+            others = lambda: {t: s for t, s in self._running.items() if t != threading.get_ident()}  # noqa: E731
+            if others():
+                log.info("closing: waiting for the running stage(s) to stop: %s", ", ".join(others().values()))
+            if not self._running_changed.wait_for(lambda: not others(), timeout=stage_wait_s):
+                log.warning("closing: %s still running after %.0f s; envs and workers are left to the process's exit",
+                            ", ".join(others().values()), stage_wait_s)
+                return
         errors = []
         shards = None if isinstance(self.collector, Collector) else self.collector  # Ray actors (collect.shards)
         for part in (self._ppo, shards, self._recorder, self.explorer, self.collect_pool, self._eval_pool,

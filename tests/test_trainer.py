@@ -1,13 +1,15 @@
 """The core iteration driven by a plain Python loop (no Prefect, no MLflow)."""
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from priorzero_core import checkpoint as ckpt
 from priorzero_core.config import load_config
-from priorzero_core.errors import CheckpointError, ConfigError
+from priorzero_core.errors import CheckpointError, ConfigError, StageStopped
 from priorzero_core.replay import ReplayBuffer
 from priorzero_core.trainer import Trainer, read_metrics, run_plain
 from measures import wall_clock
@@ -499,6 +501,50 @@ def test_a_world_model_stage_retried_after_failing_part_way_does_the_updates_it_
         assert trainer.train_world_model(2).metrics["train/wm_updates"] == cfg.schedule.min_wm_updates  # nothing owed
     finally:
         trainer.close()
+
+
+def test_closing_stops_a_stage_running_in_another_thread_before_it_shuts_its_envs_down(tmp_path):
+    """Ctrl-C or SIGTERM unwinds the flow in the main thread while a stage runs in a Prefect task thread: closing
+    the envs under that stage crashed the process (a segfault inside the interpreter's step)."""
+    cfg = load_config("debug", TINY + ["llm.enabled=false", "collect.steps_per_iteration=400"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    env, real_collect, real_close = trainer.collect_pool.envs[0], trainer.collect, trainer.collect_pool.close
+    real_step, stepping, returned = env.step, threading.Event(), threading.Event()
+    closed_after_return, ended = [], []
+
+    def slow_step(action):
+        stepping.set()
+        time.sleep(0.02)
+        return real_step(action)
+
+    def collect(iteration):
+        try:
+            return real_collect(iteration)
+        finally:
+            returned.set()
+
+    def close():
+        closed_after_return.append(returned.is_set())
+        if returned.is_set():  # a close under the running stage is the crash this test is about
+            real_close()
+
+    def run():
+        try:
+            trainer.run_stage("collect", 1)
+            ended.append("finished")
+        except BaseException as err:
+            ended.append(type(err).__name__)
+
+    env.step, trainer.collect, trainer.collect_pool.close = slow_step, collect, close
+    stage = threading.Thread(target=run)
+    stage.start()
+    assert stepping.wait(60)
+    trainer.close()
+    stage.join(60)
+    assert closed_after_return == [True]
+    assert ended == ["StageStopped"]  # at its next step, not after its 400
+    with pytest.raises(StageStopped, match="closing"):
+        trainer.run_stage("collect", 2)
 
 
 def test_resume_restores_every_random_state_the_checkpoint_was_taken_with(tmp_path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Iterable, Iterator, Optional, Sequence, cast
 
 from ..config import GameConfig
+from ..errors import StageStopped
 from .base import GameEnv, GameSpec, TimeStep
 from .catalog import game_spec
 from .jericho_env import JerichoEnv
@@ -37,8 +39,11 @@ def make_env(game_cfg: GameConfig, seed: Optional[int] = None) -> GameEnv:
 class EnvPool:
     """`n` envs of one game; env i is seeded `seed + i` (Jericho's RNG; the embedded game is deterministic)."""
 
-    def __init__(self, game_cfg: GameConfig, n: int, seed: int = 0, valid_actions: Optional[ValidActions] = None):
-        """`valid_actions`: another pool's (its workers and cache are shared; that pool closes them)."""
+    def __init__(self, game_cfg: GameConfig, n: int, seed: int = 0, valid_actions: Optional[ValidActions] = None,
+                 stop: Optional[threading.Event] = None):
+        """`valid_actions`: another pool's (its workers and cache are shared; that pool closes them). `stop`: once
+        set, every reset and step raises StageStopped instead of playing (its owner is about to close the pool)."""
+        self.stop = stop
         self.spec = game_spec(game_cfg)
         self._owns_valid_actions = valid_actions is None
         if valid_actions is None and self.spec.backend == "jericho":
@@ -56,6 +61,7 @@ class EnvPool:
     def reset(self, indices: Sequence[int]) -> list[TimeStep]:
         """Start new episodes in the envs at `indices`; TimeSteps in that order."""
         indices = list(indices)
+        self._check_stop()
         if self.valid_actions is None:
             return [self.envs[i].reset() for i in indices]
         return self._with_valid_actions(indices, (self._jericho(i).restart() for i in indices))
@@ -65,6 +71,7 @@ class EnvPool:
         indices = list(range(self.size)) if indices is None else list(indices)
         if len(actions) != len(indices):
             raise ValueError(f"{len(actions)} actions for {len(indices)} envs")
+        self._check_stop()
         moving = [(i, a) for i, a in zip(indices, actions) if a is not None]
         if self.valid_actions is None:
             stepped = [self.envs[i].step(a) for i, a in moving]
@@ -90,6 +97,10 @@ class EnvPool:
         answers = self.valid_actions.batch(requests())
         attached = {i: self._jericho(i).attach(ts, actions) for (i, ts), actions in zip(live, answers)}
         return [attached.get(i, ts) for i, ts in zip(indices, taken)]
+
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise StageStopped("the env pool is closing")
 
     def _jericho(self, i: int) -> JerichoEnv:
         return cast(JerichoEnv, self.envs[i])
