@@ -120,18 +120,14 @@ class Tracker:
         logged twice."""
         self._pending.append((iteration, dict(metrics), dict(artifacts), failure))
 
-    def commit(self, timeout: float = 60.0) -> None:
-        """After a checkpoint: send the iterations held, each as one batch of metrics (step = iteration) and
-        then its artifacts and failure, and wait (at most `timeout` s) until the metrics are written. A kill -9 before
-        they are is made good by `catch_up` on resume; the artifacts (transcript, checkpoint reference) may
-        still be on their way."""
-        written = None
+    def commit(self) -> None:
+        """After a checkpoint: queue the iterations held, each as one batch of metrics (step = iteration) and then
+        its artifacts and failure. Training does not wait for them (nor for a model logged before them): the
+        checkpoint holds the metrics rows, and a resume after a kill -9 logs those MLflow lacks (`catch_up`)."""
         for iteration, metrics, artifacts, failure in self._pending:
-            written = self._submit("logging", partial(self._log_metrics, iteration, metrics))
+            self._submit("logging", partial(self._log_metrics, iteration, metrics))
             self._submit("logging", partial(self._log_artifacts, iteration, artifacts, failure))
         self._pending = []
-        if written is not None:
-            self._wait(written, timeout)
 
     def catch_up(self, rows: list[dict[str, float]], timeout: float = 60.0) -> None:
         """On resume: log the rows (logs/metrics.jsonl, up to the checkpoint) of iterations MLflow lacks, those
