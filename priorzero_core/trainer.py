@@ -758,29 +758,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ teardown
     def close(self, stage_wait_s: float = 600.0) -> None:
-        """Shut envs and workers down; each part independently. Stages still running in other threads are asked
-        to stop (their env pools raise StageStopped at the next step; training stages end their updates) and waited
+        """Shut envs and workers down; each part independently. The Ray actors (PPO, collection shards) go first: a
+        stage waiting on them gets their error at once. Stages still running in other threads are then asked to stop
+        (their env pools raise StageStopped at the next step, the world-model stage at its next update) and waited
         for: shutting down an env that a stage is stepping crashes the process. Where one is still running after
-        `stage_wait_s`, nothing is shut down: the process's exit reclaims it all."""
+        `stage_wait_s`, the in-process envs and workers are left to the process's exit."""
         self._closing.set()
+        errors: list[Exception] = []
+
+        def shut(*parts: object) -> None:
+            for part in parts:
+                if part is None:
+                    continue
+                try:
+                    part.close()  # type: ignore[attr-defined]
+                except Exception as err:  # keep closing the rest
+                    errors.append(err)
+
+        shut(self._ppo, None if isinstance(self.collector, Collector) else self.collector)
         with self._running_changed:
             others = lambda: {t: s for t, s in self._running.items() if t != threading.get_ident()}  # noqa: E731
             if others():
                 log.info("closing: waiting for the running stage(s) to stop: %s", ", ".join(others().values()))
-            if not self._running_changed.wait_for(lambda: not others(), timeout=stage_wait_s):
+            stopped = self._running_changed.wait_for(lambda: not others(), timeout=stage_wait_s)
+            if not stopped:
                 log.warning("closing: %s still running after %.0f s; envs and workers are left to the process's exit",
                             ", ".join(others().values()), stage_wait_s)
-                return
-        errors = []
-        shards = None if isinstance(self.collector, Collector) else self.collector  # Ray actors (collect.shards)
-        for part in (self._ppo, shards, self._recorder, self.explorer, self.collect_pool, self._eval_pool,
-                     self._replayer):
-            if part is None:
-                continue
-            try:
-                part.close()
-            except Exception as err:  # keep closing the rest
-                errors.append(err)
+        if stopped:
+            shut(self._recorder, self.explorer, self.collect_pool, self._eval_pool, self._replayer)
         for err in errors:
             log.warning("while closing: %s", err)
 
