@@ -1,6 +1,9 @@
 """The Prefect artifacts' contents and the progress line, from an iteration's metrics (no server needed)."""
 
+import contextvars
 import logging
+import threading
+import time
 
 from priorzero.flows.artifacts import (RunArtifacts, artifact_key, evaluation_table, mlflow_run_location,
                                        opening_moves)
@@ -45,3 +48,55 @@ def test_progress_counts_iterations_or_the_time_budget_whichever_is_further(monk
     clock[0] += 100  # half the budget gone after 5 iterations: the budget ends first
     assert timed.fraction(5) == 0.5 and timed.progress_line(5) == "5/100 iterations (50 %), ETA 0:01:40"
     assert RunArtifacts(load_config("debug"), "run", log, 0).progress_line(0).endswith("(0 %)")
+
+
+def test_the_flow_thread_only_queues_artifact_calls_which_one_sender_makes_in_order_in_the_callers_context(
+        monkeypatch, caplog):
+    import prefect.artifacts
+
+    run = contextvars.ContextVar("run", default=None)  # as Prefect's flow run context: what the calls must see
+    run.set("flow-run-1")
+    release, sent = threading.Event(), []
+
+    def create_progress_artifact(percent, key, description):
+        release.wait(10)  # a slow server
+        sent.append(("create", percent, run.get(), threading.current_thread().name))
+        return "progress-id"
+
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", create_progress_artifact)
+    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact",
+                        lambda pid, percent, description: sent.append(("update", pid, percent, run.get())))
+    monkeypatch.setattr(prefect.artifacts, "create_table_artifact",
+                        lambda table, key, description: sent.append(("table", key, table[0]["mode"], run.get())))
+    art = RunArtifacts(load_config("debug", ["schedule.iterations=4"]), "run", logging.getLogger("test"), 0)
+    started = time.monotonic()
+    art.start()
+    art.iteration_done(1, {"evals/wm/reward_mean": 1.0}, None)
+    art.iteration_done(2, {}, None)
+    assert time.monotonic() - started < 5 and sent == []  # nothing waited for the server
+    release.set()
+    art.close(timeout=10)
+    assert sent == [("create", 0.0, "flow-run-1", "prefect-artifacts"), ("update", "progress-id", 25.0, "flow-run-1"),
+                    ("table", "run-evaluation", "wm", "flow-run-1"), ("update", "progress-id", 50.0, "flow-run-1")]
+
+    # A server that hangs holds the flow's end for the timeout only; one that fails turns artifacts off, once.
+    release.clear()
+    hung = RunArtifacts(load_config("debug"), "hung", logging.getLogger("test"), 0)
+    hung.start()
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="test"):
+        hung.close(timeout=0.2)
+    assert time.monotonic() - started < 5 and "not sent within" in caplog.text
+    release.set()
+
+    def refused(*args, **kwargs):
+        raise ConnectionError("refused")
+
+    monkeypatch.setattr(prefect.artifacts, "create_table_artifact", refused)
+    failing = RunArtifacts(load_config("debug"), "failing", logging.getLogger("test"), 0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="test"):
+        for n in (1, 2):
+            failing.iteration_done(n, {"evals/wm/reward_mean": 1.0}, None)
+        failing.close(timeout=10)
+    assert caplog.text.count("Prefect artifacts off") == 1 and "evaluation table failed (ConnectionError" in caplog.text

@@ -8,13 +8,19 @@
   and the command that opens it).
 
 The same progress, with an ETA, goes to the flow's log after each iteration (`progress_line`). Artifacts never
-stop training: a failed call is logged once and artifacts stop for the rest of the flow run.
+stop training: a failed call is logged once and artifacts stop for the rest of the flow run. Nor do they slow it:
+the flow thread only queues the calls (their contents computed when queued); one daemon thread sends them in order,
+in the flow run's context (Prefect reads the flow run and its API from context variables), and `close` waits a
+bounded time for the last ones.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import queue
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +29,7 @@ from priorzero_core.config import PriorZeroConfig
 from priorzero_core.errors import first_line
 
 OPENING_MOVES = 12  # moves of the first evaluation episode quoted under the evaluation table
+CLOSE_TIMEOUT_S = 30.0  # how long the flow's end waits for queued artifacts (a hung server never holds it longer)
 
 
 def artifact_key(run_name: str, what: str) -> str:
@@ -78,6 +85,22 @@ class RunArtifacts:
         self.started = time.monotonic()
         self._progress_id: Any = None
         self._off = False
+        self._queue: queue.Queue[Optional[tuple[contextvars.Context, str, Any, tuple, dict]]] = queue.Queue()
+        self._sender: Optional[threading.Thread] = None
+
+    def _send(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Queue `fn(*args, **kwargs)` for the sender thread, to run in a copy of the caller's context."""
+        if self._off:
+            return
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._drain, name="prefect-artifacts", daemon=True)
+            self._sender.start()
+        self._queue.put((contextvars.copy_context(), what, fn, args, kwargs))
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            context, what, fn, args, kwargs = item
+            context.run(self._call, what, fn, *args, **kwargs)
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if self._off:
@@ -89,6 +112,16 @@ class RunArtifacts:
             self.log.warning("Prefect artifacts off for this flow run: %s failed (%s: %s)", what, type(err).__name__,
                              first_line(err))
             return None
+
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Send what is queued (waiting at most `timeout` s), then stop the sender."""
+        if self._sender is None:
+            return
+        self._queue.put(None)
+        self._sender.join(timeout)
+        if self._sender.is_alive():
+            self._off = True  # whatever is still queued is dropped
+            self.log.warning("Prefect artifacts: the last updates were not sent within %.0f s", timeout)
 
     def fraction(self, done: int) -> float:
         """How far the run is: iterations done of the schedule, or time spent of the time budget if further."""
@@ -112,16 +145,22 @@ class RunArtifacts:
     def start(self) -> None:
         from prefect.artifacts import create_progress_artifact
 
-        self._progress_id = self._call("progress artifact", create_progress_artifact, 100 * self.fraction(self.first),
-                                       key=artifact_key(self.run_name, "progress"),
-                                       description=f"Training {self.run_name}: {self.progress_line(self.first)}")
+        def create(percent: float, description: str) -> None:
+            self._progress_id = create_progress_artifact(percent, key=artifact_key(self.run_name, "progress"),
+                                                         description=description)
+
+        self._send("progress artifact", create, 100 * self.fraction(self.first),
+                   f"Training {self.run_name}: {self.progress_line(self.first)}")
 
     def iteration_done(self, n: int, row: dict[str, float], transcript: Optional[Path]) -> None:
         from prefect.artifacts import create_table_artifact, update_progress_artifact
 
-        if self._progress_id is not None:
-            self._call("progress update", update_progress_artifact, self._progress_id, 100 * self.fraction(n),
-                       description=f"Training {self.run_name}: {self.progress_line(n)}")
+        def update(percent: float, description: str) -> None:
+            if self._progress_id is not None:  # created by the call queued before (the sender keeps their order)
+                update_progress_artifact(self._progress_id, percent, description=description)
+
+        self._send("progress update", update, 100 * self.fraction(n),
+                   f"Training {self.run_name}: {self.progress_line(n)}")
         table = evaluation_table(row)
         if table:
             steps = int(row.get("collect/total_env_steps", 0))
@@ -129,7 +168,7 @@ class RunArtifacts:
             description = (f"**Evaluation at iteration {n}** ({steps} env steps collected): {self.episodes} "
                            f"episodes from the game's start, at most {self.max_steps} steps each; mean and max final "
                            f"score per mode." + (f"\n\nFirst episode: `{moves}`" if moves else ""))
-            self._call("evaluation table", create_table_artifact, table, key=artifact_key(self.run_name, "evaluation"),
+            self._send("evaluation table", create_table_artifact, table, key=artifact_key(self.run_name, "evaluation"),
                        description=description)
 
     def mlflow_run(self, uri: str, experiment_id: str, run_id: str) -> None:
@@ -138,10 +177,10 @@ class RunArtifacts:
         link, text = mlflow_run_location(uri, experiment_id, run_id)
         key = artifact_key(self.run_name, "mlflow")
         if link is not None:
-            self._call("MLflow link", create_link_artifact, link, link_text=f"MLflow run {run_id}", key=key,
+            self._send("MLflow link", create_link_artifact, link, link_text=f"MLflow run {run_id}", key=key,
                        description="Metrics, parameters and artifacts of this training run")
         else:
-            self._call("MLflow location", create_markdown_artifact, text, key=key,
+            self._send("MLflow location", create_markdown_artifact, text, key=key,
                        description="Metrics, parameters and artifacts of this training run")
 
 

@@ -353,6 +353,7 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
                 cfg.schedule.mode, cfg.schedule.iterations)
     tracker = Tracker(cfg, run_dir, logger)
     progress = Progress()
+    artifacts: Optional[RunArtifacts] = None
     status = "FAILED"
     try:
         tags = {"prefect.flow_run_id": str(flow_run.id), "priorzero.config": config, "priorzero.run_dir": str(run_dir)}
@@ -378,6 +379,7 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
         # Independent steps: one failing is logged and the others still run.
         for what, step in (("final checkpoint", lambda: final_checkpoint(cfg, run_dir, progress, tracker)),
                            ("trainer close", lambda: close_trainer(run_dir)),
+                           ("Prefect artifacts", lambda: artifacts is not None and artifacts.close()),
                            ("tracking end", lambda: tracker.end(status)),
                            ("run dir lock", lambda: (run_dir / TRAINING_PID_FILE).unlink(missing_ok=True)),
                            ("flow log", detach_log)):
