@@ -2,8 +2,9 @@
 
 `export_agent` copies from a committed checkpoint the world model's weights and, when the LLM was trained, its
 weights (full model or LoRA adapter), beside the run's config.yaml and an `agent.json` with the game's spec, the
-iteration, the evaluation it scored and each file's SHA-256. No optimizer states, archive or replay: the world
-model of a Zork run is ≈ 9 MB. MLflow logs this directory as a pyfunc model (`PriorZeroAgentModel`) that the
+iteration, the evaluation it scored and each file's SHA-256, and the run's counts of which moves lost the game where
+(`outcomes.LossMemory`, for `eval.avoid_known_losses`). No optimizer states, archive or replay: the world model of
+a Zork run is ≈ 9 MB. MLflow logs this directory as a pyfunc model (`PriorZeroAgentModel`) that the
 Model Registry versions (`priorzero-<game>@best`); `load_agent` rebuilds the agent in any process and
 `evaluate_agent` plays it under the evaluation protocol (`priorzero eval models:/priorzero-zork@best`).
 """
@@ -23,10 +24,12 @@ from .checkpoint import _sha256
 from .config import PriorZeroConfig, dump_config, load_config
 from .errors import CheckpointError
 from .games.base import GameSpec
+from .outcomes import LossMemory
 
 AGENT_FILE = "agent.json"
 WORLD_MODEL_FILE = "world_model.safetensors"
 LLM_WEIGHTS_FILE = "llm_weights.safetensors"
+LOSSES_FILE = "losses.json.gz"
 
 
 def export_agent(checkpoint: Path, cfg: PriorZeroConfig, spec: GameSpec, dest: Path, iteration: int,
@@ -40,6 +43,8 @@ def export_agent(checkpoint: Path, cfg: PriorZeroConfig, spec: GameSpec, dest: P
     shutil.copyfile(checkpoint / WORLD_MODEL_FILE, dest / WORLD_MODEL_FILE)
     if (checkpoint / "llm" / WEIGHTS_FILE).is_file():
         shutil.copyfile(checkpoint / "llm" / WEIGHTS_FILE, dest / LLM_WEIGHTS_FILE)
+    if (checkpoint / LOSSES_FILE).is_file():
+        shutil.copyfile(checkpoint / LOSSES_FILE, dest / LOSSES_FILE)
     (dest / "config.yaml").write_text(dump_config(cfg))
     files = sorted(p.name for p in dest.iterdir())
     spec_fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}
@@ -93,17 +98,26 @@ def load_agent(src: Path, overrides: Optional[list[str]] = None, device: str | t
     return cfg, spec, Agent(cfg, spec, encoder, model, prior, rng, device)
 
 
+def load_losses(src: Path) -> Optional[LossMemory]:
+    """The exported agent's counts of losing moves (None when its run had none)."""
+    from .checkpoint import load_json
+
+    return LossMemory.from_json(load_json(src, LOSSES_FILE.removesuffix(".json.gz"))) \
+        if (Path(src) / LOSSES_FILE).is_file() else None
+
+
 def evaluate_agent(src: Path, overrides: Optional[list[str]] = None, transcript: Optional[Path] = None):
     """Play an exported agent under the evaluation protocol (its config's `eval.*`, after `overrides`)."""
     from .evaluator import eval_modes, evaluate
     from .games import EnvPool
 
     cfg, spec, agent = load_agent(src, overrides)
+    losses = load_losses(src)
     pool = EnvPool(cfg.game, min(cfg.eval.num_episodes, 16), seed=cfg.run.seed + 10_000)
     try:
         with torch.inference_mode():
             result = evaluate(pool, agent, eval_modes(cfg, agent.llm is not None), cfg.eval,
-                              cfg.eval.max_episode_steps or spec.max_episode_steps)
+                              cfg.eval.max_episode_steps or spec.max_episode_steps, losses=losses)
     finally:
         pool.close()
     if transcript is not None:
@@ -118,7 +132,8 @@ try:
     class PriorZeroAgentModel(mlflow.pyfunc.PythonModel):
         """The agent as an MLflow pyfunc model. Input: rows with `observation` (str), `valid_actions` (list of
         str) and optionally `history` (list of [observation, action, reward]); output: the action the agent takes
-        in each (greedy search, the agent's main evaluation mode)."""
+        in each (greedy search, the agent's main evaluation mode). Rows are single states: the evaluation's rules
+        that need an episode or the game's response (`eval.break_loops`, `eval.avoid_known_losses`) do not apply."""
 
         def load_context(self, context: Any) -> None:
             from .evaluator import eval_modes

@@ -19,6 +19,9 @@ from . import faults
 from .agent import Agent, Decision, EnvView, kept_actions, uniform_decision
 from .archive import Archive, Trace, trace_steps
 from .config import ExploreConfig, PriorZeroConfig
+from .outcomes import Counts
+from .outcomes import merge as merge_outcomes
+from .outcomes import record as count_outcome
 from .ppo.env_state import encode_state, state_bytes, state_from_bytes
 from .replay import GameSegment, StepRecord
 
@@ -52,6 +55,8 @@ class CollectStats:
     wins: int = 0
     seconds: float = 0.0
     returns_to_cells: int = 0
+    # each move taken and whether it lost the game, by the state it was taken in (outcomes.LossMemory's counts)
+    outcomes: Counts = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         out = {
@@ -75,6 +80,7 @@ class CollectStats:
         self.scores += other.scores
         self.wins += other.wins
         self.returns_to_cells += other.returns_to_cells
+        merge_outcomes(self.outcomes, other.outcomes)
 
 
 class UniformActor:
@@ -202,6 +208,7 @@ class Collector:
                     state_hash=r.view.timestep.state_hash,
                 )
                 r.segment.steps.append(record)
+                count_outcome(stats.outcomes, r.view.timestep, d.action, lost=terminal and not ts.won)
                 r.trace = Trace.extend(r.trace, record) if self.archive is not None else None
                 r.view.history.append((r.view.timestep.observation, d.action, float(ts.reward)))
                 r.view.timestep = ts

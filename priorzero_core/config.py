@@ -358,6 +358,14 @@ class EvalConfig(_Section):
     # 340 against 330 and 300 against 300; lower thresholds let confident mistakes through (0.3: 39.9 on average,
     # but 6-9 points lower for 3 of the 8). docs/benchmarks.md.
     policy_confidence: Optional[float] = Field(default=0.7, gt=0, le=1)
+    # Never take a move the run's own experience saw lose the game (end it unwon) at least `known_loss_rate` of
+    # the `known_loss_min_tries` or more times it was taken in such a state, where another move did not: the best
+    # ranked of those is taken instead (priorzero_core/outcomes.py: states are keyed by what look and inventory
+    # show, backing off to the location's first line; the counts come from collection and search-free
+    # exploration, never from evaluation).
+    avoid_known_losses: bool = False
+    known_loss_rate: float = Field(default=0.5, gt=0, le=1)
+    known_loss_min_tries: int = Field(default=3, gt=0)
     # Simulations of the greedy agent's search (None: mcts.num_simulations, what collection searches with).
     num_simulations: Optional[int] = Field(default=None, gt=0)
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .agent import Agent, Decision, EnvView
 from .config import EvalConfig, PriorZeroConfig
+from .outcomes import LossMemory, avoid_losses
 
 MODE_NAMES = {"wm": "world model only", "wm_llm": "world model + LLM prior", "llm": "LLM prior only",
               "random": "uniformly random valid action (baseline)"}
@@ -34,9 +35,7 @@ def untried_first(d: Decision, tried: set[str], act_on: str = "improved", max_dr
     """
     if d.action not in tried:
         return d.action_index
-    rank = np.asarray(d.policy_target, dtype=np.float64)
-    if act_on == "visits":
-        rank = np.asarray(d.visit_dist, dtype=np.float64) + 1e-3 * rank
+    rank = _rank(d, act_on)
     allowed = np.ones(len(rank), dtype=bool)
     if max_drop is not None and d.q_values is not None:
         q = np.asarray(d.q_values, dtype=np.float64)
@@ -47,6 +46,14 @@ def untried_first(d: Decision, tried: set[str], act_on: str = "improved", max_dr
         if allowed[idx] and d.valid_actions[idx] not in tried:
             return int(idx)
     return d.action_index
+
+
+def _rank(d: Decision, act_on: str) -> np.ndarray:
+    """How the greedy agent ranks the valid actions: by the policy target, or by visits with ties to it."""
+    rank = np.asarray(d.policy_target, dtype=np.float64)
+    if act_on == "visits":
+        rank = np.asarray(d.visit_dist, dtype=np.float64) + 1e-3 * rank
+    return rank
 
 
 def eval_modes(cfg: PriorZeroConfig, has_llm: bool) -> list[str]:
@@ -60,8 +67,8 @@ def eval_modes(cfg: PriorZeroConfig, has_llm: bool) -> list[str]:
     return modes
 
 
-def evaluate(pool, agent: Agent, modes: list[str], rules: EvalConfig, max_steps: int, progress: bool = False
-             ) -> EvalResult:
+def evaluate(pool, agent: Agent, modes: list[str], rules: EvalConfig, max_steps: int, progress: bool = False,
+             losses: Optional[LossMemory] = None) -> EvalResult:
     """Plays `rules.num_episodes` episodes per mode (envs of `pool` in parallel, episodes in rounds) under the
     evaluation protocol `rules` (the run's `eval.*`), each of at most `max_steps` steps.
 
@@ -70,12 +77,17 @@ def evaluate(pool, agent: Agent, modes: list[str], rules: EvalConfig, max_steps:
     `rules.break_loops`: back in a world state it has been in before this episode, the greedy agent takes its
     best-ranked action not yet taken there (the same action from the same state would go round the same loop),
     ranked as `rules.act_on` says, among the moves `rules.break_loops_max_drop` allows (see `untried_first`).
+    `rules.avoid_known_losses` (with the run's `losses`): a move that lost the game at least
+    `rules.known_loss_rate` of the times it was taken in such a state is replaced by the best-ranked move that did
+    not (`outcomes.avoid_losses`); `evals/<mode>/avoided_losses` counts the replacements per episode.
     """
     metrics: dict[str, float] = {}
     lines: list[str] = []
     t0 = time.perf_counter()
     for mode in modes:
         scores, lengths, wins = [], [], []
+        avoided = 0
+        avoid = losses is not None and rules.avoid_known_losses and mode != "random"
         remaining = rules.num_episodes
         episode_no = 0
         while remaining > 0:
@@ -89,11 +101,18 @@ def evaluate(pool, agent: Agent, modes: list[str], rules: EvalConfig, max_steps:
                 if not active:
                     break
                 decisions = agent.act([views[i] for i in active], mode=mode)
-                if rules.break_loops and mode != "random":
+                if (rules.break_loops or avoid) and mode != "random":
                     for i, d in zip(active, decisions):
                         taken = tried[i].setdefault(views[i].timestep.state_hash, set())
-                        d.action_index = untried_first(d, taken, rules.act_on, rules.break_loops_max_drop)
-                        d.action = d.valid_actions[d.action_index]
+                        idx = untried_first(d, taken, rules.act_on, rules.break_loops_max_drop) \
+                            if rules.break_loops else d.action_index
+                        if avoid:
+                            risk = losses.risk(views[i].timestep, d.valid_actions, rules.known_loss_min_tries)
+                            safer = avoid_losses(_rank(d, rules.act_on), idx, risk, rules.known_loss_rate,
+                                                 d.valid_actions, taken if rules.break_loops else set())
+                            avoided += int(safer != idx)
+                            idx = safer
+                        d.action_index, d.action = idx, d.valid_actions[idx]
                         taken.add(d.action)
                 steps = pool.step([d.action for d in decisions], indices=active)
                 still = []
@@ -117,6 +136,8 @@ def evaluate(pool, agent: Agent, modes: list[str], rules: EvalConfig, max_steps:
         metrics[f"{prefix}/reward_max"] = float(np.max(scores))
         metrics[f"{prefix}/episode_length"] = float(np.mean(lengths))
         metrics[f"{prefix}/win_rate"] = float(np.mean(wins))
+        if avoid:
+            metrics[f"{prefix}/avoided_losses"] = avoided / rules.num_episodes
     main = modes[0]
     for key in ("reward_mean", "reward_max", "episode_length", "win_rate"):
         metrics[f"evals/{key}"] = metrics[f"evals/{main}/{key}"]

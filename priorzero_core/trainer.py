@@ -31,6 +31,7 @@ from .config import PriorZeroConfig, dump_config
 from .errors import CheckpointError, ConfigError, StageStopped
 from .evaluator import eval_modes, evaluate
 from .games import EnvPool, game_spec
+from .outcomes import LossMemory
 from .ppo.env_state import state_bytes, state_from_bytes
 from .replay import ReplayBuffer, StepRecord
 
@@ -146,6 +147,7 @@ class Trainer:
         self.collect_pool = EnvPool(cfg.game, 1 if sharded else cfg.collect.num_envs, seed=cfg.run.seed,
                                     stop=self._closing)
         self.archive = Archive(cfg.explore, self.rng) if cfg.explore.enabled else None
+        self.losses = LossMemory()  # which moves lost the game where, over every real step (eval.avoid_known_losses)
         self._demo: Optional[tuple[str, int]] = None  # the archive cell (key, length) whose trajectory is imitated
         self._demo_value = 0.0  # its mean score over other game seeds (explore.demo_seeds)
         self._demo_passed: Optional[tuple[str, int]] = None  # the last best cell not imitated (demo_switch better)
@@ -264,7 +266,8 @@ class Trainer:
         modes = eval_modes(self.cfg, self.llm_prior is not None)
         max_steps = self.cfg.eval.max_episode_steps or self.spec.max_episode_steps
         with torch.inference_mode():
-            result = evaluate(self.eval_pool, self.agent, modes, self.cfg.eval, max_steps, progress=self.progress)
+            result = evaluate(self.eval_pool, self.agent, modes, self.cfg.eval, max_steps, progress=self.progress,
+                              losses=self.losses)
         path = self.run_dir / "transcripts" / f"eval-{iteration:06d}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():  # a re-run iteration or `priorzero eval` keeps the earlier transcript
@@ -301,6 +304,9 @@ class Trainer:
         ReplayBuffer.write_segments(path, segments)
         with self._lock:
             self.replay.add(segments)
+            self.losses.add(stats.outcomes)
+            if explored is not None:
+                self.losses.add(explored.outcomes)
             self._refresh_demo()
         self.env_steps += stats.env_steps
         self._steps_since_wm += stats.env_steps
@@ -325,6 +331,7 @@ class Trainer:
                 metrics["collect/valid_actions_cache_hit_rate"] = hits / (hits + misses)
                 metrics["collect/valid_actions_s"] = seconds
         metrics["collect/total_env_steps"] = float(self.env_steps)
+        metrics["collect/known_losing_moves"] = float(self.losses.losing_moves())
         metrics["replay/steps"] = float(len(self.replay))
         log.info("iteration %d collect: %d steps (%.1f/s), %d episodes ended", iteration, stats.env_steps,
                  metrics["collect/steps_per_s"], stats.episodes)
@@ -588,6 +595,7 @@ class Trainer:
                 demos = list(self.replay.demos)
                 writer.directory("demo", lambda d: ReplayBuffer.write_segments(d / DEMO_FILE, demos))
             writer.json("collector", self.collector.state())
+            writer.json("losses", self.losses.to_json())
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -717,6 +725,8 @@ class Trainer:
         if (path / "demo" / DEMO_FILE).is_file() and meta.get("demo"):
             self.replay.set_demos(ReplayBuffer.read_segments(path / "demo" / DEMO_FILE))
             self._demo, self._demo_value = (str(meta["demo"][0]), int(meta["demo"][1])), float(meta["demo_value"])
+        if (path / "losses.json.gz").is_file():
+            self.losses = LossMemory.from_json(ckpt.load_json(path, "losses"))
         if (path / "collector.json.gz").is_file() and not self.readonly:  # the episodes in progress go on
             self.collector.load_state(ckpt.load_json(path, "collector"))
         rng = ckpt.load_torch_state(path, "rng")

@@ -7,6 +7,7 @@ from priorzero_core.agent import Decision
 from priorzero_core.config import EvalConfig
 from priorzero_core.evaluator import evaluate, untried_first
 from priorzero_core.games.base import TimeStep
+from priorzero_core.outcomes import LossMemory, record
 
 ACTIONS = ["open box", "close box", "leave"]
 
@@ -131,3 +132,38 @@ def test_a_loop_may_be_broken_with_a_move_the_search_expects_to_lose_nothing_on(
     d.q_values = np.array([10.0, 0.0, -10.0], dtype=np.float32)
     assert untried_first(d, {"open box"}, max_drop=0.25) == 1
     assert untried_first(d, {"open box", "close box"}, max_drop=0.25) == 0
+
+
+class JumpyAgent(ToggleAgent):
+    """Ranks "jump" first wherever it is: its search expects nothing bad of it."""
+
+    def act(self, views, mode):
+        decisions = super().act(views, mode)
+        for d in decisions:
+            d.valid_actions = list(CliffPool.actions)
+            d.policy_target = d.visit_dist = np.array([0.2, 0.1, 0.7], dtype=np.float32)
+            d.action_index, d.action = 2, "jump"
+        return decisions
+
+
+@pytest.mark.parametrize("lost, avoid, score, length, avoided", [
+    (3, True, 0, 10, 10.0),  # jump lost 3 of 3 times in both states: never taken, the box moves instead
+    (1, True, -10, 1, 0.0),  # 1 of 3 is below eval.known_loss_rate 0.5: taken
+    (3, False, -10, 1, None),  # avoidance off (the default): taken
+])
+def test_the_greedy_agent_avoids_a_move_its_experience_saw_lose_the_game_where_it_is(lost, avoid, score, length,
+                                                                                   avoided):
+    counts = {}
+    pool = CliffPool()
+    for state in ("closed", "open"):
+        pool.state = state
+        for k in range(3):
+            record(counts, pool._ts(0, False), "jump", lost=k < lost)
+    rules = EvalConfig(num_episodes=2, avoid_known_losses=avoid)
+    result = evaluate(pool, JumpyAgent(), ["wm"], rules, max_steps=10, losses=LossMemory(counts))
+
+    assert result.metrics["evals/reward_mean"] == score and result.metrics["evals/episode_length"] == length
+    assert result.metrics.get("evals/wm/avoided_losses") == avoided
+    # the random baseline never avoids anything
+    assert "evals/random/avoided_losses" not in evaluate(pool, JumpyAgent(), ["random"], rules, 10,
+                                                         losses=LossMemory(counts)).metrics

@@ -440,7 +440,8 @@ def test_explore_demo_switch_better_keeps_the_imitated_trajectory_until_one_imit
 
 def test_search_free_exploration_grows_the_archive_but_not_the_replay(tmp_path):
     """explore.random_steps: envs of their own return to archived cells and try uniform actions after each
-    collection; the archive (and the run's step count) keep what they found, the replay only the searched steps."""
+    collection; the archive (and the run's step count) keep what they found, the replay only the searched steps,
+    the run's loss counts both."""
     cfg = load_config("debug", TINY + ["llm.enabled=false", "game.max_episode_steps=6", "explore.random_steps=60",
                                        "explore.random_envs=3"])
     trainer = Trainer(cfg, tmp_path, progress=False)
@@ -453,12 +454,16 @@ def test_search_free_exploration_grows_the_archive_but_not_the_replay(tmp_path):
         found = [c for c in trainer.archive.cells.values() if c.trace is not None and id(c.trace.step) not in searched]
         assert found  # cells reached by the search-free steps alone
         cells = len(trainer.archive)
+        # every real step, searched or not, is counted (under two keys: eval.avoid_known_losses)
+        assert sum(tries for tries, _ in trainer.losses.counts.values()) == 2 * (12 + 120)
+        losses = dict(trainer.losses.counts)
         trainer.checkpoint(2)
     finally:
         trainer.close()
     resumed = Trainer(cfg, tmp_path, resume=True, progress=False)
     try:
         assert resumed.random_steps == 120 and len(resumed.archive) == cells
+        assert resumed.losses.counts == losses
     finally:
         resumed.close()
 

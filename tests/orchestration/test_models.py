@@ -3,7 +3,7 @@ test_priorzero_flow.py::test_three_iterations_complete_with_metrics_per_iteratio
 
 import pytest
 
-from priorzero_core.agent_model import export_agent, read_agent
+from priorzero_core.agent_model import export_agent, load_losses, read_agent
 from priorzero_core.errors import CheckpointError
 
 
@@ -16,10 +16,26 @@ def test_an_exported_agent_whose_file_changed_is_refused_in_one_line(tmp_path):
     (ckpt / "world_model.safetensors").write_bytes(b"weights")
     cfg = load_config("debug", ["llm.enabled=false"])
     agent = export_agent(ckpt, cfg, game_spec(cfg.game), tmp_path / "agent", 4, {"evals/reward_mean": 3.0})
-    assert read_agent(agent)[1]["iteration"] == 4
+    assert read_agent(agent)[1]["iteration"] == 4 and load_losses(agent) is None  # a checkpoint without counts
     (agent / "world_model.safetensors").write_bytes(b"other")
     with pytest.raises(CheckpointError, match="world_model.safetensors is missing or does not match its hash"):
         read_agent(agent)
+
+
+def test_an_exported_agent_carries_its_run_s_loss_counts(tmp_path):
+    from priorzero_core.checkpoint import CheckpointWriter
+    from priorzero_core.config import load_config
+    from priorzero_core.games import game_spec
+    from priorzero_core.outcomes import LossMemory
+
+    counts = LossMemory({("pabc", "jump"): [3, 2], ("rdef", "jump"): [4, 2]})
+    writer = CheckpointWriter(tmp_path / "checkpoints", 1)
+    writer.json("losses", counts.to_json())
+    (writer.tmp / "world_model.safetensors").write_bytes(b"weights")
+    ckpt = writer.commit({})
+    cfg = load_config("debug", ["llm.enabled=false"])
+    agent = export_agent(ckpt, cfg, game_spec(cfg.game), tmp_path / "agent", 1, {"evals/reward_mean": 3.0})
+    assert load_losses(agent).counts == counts.counts and "losses.json.gz" in read_agent(agent)[1]["sha256"]
 
 
 def test_an_agent_with_a_trained_llm_scores_with_the_trained_weights_when_loaded(tmp_path, tiny_llm_dir):

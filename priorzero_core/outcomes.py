@@ -1,0 +1,104 @@
+"""Which moves ended the game in a loss, and where: counted over every real step a run takes (searched collection
+and search-free exploration), for the greedy agent to avoid the moves its own experience saw lose
+(`eval.avoid_known_losses`).
+
+A move is counted under two keys of the state it was taken in: the *place*, the observation without the game's
+response to the previous move (what `look` and `inventory` show), and the *room*, the place's first line (the
+location's name, or the one line a game shows for all its dark places). A move's loss rate is read from the
+place where it has been tried `min_tries` times, else from the room, else it is unknown (never avoided): the room
+generalises over what the player carries and what lies about (a move into a pit kills whatever is in hand), the
+place tells apart what the room mixes (a door that kills the unarmed only). Only the game's own ends count: a
+step limit or an exploration budget running out is no loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .games.base import TimeStep
+
+Counts = dict[tuple[str, str], list[int]]  # (key, action) -> [tries, losses]
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).hexdigest()
+
+
+def place_keys(ts: TimeStep) -> tuple[str, str]:
+    """(place key, room key) of the state `ts` shows: its observation without the response to the last move, and
+    that place's first line."""
+    obs, response = ts.observation.strip(), ts.raw.strip()
+    place = obs[len(response):].strip() if response and obs.startswith(response) else obs
+    room = next((line.strip() for line in place.splitlines() if line.strip()), "")
+    return "p" + _digest(place), "r" + _digest(room)
+
+
+def record(counts: Counts, ts: TimeStep, action: str, lost: bool) -> None:
+    """Count `action` taken in the state `ts` shows, and whether it ended the game in a loss."""
+    for key in place_keys(ts):
+        entry = counts.setdefault((key, action), [0, 0])
+        entry[0] += 1
+        entry[1] += int(lost)
+
+
+def merge(into: Counts, counts: Counts) -> None:
+    for key, (tries, lost) in counts.items():
+        entry = into.setdefault(key, [0, 0])
+        entry[0] += tries
+        entry[1] += lost
+
+
+class LossMemory:
+    """A run's counts of moves and the losses they led to (see the module docstring)."""
+
+    def __init__(self, counts: Optional[Counts] = None):
+        self.counts: Counts = counts if counts is not None else {}
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def add(self, counts: Counts) -> None:
+        merge(self.counts, counts)
+
+    def risk(self, ts: TimeStep, actions: Sequence[str], min_tries: int) -> np.ndarray:
+        """Each action's known loss rate in the state `ts` shows (0 where it is unknown)."""
+        place, room = place_keys(ts)
+        out = np.zeros(len(actions))
+        for i, action in enumerate(actions):
+            for key in (place, room):
+                tries, lost = self.counts.get((key, action), (0, 0))
+                if tries >= min_tries:
+                    out[i] = lost / tries
+                    break
+        return out
+
+    def losing_moves(self) -> int:
+        """How many (key, move) pairs have lost the game at least once."""
+        return sum(1 for _, lost in self.counts.values() if lost)
+
+    def to_json(self) -> list[list[Any]]:
+        return [[key, action, tries, lost] for (key, action), (tries, lost) in sorted(self.counts.items())]
+
+    @classmethod
+    def from_json(cls, rows: list[list[Any]]) -> "LossMemory":
+        return cls({(str(key), str(action)): [int(tries), int(lost)] for key, action, tries, lost in rows})
+
+
+def avoid_losses(d_rank: np.ndarray, chosen: int, risk: np.ndarray, max_rate: float,
+                 actions: Sequence[str], tried: set[str]) -> int:
+    """`chosen` unless its known loss rate reaches `max_rate`: then the best-ranked move (by `d_rank`) below it,
+    one not yet `tried` in this state first; the least risky move (the best-ranked of those) when none is below."""
+    if risk[chosen] < max_rate:
+        return chosen
+    order = np.argsort(-d_rank, kind="stable")
+    safe = risk < max_rate
+    for idx in order:
+        if safe[idx] and actions[idx] not in tried:
+            return int(idx)
+    for idx in order:
+        if safe[idx]:
+            return int(idx)
+    return int(order[np.argmin(risk[order])])
