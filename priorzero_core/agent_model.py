@@ -12,6 +12,7 @@ Model Registry versions (`priorzero-<game>@best`); `load_agent` rebuilds the age
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -113,6 +114,9 @@ def evaluate_agent(src: Path, overrides: Optional[list[str]] = None, transcript:
 
     cfg, spec, agent = load_agent(src, overrides)
     losses = load_losses(src)
+    if losses is None and cfg.eval.avoid_known_losses:
+        logging.getLogger("priorzero").warning("eval.avoid_known_losses: agent %s has no loss counts (its run "
+                                               "predates them); it plays without avoiding any move", src)
     pool = EnvPool(cfg.game, min(cfg.eval.num_episodes, 16), seed=cfg.run.seed + 10_000)
     try:
         with torch.inference_mode():

@@ -36,12 +36,7 @@ def untried_first(d: Decision, tried: set[str], act_on: str = "improved", max_dr
     if d.action not in tried:
         return d.action_index
     rank = _rank(d, act_on)
-    allowed = np.ones(len(rank), dtype=bool)
-    if max_drop is not None and d.q_values is not None:
-        q = np.asarray(d.q_values, dtype=np.float64)
-        spread = q.max() - q.min()
-        if spread > 0:
-            allowed = q >= min(q[d.action_index], 0.0) - max_drop * spread
+    allowed = _allowed(d, d.action_index, max_drop)
     for idx in np.argsort(-rank, kind="stable"):
         if allowed[idx] and d.valid_actions[idx] not in tried:
             return int(idx)
@@ -54,6 +49,18 @@ def _rank(d: Decision, act_on: str) -> np.ndarray:
     if act_on == "visits":
         rank = np.asarray(d.visit_dist, dtype=np.float64) + 1e-3 * rank
     return rank
+
+
+def _allowed(d: Decision, chosen: int, max_drop: Optional[float]) -> np.ndarray:
+    """The moves whose searched Q lies at most `max_drop` of the Q range below move `chosen`'s Q or below 0,
+    whichever is lower (all moves without Q values, a flat Q or `max_drop` None)."""
+    allowed = np.ones(len(d.valid_actions), dtype=bool)
+    if max_drop is not None and d.q_values is not None:
+        q = np.asarray(d.q_values, dtype=np.float64)
+        spread = q.max() - q.min()
+        if spread > 0:
+            allowed = q >= min(q[chosen], 0.0) - max_drop * spread
+    return allowed
 
 
 def eval_modes(cfg: PriorZeroConfig, has_llm: bool) -> list[str]:
@@ -109,7 +116,8 @@ def evaluate(pool, agent: Agent, modes: list[str], rules: EvalConfig, max_steps:
                         if avoid:
                             risk = losses.risk(views[i].timestep, d.valid_actions, rules.known_loss_min_tries)
                             safer = avoid_losses(_rank(d, rules.act_on), idx, risk, rules.known_loss_rate,
-                                                 d.valid_actions, taken if rules.break_loops else set())
+                                                 d.valid_actions, taken if rules.break_loops else set(),
+                                                 _allowed(d, idx, rules.break_loops_max_drop))
                             avoided += int(safer != idx)
                             idx = safer
                         d.action_index, d.action = idx, d.valid_actions[idx]

@@ -1,14 +1,15 @@
-"""Which moves ended the game in a loss, and where: counted over every real step a run takes (searched collection
-and search-free exploration), for the greedy agent to avoid the moves its own experience saw lose
-(`eval.avoid_known_losses`).
+"""Which moves ended the game in a loss, and where: counted over the run's collection and search-free exploration
+steps (not the steps that record a shortened demonstration, nor PPO's rollouts, nor evaluation), for the greedy
+agent to avoid the moves its own experience saw lose (`eval.avoid_known_losses`).
 
 A move is counted under two keys of the state it was taken in: the *place*, the observation without the game's
 response to the previous move (what `look` and `inventory` show), and the *room*, the place's first line (the
 location's name, or the one line a game shows for all its dark places). A move's loss rate is read from the
 place where it has been tried `min_tries` times, else from the room, else it is unknown (never avoided): the room
 generalises over what the player carries and what lies about (a move into a pit kills whatever is in hand), the
-place tells apart what the room mixes (a door that kills the unarmed only). Only the game's own ends count: a
-step limit or an exploration budget running out is no loss.
+place tells apart what the room mixes (a door that kills the unarmed only). Where `look` itself passes a turn,
+what happens meanwhile (a thief passing by) is part of the place, so such places fall back to the room more often.
+Only the game's own ends count: a step limit or an exploration budget running out is no loss.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ class LossMemory:
         return out
 
     def losing_moves(self) -> int:
-        """How many (key, move) pairs have lost the game at least once."""
-        return sum(1 for _, lost in self.counts.values() if lost)
+        """How many (place, move) pairs have lost the game at least once."""
+        return sum(1 for (key, _), (_, lost) in self.counts.items() if lost and key.startswith("p"))
 
     def to_json(self) -> list[list[Any]]:
         return [[key, action, tries, lost] for (key, action), (tries, lost) in sorted(self.counts.items())]
@@ -87,18 +88,21 @@ class LossMemory:
         return cls({(str(key), str(action)): [int(tries), int(lost)] for key, action, tries, lost in rows})
 
 
-def avoid_losses(d_rank: np.ndarray, chosen: int, risk: np.ndarray, max_rate: float,
-                 actions: Sequence[str], tried: set[str]) -> int:
-    """`chosen` unless its known loss rate reaches `max_rate`: then the best-ranked move (by `d_rank`) below it,
-    one not yet `tried` in this state first; the least risky move (the best-ranked of those) when none is below."""
+def avoid_losses(rank: np.ndarray, chosen: int, risk: np.ndarray, max_rate: float, actions: Sequence[str],
+                 tried: set[str], allowed: Optional[np.ndarray] = None) -> int:
+    """`chosen` unless its known loss rate reaches `max_rate`: then the best-ranked move (by `rank`) below that
+    rate, preferring one `allowed` (the loop rule's Q bound, eval.break_loops_max_drop) and then one not yet
+    `tried` in this state; when every move reaches it, the least risky (`chosen` where it is among them)."""
     if risk[chosen] < max_rate:
         return chosen
-    order = np.argsort(-d_rank, kind="stable")
+    order = np.argsort(-rank, kind="stable")
     safe = risk < max_rate
-    for idx in order:
-        if safe[idx] and actions[idx] not in tried:
-            return int(idx)
-    for idx in order:
-        if safe[idx]:
-            return int(idx)
+    ok = np.ones(len(rank), dtype=bool) if allowed is None else allowed
+    untried = np.array([a not in tried for a in actions], dtype=bool)
+    for keep in (safe & ok & untried, safe & ok, safe & untried, safe):
+        for idx in order:
+            if keep[idx]:
+                return int(idx)
+    if risk[chosen] <= risk.min():
+        return chosen
     return int(order[np.argmin(risk[order])])

@@ -304,10 +304,10 @@ class Trainer:
         ReplayBuffer.write_segments(path, segments)
         with self._lock:
             self.replay.add(segments)
-            self.losses.add(stats.outcomes)
+            self._refresh_demo()
+            self.losses.add(stats.outcomes)  # after whatever may fail: a retried stage counts its steps once
             if explored is not None:
                 self.losses.add(explored.outcomes)
-            self._refresh_demo()
         self.env_steps += stats.env_steps
         self._steps_since_wm += stats.env_steps
         self._collect_undo = None  # what this stage did is in the replay now

@@ -146,20 +146,21 @@ class JumpyAgent(ToggleAgent):
         return decisions
 
 
-@pytest.mark.parametrize("lost, avoid, score, length, avoided", [
-    (3, True, 0, 10, 10.0),  # jump lost 3 of 3 times in both states: never taken, the box moves instead
-    (1, True, -10, 1, 0.0),  # 1 of 3 is below eval.known_loss_rate 0.5: taken
-    (3, False, -10, 1, None),  # avoidance off (the default): taken
+@pytest.mark.parametrize("lost, avoid, break_loops, score, length, avoided", [
+    (3, True, True, 0, 10, 10.0),  # jump lost 3 of 3 times in both states: never taken, the box moves instead
+    (3, True, False, 0, 10, 10.0),  # the same without loop breaking
+    (1, True, True, -10, 1, 0.0),  # 1 of 3 is below eval.known_loss_rate 0.5: taken
+    (3, False, True, -10, 1, None),  # avoidance off (the default): taken
 ])
-def test_the_greedy_agent_avoids_a_move_its_experience_saw_lose_the_game_where_it_is(lost, avoid, score, length,
-                                                                                   avoided):
+def test_the_greedy_agent_avoids_a_move_its_experience_saw_lose_the_game_where_it_is(lost, avoid, break_loops, score,
+                                                                                   length, avoided):
     counts = {}
     pool = CliffPool()
     for state in ("closed", "open"):
         pool.state = state
         for k in range(3):
             record(counts, pool._ts(0, False), "jump", lost=k < lost)
-    rules = EvalConfig(num_episodes=2, avoid_known_losses=avoid)
+    rules = EvalConfig(num_episodes=2, avoid_known_losses=avoid, break_loops=break_loops)
     result = evaluate(pool, JumpyAgent(), ["wm"], rules, max_steps=10, losses=LossMemory(counts))
 
     assert result.metrics["evals/reward_mean"] == score and result.metrics["evals/episode_length"] == length

@@ -30,6 +30,7 @@ from priorzero_core.errors import first_line
 
 OPENING_MOVES = 12  # moves of the first evaluation episode quoted under the evaluation table
 CLOSE_TIMEOUT_S = 30.0  # how long the flow's end waits for queued artifacts (a hung server never holds it longer)
+KILLED_CLOSE_TIMEOUT_S = 2.0  # the same after SIGTERM or Ctrl-C
 
 
 def artifact_key(run_name: str, what: str) -> str:
@@ -108,6 +109,8 @@ class RunArtifacts:
         try:
             return fn(*args, **kwargs)
         except Exception as err:  # the UI's extras never stop training
+            if self._off:  # a call `close` stopped waiting for: the flow is over
+                return None
             self._off = True
             self.log.warning("Prefect artifacts off for this flow run: %s failed (%s: %s)", what, type(err).__name__,
                              first_line(err))

@@ -29,7 +29,7 @@ from prefect.settings import PREFECT_UI_URL
 from prefect.states import Crashed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from priorzero.flows.artifacts import RunArtifacts
+from priorzero.flows.artifacts import CLOSE_TIMEOUT_S, KILLED_CLOSE_TIMEOUT_S, RunArtifacts
 from priorzero.tasks import Tracker, close_trainer, configured_stages, open_trainer, skipped, trainer_for
 from priorzero_core.config import PriorZeroConfig, is_plain_name, load_config, resolve_config_path
 from priorzero_core.errors import ConfigError
@@ -379,9 +379,11 @@ def priorzero(config: str = "debug", overrides: Optional[list[str]] = None, iter
         # Independent steps: one failing is logged and the others still run.
         for what, step in (("final checkpoint", lambda: final_checkpoint(cfg, run_dir, progress, tracker)),
                            ("trainer close", lambda: close_trainer(run_dir)),
-                           ("Prefect artifacts", lambda: artifacts is not None and artifacts.close()),
                            ("tracking end", lambda: tracker.end(status)),
                            ("run dir lock", lambda: (run_dir / TRAINING_PID_FILE).unlink(missing_ok=True)),
+                           # the last updates, waiting less when killed (a worker's grace period is short)
+                           ("Prefect artifacts", lambda: artifacts is not None and artifacts.close(
+                               KILLED_CLOSE_TIMEOUT_S if status == "KILLED" else CLOSE_TIMEOUT_S)),
                            ("flow log", detach_log)):
             try:
                 step()
