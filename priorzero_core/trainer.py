@@ -147,7 +147,7 @@ class Trainer:
         self.collect_pool = EnvPool(cfg.game, 1 if sharded else cfg.collect.num_envs, seed=cfg.run.seed,
                                     stop=self._closing)
         self.archive = Archive(cfg.explore, self.rng) if cfg.explore.enabled else None
-        self.losses = LossMemory()  # which moves lost the game where, over every real step (eval.avoid_known_losses)
+        self.losses = LossMemory()  # which moves lost the game where (eval.avoid_known_losses)
         self._demo: Optional[tuple[str, int]] = None  # the archive cell (key, length) whose trajectory is imitated
         self._demo_value = 0.0  # its mean score over other game seeds (explore.demo_seeds)
         self._demo_passed: Optional[tuple[str, int]] = None  # the last best cell not imitated (demo_switch better)
