@@ -25,12 +25,12 @@ from .checkpoint import _sha256
 from .config import PriorZeroConfig, dump_config, load_config
 from .errors import CheckpointError
 from .games.base import GameSpec
-from .outcomes import LossMemory
+from .outcomes import CHECKPOINT_NAME as LOSSES, LossMemory
 
 AGENT_FILE = "agent.json"
 WORLD_MODEL_FILE = "world_model.safetensors"
 LLM_WEIGHTS_FILE = "llm_weights.safetensors"
-LOSSES_FILE = "losses.json.gz"
+LOSSES_FILE = f"{LOSSES}.json.gz"
 
 
 def export_agent(checkpoint: Path, cfg: PriorZeroConfig, spec: GameSpec, dest: Path, iteration: int,
@@ -103,8 +103,7 @@ def load_losses(src: Path) -> Optional[LossMemory]:
     """The exported agent's counts of losing moves (None when its run had none)."""
     from .checkpoint import load_json
 
-    return LossMemory.from_json(load_json(src, LOSSES_FILE.removesuffix(".json.gz"))) \
-        if (Path(src) / LOSSES_FILE).is_file() else None
+    return LossMemory.from_json(load_json(src, LOSSES)) if (Path(src) / LOSSES_FILE).is_file() else None
 
 
 def evaluate_agent(src: Path, overrides: Optional[list[str]] = None, transcript: Optional[Path] = None):

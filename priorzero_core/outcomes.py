@@ -22,6 +22,7 @@ import numpy as np
 from .games.base import TimeStep
 
 Counts = dict[tuple[str, str], list[int]]  # (key, action) -> [tries, losses]
+CHECKPOINT_NAME = "losses"  # the counts in a checkpoint and an exported agent: losses.json.gz
 
 
 def _digest(text: str) -> str:
@@ -57,9 +58,6 @@ class LossMemory:
 
     def __init__(self, counts: Optional[Counts] = None):
         self.counts: Counts = counts if counts is not None else {}
-
-    def __len__(self) -> int:
-        return len(self.counts)
 
     def add(self, counts: Counts) -> None:
         merge(self.counts, counts)

@@ -31,7 +31,7 @@ from .config import PriorZeroConfig, dump_config
 from .errors import CheckpointError, ConfigError, StageStopped
 from .evaluator import eval_modes, evaluate
 from .games import EnvPool, game_spec
-from .outcomes import LossMemory
+from .outcomes import CHECKPOINT_NAME as LOSSES, LossMemory
 from .ppo.env_state import state_bytes, state_from_bytes
 from .replay import ReplayBuffer, StepRecord
 
@@ -595,7 +595,7 @@ class Trainer:
                 demos = list(self.replay.demos)
                 writer.directory("demo", lambda d: ReplayBuffer.write_segments(d / DEMO_FILE, demos))
             writer.json("collector", self.collector.state())
-            writer.json("losses", self.losses.to_json())
+            writer.json(LOSSES, self.losses.to_json())
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -725,8 +725,8 @@ class Trainer:
         if (path / "demo" / DEMO_FILE).is_file() and meta.get("demo"):
             self.replay.set_demos(ReplayBuffer.read_segments(path / "demo" / DEMO_FILE))
             self._demo, self._demo_value = (str(meta["demo"][0]), int(meta["demo"][1])), float(meta["demo_value"])
-        if (path / "losses.json.gz").is_file():
-            self.losses = LossMemory.from_json(ckpt.load_json(path, "losses"))
+        if (path / f"{LOSSES}.json.gz").is_file():
+            self.losses = LossMemory.from_json(ckpt.load_json(path, LOSSES))
         if (path / "collector.json.gz").is_file() and not self.readonly:  # the episodes in progress go on
             self.collector.load_state(ckpt.load_json(path, "collector"))
         rng = ckpt.load_torch_state(path, "rng")
