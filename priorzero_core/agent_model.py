@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .checkpoint import _sha256
+from .checkpoint import _sha256, json_path, load_json
 from .config import PriorZeroConfig, dump_config, load_config
 from .errors import CheckpointError
 from .games.base import GameSpec
@@ -30,7 +30,6 @@ from .outcomes import CHECKPOINT_NAME as LOSSES, LossMemory
 AGENT_FILE = "agent.json"
 WORLD_MODEL_FILE = "world_model.safetensors"
 LLM_WEIGHTS_FILE = "llm_weights.safetensors"
-LOSSES_FILE = f"{LOSSES}.json.gz"
 
 
 def export_agent(checkpoint: Path, cfg: PriorZeroConfig, spec: GameSpec, dest: Path, iteration: int,
@@ -44,8 +43,8 @@ def export_agent(checkpoint: Path, cfg: PriorZeroConfig, spec: GameSpec, dest: P
     shutil.copyfile(checkpoint / WORLD_MODEL_FILE, dest / WORLD_MODEL_FILE)
     if (checkpoint / "llm" / WEIGHTS_FILE).is_file():
         shutil.copyfile(checkpoint / "llm" / WEIGHTS_FILE, dest / LLM_WEIGHTS_FILE)
-    if (checkpoint / LOSSES_FILE).is_file():
-        shutil.copyfile(checkpoint / LOSSES_FILE, dest / LOSSES_FILE)
+    if json_path(checkpoint, LOSSES).is_file():
+        shutil.copyfile(json_path(checkpoint, LOSSES), json_path(dest, LOSSES))
     (dest / "config.yaml").write_text(dump_config(cfg))
     files = sorted(p.name for p in dest.iterdir())
     spec_fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}
@@ -101,9 +100,7 @@ def load_agent(src: Path, overrides: Optional[list[str]] = None, device: str | t
 
 def load_losses(src: Path) -> Optional[LossMemory]:
     """The exported agent's counts of losing moves (None when its run had none)."""
-    from .checkpoint import load_json
-
-    return LossMemory.from_json(load_json(src, LOSSES)) if (Path(src) / LOSSES_FILE).is_file() else None
+    return LossMemory.from_json(load_json(src, LOSSES)) if json_path(src, LOSSES).is_file() else None
 
 
 def evaluate_agent(src: Path, overrides: Optional[list[str]] = None, transcript: Optional[Path] = None):

@@ -62,6 +62,11 @@ def checkpoint_iteration(path: Path) -> int:
     return int(Path(path).name[5:])
 
 
+def json_path(path: Path, name: str) -> Path:
+    """Where the JSON entry `name` of the checkpoint (or exported agent) at `path` lies, gzipped."""
+    return Path(path) / f"{name}.json.gz"
+
+
 class CheckpointWriter:
     """Collects the parts of one checkpoint in a temporary directory; `commit` makes it visible at once."""
 
@@ -82,7 +87,7 @@ class CheckpointWriter:
 
     def json(self, name: str, data: Any) -> None:
         """A JSON-safe structure, gzipped."""
-        with gzip_text(self.tmp / f"{name}.json.gz") as fh:
+        with gzip_text(json_path(self.tmp, name)) as fh:
             json.dump(data, fh, separators=(",", ":"))
 
     def directory(self, name: str, write: Callable[[Path], None]) -> None:
@@ -205,8 +210,9 @@ def load_torch_state(path: Path, name: str) -> Any:
 
 
 def load_json(path: Path, name: str) -> Any:
+    file = json_path(path, name)
     try:
-        with gzip.open(Path(path) / f"{name}.json.gz", "rt") as fh:
+        with gzip.open(file, "rt") as fh:
             return json.load(fh)
     except (OSError, EOFError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path}: {name}.json.gz unreadable ({type(err).__name__})") from None
+        raise CheckpointError(f"checkpoint {path}: {file.name} unreadable ({type(err).__name__})") from None

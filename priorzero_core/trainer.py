@@ -725,9 +725,9 @@ class Trainer:
         if (path / "demo" / DEMO_FILE).is_file() and meta.get("demo"):
             self.replay.set_demos(ReplayBuffer.read_segments(path / "demo" / DEMO_FILE))
             self._demo, self._demo_value = (str(meta["demo"][0]), int(meta["demo"][1])), float(meta["demo_value"])
-        if (path / f"{LOSSES}.json.gz").is_file():
+        if ckpt.json_path(path, LOSSES).is_file():
             self.losses = LossMemory.from_json(ckpt.load_json(path, LOSSES))
-        if (path / "collector.json.gz").is_file() and not self.readonly:  # the episodes in progress go on
+        if ckpt.json_path(path, "collector").is_file() and not self.readonly:  # the episodes in progress go on
             self.collector.load_state(ckpt.load_json(path, "collector"))
         rng = ckpt.load_torch_state(path, "rng")
         torch.set_rng_state(rng["torch"])
